@@ -1,0 +1,116 @@
+"""Presets as plain data: network sizes and loop settings, nothing that needs torch."""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, field, replace
+from pathlib import Path
+
+WEIGHTS_DIR = Path(__file__).parent / "weights"
+
+
+@dataclass(frozen=True)
+class Preset:
+    name: str
+    # image side
+    patch: int  # cubic model patch in voxels (multiple of the latent factor 4)
+    spacing: tuple[float, float, float]  # model voxel spacing in mm
+    # MAISI VAE (AutoencoderKlMaisi)
+    vae_channels: tuple[int, ...]
+    vae_res_blocks: int
+    vae_norm_groups: int
+    latent_channels: int
+    # MAISI UNet (DiffusionModelUNetMaisi)
+    unet_channels: tuple[int, ...]
+    unet_attention: tuple[bool, ...]
+    unet_head_channels: tuple[int, ...]
+    unet_norm_groups: int
+    unet_res_blocks: int = 2
+    unet_spacing_input: bool = False
+    unet_region_inputs: bool = False
+    unet_class_embeds: int | None = None
+    unet_resblock_updown: bool = False
+    unet_include_fc: bool = False
+    scale_factor: float = 1.0  # latent scaling of the diffusion model
+    # text + AOVA + residual head (ours)
+    embed_dim: int = 32
+    adapter_ratio: float = 0.2
+    head_channels: int = 16
+    # loop
+    scheduler: str = "ddim"  # "ddim" (epsilon prediction) or "flow" (rectified flow, velocity)
+    flow_velocity_sign: float = 1.0  # +1: v = noise - x0 (diffusers); -1: v = x0 - noise (MONAI RFlow)
+    num_train_timesteps: int = 1000
+    inference_steps: int = 10  # steps of the full schedule; strength picks the tail
+    strength: float = 0.6
+    probe_timestep: int = 100  # noise level of the attention-probe UNet pass (of num_train_timesteps)
+    anomaly_threshold: float = 0.5  # theta: inpainting mask = dilated M > theta
+    mask_dilation: int = 1  # latent voxels
+    crop_margin: int = 2  # latent voxels of context around the mask's bounding box
+    affinity_steps: int = 2  # k in M <- normalize(A^k M)
+    refine_weight: float = 0.5  # blend of the AOVA map with its attention-propagated version
+    mask_threshold: float = 0.5
+    min_component_mm3: float = 50.0
+    top_k_components: int = 0  # 0: keep all
+    window_overlap: float = 0.25
+    weights: str | None = None  # safetensors file shipped with the package (relative to WEIGHTS_DIR)
+
+    @property
+    def latent_factor(self) -> int:
+        return 2 ** (len(self.vae_channels) - 1)
+
+    @property
+    def latent_patch(self) -> int:
+        return self.patch // self.latent_factor
+
+    @property
+    def unet_multiple(self) -> int:
+        """Latent crops must be divisible by this (the UNet downsamples len(channels)-1 times)."""
+        return 2 ** (len(self.unet_channels) - 1)
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, data: dict) -> "Preset":
+        tuples = {k: tuple(v) for k, v in data.items() if isinstance(v, list)}
+        return cls(**{**data, **tuples})
+
+    def with_(self, **changes) -> "Preset":
+        return replace(self, **changes)
+
+
+PRESETS: dict[str, Preset] = {
+    # random init, seconds on CPU: tests and CI
+    "tiny": Preset(
+        name="tiny", patch=32, spacing=(4.0, 4.0, 4.0),
+        vae_channels=(8, 16, 16), vae_res_blocks=1, vae_norm_groups=4, latent_channels=4,
+        unet_channels=(16, 32, 32), unet_attention=(False, True, True),
+        unet_head_channels=(0, 8, 8), unet_norm_groups=8, unet_res_blocks=1,
+        embed_dim=16, head_channels=8, inference_steps=4, crop_margin=1,
+    ),
+    # small trained weights shipped in diffugts/weights (issue 4)
+    "demo": Preset(
+        name="demo", patch=64, spacing=(3.0, 3.0, 3.0),
+        vae_channels=(16, 32, 64), vae_res_blocks=1, vae_norm_groups=8, latent_channels=4,
+        unet_channels=(32, 64, 64), unet_attention=(False, True, True),
+        unet_head_channels=(0, 16, 16), unet_norm_groups=8, unet_res_blocks=1,
+        embed_dim=32, head_channels=16, inference_steps=10,
+        weights="demo.safetensors",
+    ),
+    # the published MAISI sizes (rflow-ct UNet); weights from a user's local path
+    "maisi": Preset(
+        name="maisi", patch=128, spacing=(1.5, 1.5, 1.5),
+        vae_channels=(64, 128, 256), vae_res_blocks=2, vae_norm_groups=32, latent_channels=4,
+        unet_channels=(64, 128, 256, 512), unet_attention=(False, False, True, True),
+        unet_head_channels=(0, 0, 32, 32), unet_norm_groups=32, unet_res_blocks=2,
+        unet_spacing_input=True, unet_class_embeds=128, unet_resblock_updown=True,
+        unet_include_fc=True, embed_dim=64, head_channels=32,
+        scheduler="flow", flow_velocity_sign=-1.0, inference_steps=30, crop_margin=4,
+    ),
+}
+
+
+def get_preset(name: str) -> Preset:
+    try:
+        return PRESETS[name]
+    except KeyError:
+        raise ValueError(f"unknown preset {name!r}; choose one of {', '.join(PRESETS)}") from None

@@ -1,0 +1,23 @@
+"""Stage executors: one small interface, three implementations (torch, ONNX Runtime, Triton)."""
+
+from .base import Denoised, Encoded, Scored, StageExecutor
+
+__all__ = ["Denoised", "Encoded", "Scored", "StageExecutor", "make_executor"]
+
+
+def make_executor(backend: str, preset_name: str = "tiny", weights: str | None = None,
+                  url: str | None = None, repository: str | None = None):
+    """Build the executor for a backend name; heavy imports happen only for the chosen one."""
+    if backend == "torch":
+        from .torch_executor import TorchExecutor
+
+        return TorchExecutor.from_preset(preset_name, weights)
+    if backend == "onnx":
+        from .onnx_executor import OnnxExecutor
+
+        return OnnxExecutor.from_repository(repository, preset_name, weights)
+    if backend in ("triton", "triton-bls"):
+        from diffugts.client.triton_executor import TritonExecutor
+
+        return TritonExecutor(url or "127.0.0.1:8001", bls=backend == "triton-bls")
+    raise ValueError(f"unknown backend {backend!r}: torch, onnx, triton or triton-bls")

@@ -1,0 +1,64 @@
+"""Torch eager executor: the reference the other executors are checked against."""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+
+from ..config import get_preset
+from ..models import build_models
+from ..models.text import tokenize
+from ..models.weights import bundled_weights, load_weights
+from ..prompts import PromptSet
+from .base import Denoised, Encoded, Scored
+
+
+def _t(a: np.ndarray) -> torch.Tensor:
+    return torch.from_numpy(np.ascontiguousarray(a))
+
+
+class TorchExecutor:
+    def __init__(self, models):
+        self.models = models.eval()
+        self.preset = models.preset
+        self.stages = models.stages()
+        self._prompt_cache: dict[str, torch.Tensor] = {}
+
+    @classmethod
+    def from_preset(cls, preset_name: str = "tiny", weights: str | None = None) -> "TorchExecutor":
+        preset = get_preset(preset_name)
+        models = build_models(preset)
+        path = weights or bundled_weights(preset)
+        if path is not None and (weights or path.exists()):  # demo runs untrained until weights exist
+            load_weights(models, path)
+        return cls(models)
+
+    @torch.inference_mode()
+    def embed_prompts(self, prompts: PromptSet) -> torch.Tensor:
+        todo = [t for t in prompts.texts if t not in self._prompt_cache]
+        if todo:
+            ids, mask = tokenize(todo)
+            for text, emb in zip(todo, self.stages["text_encoder"](_t(ids), _t(mask))):
+                self._prompt_cache[text] = emb
+        return torch.stack([self._prompt_cache[t] for t in prompts.texts])
+
+    @torch.inference_mode()
+    def _encode(self, image: torch.Tensor, prompts: PromptSet):
+        return self.stages["vae_encoder_aova"](image, self.embed_prompts(prompts), _t(prompts.abnormal_mask))
+
+    def encode(self, image: np.ndarray, prompts: PromptSet) -> Encoded:
+        latent, anomaly, features = self._encode(_t(image), prompts)
+        return Encoded(latent.numpy(), anomaly.numpy(), features.numpy())
+
+    @torch.inference_mode()
+    def unet(self, latent: np.ndarray, timestep: float) -> Denoised:
+        prediction, attention = self.stages["unet"](_t(latent), torch.tensor([timestep], dtype=torch.float32))
+        return Denoised(prediction.numpy(), attention.numpy())
+
+    @torch.inference_mode()
+    def decode_and_score(self, latent, image, anomaly, features, prompts: PromptSet) -> Scored:
+        healthy = self.stages["vae_decoder"](_t(latent))
+        _, healthy_anomaly, healthy_features = self._encode(healthy, prompts)
+        logits = self.stages["residual_head"](_t(image), healthy, _t(anomaly), healthy_anomaly,
+                                              _t(features), healthy_features)
+        return Scored(healthy.numpy(), logits.numpy())

@@ -1,0 +1,153 @@
+"""Reading scans (NIfTI, NRRD/MHA, DICOM series) and writing masks atomically.
+
+A `Volume` is a 3D float32 array with its 4x4 voxel-to-RAS affine (nibabel's convention).
+Every failure is an `InputError` naming the file and the problem in one line.
+"""
+
+from __future__ import annotations
+
+import os
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+NIFTI_SUFFIXES = (".nii", ".nii.gz")
+ITK_SUFFIXES = (".nrrd", ".nhdr", ".mha", ".mhd")
+LPS_TO_RAS = np.diag([-1.0, -1.0, 1.0, 1.0])
+MAX_VOXELS = 1024**3
+
+
+class InputError(ValueError):
+    """Bad input a user can fix: the message is one line naming the file and the problem."""
+
+    def __init__(self, path, problem: str):
+        self.path, self.problem = str(path), problem
+        super().__init__(f"{path}: {problem}")
+
+
+@dataclass
+class Volume:
+    array: np.ndarray  # (X, Y, Z) float32
+    affine: np.ndarray  # (4, 4) voxel -> RAS mm
+    path: str = ""
+
+    @property
+    def spacing(self) -> np.ndarray:
+        return np.sqrt((self.affine[:3, :3] ** 2).sum(axis=0))
+
+
+def stem_of(path: str | Path) -> str:
+    """'case_001.nii.gz' -> 'case_001'; a DICOM folder -> its name."""
+    name = Path(path).name
+    for suffix in NIFTI_SUFFIXES + ITK_SUFFIXES:
+        if name.lower().endswith(suffix):
+            return name[: -len(suffix)]
+    return name
+
+
+def _read_nifti(path: Path) -> tuple[np.ndarray, np.ndarray]:
+    import nibabel as nib
+
+    img = nib.load(str(path))
+    return np.asanyarray(img.dataobj), img.affine
+
+
+def _itk_to_array(image) -> tuple[np.ndarray, np.ndarray]:
+    import SimpleITK as sitk
+
+    array = sitk.GetArrayFromImage(image)  # (z, y, x)
+    if image.GetDimension() != 3:
+        raise ValueError(f"expected a 3D image, got {image.GetDimension()}D")
+    if image.GetNumberOfComponentsPerPixel() != 1:
+        raise ValueError(f"expected one value per voxel, got {image.GetNumberOfComponentsPerPixel()}")
+    affine = np.eye(4)
+    affine[:3, :3] = np.asarray(image.GetDirection()).reshape(3, 3) * np.asarray(image.GetSpacing())
+    affine[:3, 3] = image.GetOrigin()
+    return np.transpose(array, (2, 1, 0)), LPS_TO_RAS @ affine
+
+
+def _read_itk(path: Path) -> tuple[np.ndarray, np.ndarray]:
+    import SimpleITK as sitk
+
+    return _itk_to_array(sitk.ReadImage(str(path)))
+
+
+def _read_dicom_series(path: Path) -> tuple[np.ndarray, np.ndarray]:
+    import SimpleITK as sitk
+
+    reader = sitk.ImageSeriesReader()
+    series = reader.GetGDCMSeriesIDs(str(path))
+    if not series:
+        raise ValueError("no DICOM series in this folder")
+    reader.SetFileNames(reader.GetGDCMSeriesFileNames(str(path), series[0]))
+    return _itk_to_array(reader.Execute())
+
+
+def read_volume(path: str | Path) -> Volume:
+    path = Path(path)
+    name = path.name.lower()
+    if not path.exists():
+        raise InputError(path, "no such file or folder")
+    try:
+        if path.is_dir():
+            array, affine = _read_dicom_series(path)
+        elif name.endswith(NIFTI_SUFFIXES):
+            array, affine = _read_nifti(path)
+        elif name.endswith(ITK_SUFFIXES) or name.endswith(".dcm"):
+            array, affine = _read_itk(path)
+        else:
+            raise ValueError("unknown format (NIfTI, NRRD, MHA or a DICOM series folder)")
+        array = np.asarray(array)
+    except InputError:
+        raise
+    except Exception as exc:  # every reader fails differently; the user needs one line
+        problem = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise InputError(path, f"cannot read: {problem}") from None
+    return Volume(validate_array(path, array), validate_affine(path, affine), str(path))
+
+
+def validate_array(path, array: np.ndarray) -> np.ndarray:
+    while array.ndim > 3 and array.shape[-1] == 1:
+        array = array[..., 0]
+    if array.ndim != 3:
+        raise InputError(path, f"expected a 3D volume, got shape {tuple(array.shape)}")
+    if min(array.shape) < 2:
+        raise InputError(path, f"volume shape {tuple(array.shape)} is too thin to be 3D")
+    if array.size > MAX_VOXELS:
+        raise InputError(path, f"volume of {array.size} voxels is larger than {MAX_VOXELS}")
+    if not np.issubdtype(array.dtype, np.number) or np.issubdtype(array.dtype, np.complexfloating):
+        raise InputError(path, f"unsupported voxel type {array.dtype}")
+    array = array.astype(np.float32)
+    bad = ~np.isfinite(array)
+    if bad.any():
+        raise InputError(path, f"{int(bad.sum())} voxels are NaN or Inf")
+    return array
+
+
+def validate_affine(path, affine: np.ndarray) -> np.ndarray:
+    affine = np.asarray(affine, dtype=np.float64)
+    if affine.shape != (4, 4) or not np.isfinite(affine).all() or abs(np.linalg.det(affine[:3, :3])) < 1e-9:
+        raise InputError(path, "the voxel-to-world transform is missing or degenerate")
+    return affine
+
+
+def write_nifti_atomic(targets: dict[Path, np.ndarray], affine: np.ndarray) -> None:
+    """Write several NIfTI files so that either all appear or none: temp names, then rename."""
+    import nibabel as nib
+
+    staged: list[tuple[str, Path]] = []
+    try:
+        for target, array in targets.items():
+            target.parent.mkdir(parents=True, exist_ok=True)
+            fd, tmp = tempfile.mkstemp(prefix=".partial-", suffix=".nii.gz", dir=target.parent)
+            os.close(fd)
+            staged.append((tmp, target))
+            nib.save(nib.Nifti1Image(array, affine), tmp)
+        for tmp, target in staged:
+            os.replace(tmp, target)
+    finally:
+        for tmp, _ in staged:
+            if os.path.exists(tmp):
+                os.unlink(tmp)

@@ -1,0 +1,98 @@
+"""Weights: our safetensors files, and the published MAISI checkpoints from a user's local path."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import torch
+
+from ..config import WEIGHTS_DIR, Preset
+from ..io import InputError
+from .pipeline_models import FROZEN, TRAINABLE, DiffuGTSModels
+
+
+def _load_into(module: torch.nn.Module, state: dict, path, what: str) -> None:
+    own = module.state_dict()
+    missing = sorted(set(own) - set(state))
+    unexpected = sorted(set(state) - set(own))
+    shapes = [k for k in own.keys() & state.keys() if tuple(own[k].shape) != tuple(state[k].shape)]
+    if missing or unexpected or shapes:
+        detail = []
+        if missing:
+            detail.append(f"{len(missing)} missing keys (e.g. {missing[0]})")
+        if unexpected:
+            detail.append(f"{len(unexpected)} unexpected keys (e.g. {unexpected[0]})")
+        if shapes:
+            k = shapes[0]
+            detail.append(f"{len(shapes)} shape mismatches (e.g. {k}: file {tuple(state[k].shape)} "
+                          f"vs model {tuple(own[k].shape)})")
+        raise InputError(path, f"does not match the {what} of this preset: " + "; ".join(detail))
+    module.load_state_dict({k: v.to(own[k].dtype) for k, v in state.items()})
+
+
+def save_weights(models: DiffuGTSModels, path: str | Path, parts=TRAINABLE + FROZEN,
+                 half: bool = False, metadata: dict | None = None) -> None:
+    from safetensors.torch import save_file
+
+    tensors = {}
+    for part in parts:
+        for key, value in getattr(models, part).state_dict().items():
+            value = value.detach().contiguous()
+            if half and value.is_floating_point():
+                value = value.half()
+            tensors[f"{part}.{key}"] = value
+    meta = {"preset": json.dumps(models.preset.to_dict()), **(metadata or {})}
+    Path(path).parent.mkdir(parents=True, exist_ok=True)
+    save_file(tensors, str(path), metadata={k: str(v) for k, v in meta.items()})
+
+
+def load_weights(models: DiffuGTSModels, path: str | Path) -> None:
+    from safetensors import safe_open
+
+    path = Path(path)
+    if not path.is_file():
+        raise InputError(path, "weights file not found")
+    try:
+        with safe_open(str(path), framework="pt") as f:
+            state = {k: f.get_tensor(k) for k in f.keys()}
+    except Exception as exc:
+        raise InputError(path, f"not a readable safetensors file ({type(exc).__name__})") from None
+    parts = sorted({k.split(".", 1)[0] for k in state})
+    unknown = [p for p in parts if p not in TRAINABLE + FROZEN]
+    if unknown:
+        raise InputError(path, f"unknown weight groups {unknown}")
+    for part in parts:
+        prefix = part + "."
+        _load_into(getattr(models, part), {k[len(prefix):]: v for k, v in state.items()
+                                           if k.startswith(prefix)}, path, part)
+
+
+def bundled_weights(preset: Preset) -> Path | None:
+    return WEIGHTS_DIR / preset.weights if preset.weights else None
+
+
+def _torch_checkpoint(path: Path) -> dict:
+    if not path.is_file():
+        raise InputError(path, "checkpoint file not found")
+    try:
+        return torch.load(str(path), map_location="cpu", weights_only=True)
+    except Exception as exc:
+        raise InputError(path, f"not a readable torch checkpoint ({type(exc).__name__})") from None
+
+
+def load_maisi_checkpoints(models: DiffuGTSModels, autoencoder: str | Path | None = None,
+                           unet: str | Path | None = None) -> float | None:
+    """Load MAISI's `autoencoder_v1.pt` and `diff_unet_3d_*.pt`; returns the UNet's scale_factor."""
+    scale = None
+    if autoencoder:
+        state = _torch_checkpoint(Path(autoencoder))
+        state = state.get("state_dict", state) if isinstance(state, dict) else state
+        _load_into(models.vae, state, autoencoder, "MAISI autoencoder")
+    if unet:
+        ckpt = _torch_checkpoint(Path(unet))
+        state = ckpt.get("unet_state_dict", ckpt) if isinstance(ckpt, dict) else ckpt
+        _load_into(models.unet, state, unet, "MAISI diffusion UNet")
+        if isinstance(ckpt, dict) and "scale_factor" in ckpt:
+            scale = float(torch.as_tensor(ckpt["scale_factor"]))
+    return scale

@@ -1,0 +1,194 @@
+"""The one DiffuGTS loop, in numpy, against the stage-executor interface.
+
+encode (text + VAE taps + AOVA) -> attention probe and refinement -> latent inpainting with
+RePaint blending on the cropped latent -> decode + residual head -> postprocess.
+Every executor (torch, ONNX Runtime, Triton, Triton BLS) runs exactly this code.
+"""
+
+from __future__ import annotations
+
+import time
+from collections import defaultdict
+from collections.abc import Callable
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+
+import numpy as np
+from scipy import ndimage
+
+from .executors.base import StageExecutor
+from .io import Volume
+from .postprocess import probability_to_mask
+from .preprocess import guess_modality, resample, to_model_grid
+from .prompts import PromptSet, build_prompt_set
+from .schedulers import make_sampler
+from .windows import sliding_window
+
+
+class Timings(defaultdict):
+    """Seconds per stage, summed over windows and steps."""
+
+    def __init__(self):
+        super().__init__(float)
+
+    @contextmanager
+    def stage(self, name: str):
+        start = time.perf_counter()
+        try:
+            yield
+        finally:
+            self[name] += time.perf_counter() - start
+
+
+@dataclass
+class LoopOptions:
+    crop: bool = True  # run the inpainting loop on the mask's latent bounding box only
+    seed: int = 0
+    steps: int | None = None  # override the preset's inference steps
+    strength: float | None = None
+
+
+@dataclass
+class Segmentation:
+    mask: np.ndarray  # uint8 on the input grid
+    probability: np.ndarray  # float32 on the input grid
+    anomaly: np.ndarray  # refined AOVA map on the input grid
+    healthy: np.ndarray  # pseudo-healthy volume on the input grid, model intensities [0, 1]
+    modality: str
+    prompts: PromptSet
+    timings: dict = field(default_factory=dict)
+    inpainted_fraction: float = 0.0  # share of latent voxels the loop touched
+
+
+def sigmoid(x: np.ndarray) -> np.ndarray:
+    return (0.5 * (1.0 + np.tanh(0.5 * x))).astype(np.float32)
+
+
+def block_reduce(volume: np.ndarray, factor: int, reduce=np.mean) -> np.ndarray:
+    """Downsample a cube by an integer factor with `reduce` over each block."""
+    n = [s // factor for s in volume.shape]
+    blocks = volume.reshape(n[0], factor, n[1], factor, n[2], factor)
+    return reduce(blocks, axis=(1, 3, 5))
+
+
+def refine_with_attention(anomaly: np.ndarray, attention: np.ndarray, steps: int,
+                          weight: float) -> np.ndarray:
+    """Affinity propagation M <- normalize(A^k M) at the attention's resolution, blended back."""
+    if steps <= 0 or weight <= 0:
+        return anomaly
+    side = round(attention.shape[-1] ** (1 / 3))
+    if side**3 != attention.shape[-1] or anomaly.shape[0] % side:
+        raise ValueError(f"attention of {attention.shape[-1]} tokens does not tile a {anomaly.shape} map")
+    coarse = block_reduce(anomaly, anomaly.shape[0] // side).ravel()
+    propagated = coarse
+    for _ in range(steps):
+        propagated = attention @ propagated
+    peak = propagated.max()
+    if peak > 0:  # keep the coarse map's peak level: propagation only redistributes mass
+        propagated = propagated * (coarse.max() / peak)
+    fine = resample(propagated.reshape(side, side, side).astype(np.float32), anomaly.shape)
+    return ((1.0 - weight) * anomaly + weight * fine).astype(np.float32)
+
+
+def inpainting_mask(anomaly: np.ndarray, factor: int, threshold: float, dilation: int) -> np.ndarray:
+    mask = block_reduce(anomaly > threshold, factor, np.max)
+    if dilation > 0 and mask.any():
+        mask = ndimage.binary_dilation(mask, iterations=dilation)
+    return mask
+
+
+def crop_box(mask: np.ndarray, margin: int, multiple: int) -> tuple[slice, ...]:
+    """Bounding box of the mask plus margin, grown to a size the UNet accepts."""
+    box = []
+    for axis, n in enumerate(mask.shape):
+        idx = np.flatnonzero(mask.any(axis=tuple(a for a in range(mask.ndim) if a != axis)))
+        lo, hi = max(idx[0] - margin, 0), min(idx[-1] + 1 + margin, n)
+        size = min(-(-(hi - lo) // multiple) * multiple, n)
+        lo = int(min(max(lo - (size - (hi - lo)) // 2, 0), n - size))
+        box.append(slice(lo, lo + size))
+    return tuple(box)
+
+
+def inpaint_latent(executor: StageExecutor, sampler, latent: np.ndarray, mask: np.ndarray,
+                   strength: float, rng: np.random.Generator) -> np.ndarray:
+    """Denoise the masked region from `strength`, putting back the re-noised known region each step."""
+    noise = rng.standard_normal(latent.shape).astype(np.float32)
+    timesteps = sampler.timesteps(strength)
+    sample = sampler.add_noise(latent, noise, timesteps[0])
+    for t in timesteps:
+        prediction = executor.unet(sample, sampler.model_timestep(t)).prediction
+        sample = sampler.step(prediction, t, sample)
+        known = sampler.add_noise(latent, noise, sampler.next_timestep(t))
+        sample = (mask * sample + (1.0 - mask) * known).astype(np.float32)
+    return sample
+
+
+def segment_patch(executor: StageExecutor, patch: np.ndarray, prompts: PromptSet,
+                  options: LoopOptions, rng: np.random.Generator, timings: Timings,
+                  stats: dict | None = None) -> dict[str, np.ndarray]:
+    preset = executor.preset
+    sampler = make_sampler(preset.with_(inference_steps=options.steps or preset.inference_steps))
+    image = patch[None, None].astype(np.float32)
+
+    with timings.stage("encode"):
+        encoded = executor.encode(image, prompts)
+    latent = encoded.latent * preset.scale_factor
+
+    with timings.stage("attention"):
+        probe_noise = rng.standard_normal(latent.shape).astype(np.float32)
+        probe = executor.unet(sampler.add_noise(latent, probe_noise, preset.probe_timestep),
+                              float(preset.probe_timestep))
+        anomaly = refine_with_attention(encoded.anomaly[0, 0], probe.attention[0],
+                                        preset.affinity_steps, preset.refine_weight)
+
+    with timings.stage("inpaint"):
+        mask = inpainting_mask(anomaly, preset.latent_factor, preset.anomaly_threshold,
+                               preset.mask_dilation)
+        healthy_latent = latent.copy()
+        if mask.any():
+            full = tuple(slice(0, n) for n in mask.shape)
+            box = crop_box(mask, preset.crop_margin, preset.unet_multiple) if options.crop else full
+            region = (slice(None), slice(None)) + box
+            healthy_latent[region] = inpaint_latent(
+                executor, sampler, latent[region], mask[box].astype(np.float32)[None, None],
+                options.strength or preset.strength, rng)
+            if stats is not None:
+                stats["inpainted_voxels"] = stats.get("inpainted_voxels", 0) + int(np.prod([s.stop - s.start for s in box]))
+        if stats is not None:
+            stats["latent_voxels"] = stats.get("latent_voxels", 0) + mask.size
+
+    with timings.stage("decode_score"):
+        scored = executor.decode_and_score(healthy_latent / preset.scale_factor, image,
+                                           anomaly[None, None], encoded.features, prompts)
+    return {"prob": sigmoid(scored.logits[0, 0]), "anomaly": anomaly, "healthy": scored.healthy[0, 0]}
+
+
+def segment_volume(executor: StageExecutor, volume: Volume, target: str, modality: str | None = None,
+                   options: LoopOptions | None = None,
+                   on_stage: Callable[[str], None] | None = None) -> Segmentation:
+    options = options or LoopOptions()
+    preset = executor.preset
+    timings, stats = Timings(), {}
+    modality = (modality or guess_modality(volume.array)).upper()
+    prompts = build_prompt_set(target, modality)
+    rng = np.random.default_rng(options.seed)
+
+    with timings.stage("preprocess"):
+        model_array, grid = to_model_grid(volume, modality, preset.spacing, preset.patch)
+
+    def run_window(window: np.ndarray) -> dict[str, np.ndarray]:
+        if on_stage:
+            on_stage("window")
+        return segment_patch(executor, window, prompts, options, rng, timings, stats)
+
+    blended = sliding_window(model_array, preset.patch, preset.window_overlap, run_window)
+
+    with timings.stage("postprocess"):
+        prob = grid.to_input_grid(blended["prob"])
+        mask = probability_to_mask(prob, volume.spacing, preset.mask_threshold,
+                                   preset.min_component_mm3, preset.top_k_components)
+        anomaly = grid.to_input_grid(blended["anomaly"])
+        healthy = grid.to_input_grid(blended["healthy"])
+    timings["total"] = sum(timings.values())
+    fraction = stats.get("inpainted_voxels", 0) / max(stats.get("latent_voxels", 1), 1)
+    return Segmentation(mask, prob, anomaly, healthy, modality, prompts, dict(timings), fraction)

@@ -1,0 +1,69 @@
+"""Input grid <-> model grid: RAS orientation, model spacing, MAISI intensity, padding.
+
+Composed from small named steps; `ModelGrid` remembers what was done so that `to_input_grid`
+can undo it for masks and maps.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import nibabel.orientations as nio
+import numpy as np
+from scipy import ndimage
+
+from .io import Volume
+
+CT_WINDOW = (-1000.0, 1000.0)
+MR_PERCENTILE = 99.5
+
+
+def guess_modality(array: np.ndarray) -> str:
+    """CT volumes hold air near -1000 HU; MR intensities are non-negative."""
+    return "CT" if float(np.percentile(array, 1)) < -500 else "MR"
+
+
+def scale_intensity(array: np.ndarray, modality: str) -> np.ndarray:
+    """MAISI: CT HU clipped to [-1000, 1000] -> [0, 1]; MR 0..99.5th percentile -> [0, 1]."""
+    if modality == "CT":
+        lo, hi = CT_WINDOW
+    elif modality == "MR":
+        lo, hi = 0.0, float(np.percentile(array, MR_PERCENTILE))
+        hi = hi if hi > lo else lo + 1.0
+    else:
+        raise ValueError(f"modality must be CT or MR, got {modality!r}")
+    return np.clip((array - lo) / (hi - lo), 0.0, 1.0).astype(np.float32)
+
+
+def resample(array: np.ndarray, out_shape: tuple[int, ...], order: int = 1) -> np.ndarray:
+    """Resample onto `out_shape` with voxel centres aligned at the corners' convention of zoom."""
+    scale = [(i - 1) / max(o - 1, 1) for i, o in zip(array.shape, out_shape)]
+    return ndimage.affine_transform(array, np.asarray(scale), output_shape=tuple(out_shape),
+                                    order=order, mode="nearest").astype(np.float32)
+
+
+@dataclass
+class ModelGrid:
+    ornt: np.ndarray  # input -> RAS orientation transform
+    canonical_shape: tuple[int, ...]
+    resampled_shape: tuple[int, ...]
+    pad: tuple[tuple[int, int], ...]
+
+    def to_input_grid(self, array: np.ndarray, order: int = 1) -> np.ndarray:
+        """Undo padding, resampling and reorientation of a model-grid map."""
+        crop = tuple(slice(lo, lo + n) for (lo, _), n in zip(self.pad, self.resampled_shape))
+        back = resample(array[crop], self.canonical_shape, order=order)
+        return nio.apply_orientation(back, nio.ornt_transform(nio.axcodes2ornt("RAS"), self.ornt))
+
+
+def to_model_grid(volume: Volume, modality: str, spacing, patch: int,
+                  multiple: int = 4) -> tuple[np.ndarray, ModelGrid]:
+    ornt = nio.io_orientation(volume.affine)
+    canonical = nio.apply_orientation(volume.array, ornt)
+    in_spacing = volume.spacing[np.argsort(ornt[:, 0])]  # spacing along RAS axes
+    shape = tuple(max(int(round(n * s / t)), 1) for n, s, t in zip(canonical.shape, in_spacing, spacing))
+    resampled = resample(scale_intensity(canonical, modality), shape)
+    target = [max(patch, -(-n // multiple) * multiple) for n in shape]
+    pad = tuple(((t - n) // 2, t - n - (t - n) // 2) for n, t in zip(shape, target))
+    grid = ModelGrid(ornt, canonical.shape, shape, pad)
+    return np.pad(resampled, pad, mode="constant", constant_values=0.0), grid

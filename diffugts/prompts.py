@@ -1,0 +1,62 @@
+"""Open-vocabulary prompt sets: normal anatomy prompts plus abnormal prompts from the target."""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+
+import numpy as np
+
+NORMAL_TEMPLATES = (
+    "a {modality} scan of healthy {organ}",
+    "normal {organ} tissue on {modality}",
+    "a {modality} image of unremarkable {organ} anatomy",
+)
+ABNORMAL_TEMPLATES = (
+    "a {modality} scan showing {target}",
+    "{target}",
+    "an abnormal lesion in the {organ} on {modality}",
+)
+LESION_WORDS = (
+    "tumor", "tumour", "tumors", "lesion", "lesions", "cancer", "carcinoma", "mass", "masses",
+    "nodule", "nodules", "cyst", "cysts", "metastasis", "metastases", "neoplasm", "malignancy",
+)
+MAX_PROMPT_CHARS = 200
+
+
+def normalize_target(target: str) -> str:
+    if not isinstance(target, str) or not target.strip():
+        raise ValueError("the prompt is empty: give an open-vocabulary target such as 'kidney tumor'")
+    text = " ".join(target.strip().split())
+    if len(text) > MAX_PROMPT_CHARS:
+        raise ValueError(f"the prompt is longer than {MAX_PROMPT_CHARS} characters")
+    if not re.search(r"[A-Za-z]", text):
+        raise ValueError(f"the prompt {target!r} has no words")
+    return text
+
+
+def organ_of(target: str) -> str:
+    """'kidney tumor' -> 'kidney'; falls back to 'tissue' when only lesion words are given."""
+    words = [w for w in re.findall(r"[A-Za-z]+", target.lower()) if w not in LESION_WORDS]
+    return " ".join(words) or "tissue"
+
+
+@dataclass(frozen=True)
+class PromptSet:
+    texts: tuple[str, ...]
+    abnormal: tuple[bool, ...]  # True for the prompts whose softmax mass is the anomaly probability
+
+    @property
+    def abnormal_mask(self) -> np.ndarray:
+        return np.asarray(self.abnormal, dtype=np.float32)
+
+
+def build_prompt_set(target: str, modality: str = "CT") -> PromptSet:
+    target = normalize_target(target)
+    modality = modality.upper()
+    if modality not in ("CT", "MR"):
+        raise ValueError(f"modality must be CT or MR, got {modality!r}")
+    fields = {"modality": modality, "organ": organ_of(target), "target": target.lower()}
+    normal = [t.format(**fields) for t in NORMAL_TEMPLATES]
+    abnormal = [t.format(**fields) for t in ABNORMAL_TEMPLATES]
+    return PromptSet(tuple(normal + abnormal), (False,) * len(normal) + (True,) * len(abnormal))
