@@ -48,6 +48,9 @@ class SentenceEncoder(nn.Module):
         super().__init__()
         os.environ.setdefault("HF_HUB_OFFLINE", "1")
         from transformers import BertModel
+        from transformers.utils import logging as hf_logging
+
+        hf_logging.disable_progress_bar()
 
         self.bert = BertModel.from_pretrained(str(minilm_dir()), attn_implementation="eager").eval()
         self.requires_grad_(False)

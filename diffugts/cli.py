@@ -1,0 +1,199 @@
+"""The `diffugts` command line: phantom, segment, evaluate (export, serve, bench, train join later)."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+from .io import InputError
+
+BACKENDS = ("torch", "onnx", "triton", "triton-bls")
+
+
+def _console(stderr: bool = False):
+    from rich.console import Console
+
+    return Console(stderr=stderr, highlight=False)
+
+
+def fail(message: str) -> None:
+    """One line on stderr, no traceback."""
+    print(f"diffugts: error: {message}", file=sys.stderr)
+
+
+def _executor_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--backend", choices=BACKENDS, default="torch")
+    p.add_argument("--preset", default=None, help="tiny, demo (default) or maisi")
+    p.add_argument("--weights", default=None, help="a diffugts safetensors file (overrides the preset's)")
+    p.add_argument("--url", default="127.0.0.1:8001", help="Triton gRPC address for triton backends")
+    p.add_argument("--repository", default=None, help="exported repository for the onnx backend")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--no-crop", action="store_true", help="inpaint the whole latent, not its bounding box")
+    p.add_argument("--steps", type=int, default=None, help="inference steps (default: the preset's)")
+
+
+def _make_executor(args):
+    from .executors import make_executor
+
+    preset = args.preset or "demo"
+    return make_executor(args.backend, preset, args.weights, args.url, args.repository)
+
+
+def _options(args):
+    from .pipeline import LoopOptions
+
+    return LoopOptions(crop=not args.no_crop, seed=args.seed, steps=args.steps)
+
+
+def cmd_phantom(args) -> int:
+    from rich.progress import Progress
+
+    from .phantom import write_dataset
+
+    categories = [c.strip() for c in args.categories.split(",")] if args.categories else None
+    try:
+        with Progress(console=_console(True)) as progress:
+            task = progress.add_task("phantoms", total=args.n)
+            out = write_dataset(args.out, args.n, args.seed, categories, args.split, tuple(args.shape),
+                                args.spacing, args.healthy_fraction, progress=lambda: progress.advance(task))
+    except ValueError as exc:
+        fail(str(exc))
+        return 2
+    print(f"wrote {args.n} cases to {out}")
+    return 0
+
+
+def cmd_segment(args) -> int:
+    from rich.progress import Progress
+
+    from .io import read_volume, stem_of, write_nifti_atomic
+    from .pipeline import segment_volume
+    from .prompts import normalize_target
+    from .report import write_json, write_overlay
+
+    try:
+        normalize_target(args.prompt)
+    except ValueError as exc:
+        fail(str(exc))
+        return 2
+    executor = _make_executor(args)
+    out = Path(args.out)
+    failures = 0
+    with Progress(console=_console(True), transient=False) as progress:
+        volumes = progress.add_task("volumes", total=len(args.inputs))
+        for path in args.inputs:
+            stage = progress.add_task(f"  {Path(path).name}", total=None)
+            try:
+                volume = read_volume(path)
+                seg = segment_volume(executor, volume, args.prompt, args.modality, _options(args),
+                                     on_stage=lambda _: progress.advance(stage))
+                stem = stem_of(path)
+                write_nifti_atomic({out / f"{stem}_mask.nii.gz": seg.mask,
+                                    out / f"{stem}_anomaly.nii.gz": seg.anomaly.astype("float32")}, volume.affine)
+                write_overlay(out / f"{stem}_overlay.png", volume.array, seg.mask, seg.anomaly,
+                              title=f"{stem}: {args.prompt} ({seg.modality})")
+                write_json(out / f"{stem}_timings.json", {"backend": args.backend, "preset": executor.preset.name,
+                                                          "seconds": seg.timings,
+                                                          "mask_voxels": int(seg.mask.sum())})
+                progress.console.print(f"{path}: {int(seg.mask.sum())} mask voxels -> {out / (stem + '_mask.nii.gz')}")
+            except InputError as exc:
+                failures += 1
+                progress.console.print(f"[red]diffugts: error: {exc}[/red]")
+            progress.remove_task(stage)
+            progress.advance(volumes)
+    return 1 if failures else 0
+
+
+def cmd_evaluate(args) -> int:
+    from rich.progress import Progress
+    from rich.table import Table
+
+    from .evaluate import METRICS, evaluate_dataset, load_manifest
+    from .report import write_json
+
+    total = len(load_manifest(Path(args.dataset), args.split)[: args.limit])
+    executor = _make_executor(args)
+    with Progress(console=_console(True)) as progress:
+        task = progress.add_task("cases", total=total)
+        result = evaluate_dataset(executor, args.dataset, args.split, args.limit, _options(args),
+                                  on_case=lambda _: progress.advance(task))
+    result["backend"] = args.backend
+    write_json(Path(args.out), result)
+    table = Table(title=f"{result['dataset']} ({args.backend}, preset {result['preset']})")
+    for col in ("case", "prompt") + METRICS + ("seconds",):
+        table.add_column(col)
+    for c in result["cases"]:
+        table.add_row(c["case"], c["prompt"], *(f"{c[m]:.3f}" for m in METRICS + ("seconds",)))
+    for prompt, row in result["per_prompt"].items():
+        table.add_row("[bold]per prompt[/bold]", prompt, *(f"{row[m]:.3f}" for m in METRICS), "")
+    table.add_row("[bold]mean[/bold]", "", *(f"{result['mean'][m]:.3f}" for m in METRICS + ("seconds",)))
+    _console().print(table)
+    for err in result["errors"]:
+        fail(err)
+    return 1 if result["errors"] else 0
+
+
+def cmd_demo(args) -> int:
+    """The main job on the bundled sample: segment it and write mask, overlay and timings."""
+    from .config import WEIGHTS_DIR
+
+    sample = WEIGHTS_DIR.parent / "data" / "sample_kidney_ct.nii.gz"
+    argv = ["segment", str(sample), "--prompt", "kidney tumor", "--out", args.out,
+            "--backend", args.backend, "--preset", args.preset or "demo"]
+    return main(argv)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="diffugts", description="DiffuGTS zero-shot tumor segmentation")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    p = sub.add_parser("phantom", help="write a synthetic lesion dataset in the MSD layout")
+    p.add_argument("--out", required=True)
+    p.add_argument("--n", type=int, default=8)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--categories", default=None, help="comma-separated lesion categories (default: all)")
+    p.add_argument("--split", choices=("test", "training"), default="test")
+    p.add_argument("--shape", type=int, nargs=3, default=(64, 64, 48))
+    p.add_argument("--spacing", type=float, default=3.0)
+    p.add_argument("--healthy-fraction", type=float, default=0.0)
+    p.set_defaults(func=cmd_phantom)
+
+    p = sub.add_parser("segment", help="segment volumes for an open-vocabulary target")
+    p.add_argument("inputs", nargs="+", help="NIfTI / NRRD / MHA files or DICOM series folders")
+    p.add_argument("--prompt", required=True, help="target, e.g. 'kidney tumor'")
+    p.add_argument("--out", required=True)
+    p.add_argument("--modality", type=str.upper, choices=("CT", "MR"), default=None, help="default: guessed")
+    _executor_args(p)
+    p.set_defaults(func=cmd_segment)
+
+    p = sub.add_parser("evaluate", help="Dice, NSD, AUROC, FPR95 on an MSD-layout dataset")
+    p.add_argument("dataset")
+    p.add_argument("--out", required=True, help="results JSON")
+    p.add_argument("--split", default="test")
+    p.add_argument("--limit", type=int, default=None)
+    _executor_args(p)
+    p.set_defaults(func=cmd_evaluate)
+
+    p = sub.add_parser("demo", help="segment the bundled sample volume (the main job of `make demo`)")
+    p.add_argument("--out", default="demo_out")
+    p.add_argument("--backend", choices=BACKENDS, default="torch")
+    p.add_argument("--preset", default=None)
+    p.set_defaults(func=cmd_demo)
+    return parser
+
+
+def main(argv=None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        return args.func(args)
+    except InputError as exc:
+        fail(str(exc))
+        return 1
+    except KeyboardInterrupt:
+        fail("interrupted")
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

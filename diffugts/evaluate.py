@@ -1,0 +1,84 @@
+"""`diffugts evaluate`: per-case and per-prompt Dice, NSD (2 mm), AUROC and FPR95 of the anomaly map."""
+
+from __future__ import annotations
+
+import json
+import time
+from collections import defaultdict
+from pathlib import Path
+
+import numpy as np
+
+from .io import InputError, read_volume
+from .metrics import auroc, dice, fpr_at_95_tpr, nanmean, normalized_surface_dice
+from .pipeline import LoopOptions, segment_volume
+
+METRICS = ("dice", "nsd", "auroc", "fpr95")
+
+
+def load_manifest(dataset_dir: Path, split: str = "test") -> list[dict]:
+    manifest = dataset_dir / "dataset.json"
+    if not manifest.is_file():
+        raise InputError(manifest, "no dataset.json (expected the Medical Segmentation Decathlon layout)")
+    try:
+        data = json.loads(manifest.read_text())
+    except json.JSONDecodeError as exc:
+        raise InputError(manifest, f"not valid JSON ({exc.msg}, line {exc.lineno})") from None
+    entries = data.get(split)
+    if not isinstance(entries, list) or not entries:
+        raise InputError(manifest, f"no {split!r} entries")
+    cases = []
+    for i, entry in enumerate(entries):
+        if not isinstance(entry, dict) or "image" not in entry or "label" not in entry:
+            raise InputError(manifest, f"{split} entry {i} needs 'image' and 'label'")
+        if not entry.get("prompt"):
+            raise InputError(manifest, f"{split} entry {i} has no 'prompt'")
+        cases.append(entry)
+    return cases
+
+
+def case_metrics(seg, label: np.ndarray, spacing) -> dict:
+    truth = label > 0
+    return {
+        "dice": dice(seg.mask, truth),
+        "nsd": normalized_surface_dice(seg.mask, truth, spacing, 2.0),
+        "auroc": auroc(seg.anomaly, truth),
+        "fpr95": fpr_at_95_tpr(seg.anomaly, truth),
+    }
+
+
+def summarize(cases: list[dict]) -> tuple[dict, dict]:
+    mean = {m: nanmean(c[m] for c in cases) for m in METRICS + ("seconds",)}
+    by_prompt = defaultdict(list)
+    for c in cases:
+        by_prompt[c["prompt"]].append(c)
+    per_prompt = {p: {**{m: nanmean(c[m] for c in cs) for m in METRICS}, "cases": len(cs)}
+                  for p, cs in sorted(by_prompt.items())}
+    return mean, per_prompt
+
+
+def evaluate_dataset(executor, dataset_dir: str | Path, split: str = "test", limit: int | None = None,
+                     options: LoopOptions | None = None, on_case=None, segment=segment_volume) -> dict:
+    dataset_dir = Path(dataset_dir)
+    entries = load_manifest(dataset_dir, split)[:limit]
+    cases, errors = [], []
+    for entry in entries:
+        image_path = (dataset_dir / entry["image"]).resolve()
+        name = Path(entry["image"]).name
+        try:
+            volume = read_volume(image_path)
+            label = read_volume((dataset_dir / entry["label"]).resolve())
+            if label.array.shape != volume.array.shape:
+                raise InputError(entry["label"], f"label shape {label.array.shape} != image {volume.array.shape}")
+            start = time.perf_counter()
+            seg = segment(executor, volume, entry["prompt"], entry.get("modality"), options)
+            seconds = time.perf_counter() - start
+            cases.append({"case": name, "prompt": entry["prompt"], **case_metrics(seg, label.array, volume.spacing),
+                          "seconds": seconds})
+        except InputError as exc:
+            errors.append(str(exc))
+        if on_case:
+            on_case(name)
+    mean, per_prompt = summarize(cases)
+    return {"dataset": dataset_dir.name, "split": split, "preset": executor.preset.name,
+            "cases": cases, "mean": mean, "per_prompt": per_prompt, "errors": errors}

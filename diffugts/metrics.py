@@ -1,0 +1,62 @@
+"""Segmentation and anomaly-map metrics: Dice, NSD (surface Dice at a tolerance), AUROC, FPR95."""
+
+from __future__ import annotations
+
+import numpy as np
+from scipy import ndimage
+
+
+def dice(pred: np.ndarray, truth: np.ndarray) -> float:
+    """Dice; 1.0 when both are empty (nothing to find, nothing found)."""
+    pred, truth = pred.astype(bool), truth.astype(bool)
+    total = pred.sum() + truth.sum()
+    return 1.0 if total == 0 else float(2.0 * (pred & truth).sum() / total)
+
+
+def _surface(mask: np.ndarray) -> np.ndarray:
+    return mask & ~ndimage.binary_erosion(mask)  # 6-connected erosion, as MONAI's get_mask_edges
+
+
+def normalized_surface_dice(pred: np.ndarray, truth: np.ndarray, spacing, tolerance_mm: float = 2.0) -> float:
+    """Share of both surfaces lying within `tolerance_mm` of the other surface."""
+    pred, truth = pred.astype(bool), truth.astype(bool)
+    if not pred.any() and not truth.any():
+        return 1.0
+    if not pred.any() or not truth.any():
+        return 0.0
+    sp, st = _surface(pred), _surface(truth)
+    dist_to_truth = ndimage.distance_transform_edt(~st, sampling=spacing)
+    dist_to_pred = ndimage.distance_transform_edt(~sp, sampling=spacing)
+    close = (dist_to_truth[sp] <= tolerance_mm).sum() + (dist_to_pred[st] <= tolerance_mm).sum()
+    return float(close / (sp.sum() + st.sum()))
+
+
+def _roc(scores: np.ndarray, labels: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    order = np.argsort(-scores, kind="mergesort")
+    scores, labels = scores[order], labels[order]
+    distinct = np.r_[np.flatnonzero(np.diff(scores)), labels.size - 1]
+    tps = np.cumsum(labels)[distinct]
+    fps = 1 + distinct - tps
+    return np.r_[0.0, fps / max(fps[-1], 1)], np.r_[0.0, tps / max(tps[-1], 1)]
+
+
+def auroc(scores: np.ndarray, truth: np.ndarray) -> float:
+    """Area under the ROC of a voxel score map; NaN when the truth has one class only."""
+    labels = truth.ravel().astype(bool)
+    if labels.all() or not labels.any():
+        return float("nan")
+    fpr, tpr = _roc(scores.ravel().astype(np.float64), labels)
+    return float(np.trapz(tpr, fpr))
+
+
+def fpr_at_95_tpr(scores: np.ndarray, truth: np.ndarray) -> float:
+    labels = truth.ravel().astype(bool)
+    if labels.all() or not labels.any():
+        return float("nan")
+    fpr, tpr = _roc(scores.ravel().astype(np.float64), labels)
+    return float(fpr[np.searchsorted(tpr, 0.95, side="left")])
+
+
+def nanmean(values) -> float:
+    arr = np.asarray([v for v in values if v is not None], dtype=np.float64)
+    return float(np.nanmean(arr)) if arr.size and not np.isnan(arr).all() else float("nan")

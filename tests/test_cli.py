@@ -1,0 +1,121 @@
+"""The command line end to end on the tiny preset, and its handling of bad input."""
+
+import json
+
+import nibabel as nib
+import numpy as np
+import pytest
+
+from diffugts.cli import main
+
+
+def run(capsys, *argv):
+    code = main([str(a) for a in argv])
+    out, err = capsys.readouterr()
+    return code, out, err
+
+
+def test_phantom_dataset_layout(tmp_path, capsys):
+    code, out, _ = run(capsys, "phantom", "--out", tmp_path, "--n", 3, "--seed", 5,
+                       "--categories", "liver tumor,brain tumor", "--shape", 24, 24, 20)
+    assert code == 0
+    manifest = json.loads((tmp_path / "dataset.json").read_text())
+    assert [c["prompt"] for c in manifest["test"]] == ["liver tumor", "brain tumor", "liver tumor"]
+    assert [c["modality"] for c in manifest["test"]] == ["CT", "MR", "CT"]
+    for case in manifest["test"]:
+        image = nib.load(tmp_path / case["image"])
+        label = nib.load(tmp_path / case["label"])
+        assert image.shape == label.shape == (24, 24, 20)
+        np.testing.assert_array_equal(image.affine, label.affine)
+        assert label.get_fdata().sum() > 0
+    code, _, err = run(capsys, "phantom", "--out", tmp_path / "x", "--categories", "toe tumor")
+    assert code == 2 and "unknown categories" in err
+
+
+def test_segment_writes_masks_on_the_input_grid(phantom_dir, tmp_path, capsys):
+    image = phantom_dir / "imagesTs" / "case_000.nii.gz"
+    code, _, _ = run(capsys, "segment", image, "--prompt", "kidney tumor", "--out", tmp_path, "--preset", "tiny")
+    assert code == 0
+    mask = nib.load(tmp_path / "case_000_mask.nii.gz")
+    source = nib.load(image)
+    assert mask.shape == source.shape
+    np.testing.assert_allclose(mask.affine, source.affine)
+    assert set(np.unique(mask.get_fdata())) <= {0.0, 1.0}
+    assert (tmp_path / "case_000_anomaly.nii.gz").exists()
+    timings = json.loads((tmp_path / "case_000_timings.json").read_text())
+    assert timings["seconds"]["total"] > 0
+    assert (tmp_path / "case_000_overlay.png").read_bytes()[:4] == b"\x89PNG"
+
+
+def test_bad_inputs_fail_alone_with_one_line(phantom_dir, tmp_path, capsys):
+    good = phantom_dir / "imagesTs" / "case_001.nii.gz"
+    truncated = tmp_path / "truncated.nii.gz"
+    truncated.write_bytes(good.read_bytes()[:2000])
+    nan = tmp_path / "nan.nii.gz"
+    data = nib.load(good).get_fdata().astype(np.float32)
+    data[1, 2, 3] = np.inf
+    nib.save(nib.Nifti1Image(data, np.eye(4)), nan)
+    flat = tmp_path / "flat.nii.gz"
+    nib.save(nib.Nifti1Image(data[..., 0], np.eye(4)), flat)
+    out = tmp_path / "out"
+    code, _, err = run(capsys, "segment", truncated, good, nan, flat, "--prompt", "liver cyst",
+                       "--out", out, "--preset", "tiny")
+    assert code == 1
+    assert f"{truncated}: cannot read" in err.replace("\n", "")
+    assert "NaN or Inf" in err and "expected a 3D volume" in err
+    assert "Traceback" not in err
+    written = sorted(p.name for p in out.iterdir())
+    assert written == ["case_001_anomaly.nii.gz", "case_001_mask.nii.gz", "case_001_overlay.png",
+                       "case_001_timings.json"]
+
+
+@pytest.mark.parametrize("argv,message", [
+    (["--prompt", "  "], "prompt is empty"),
+    (["--prompt", "liver tumor", "--weights", "nowhere.safetensors"], "nowhere.safetensors: weights file not found"),
+])
+def test_bad_prompt_or_weights(phantom_dir, tmp_path, capsys, argv, message):
+    out = tmp_path / "out"
+    code, _, err = run(capsys, "segment", phantom_dir / "imagesTs" / "case_000.nii.gz", "--out", out,
+                       "--preset", "tiny", *argv)
+    assert code != 0
+    assert message in err and "Traceback" not in err
+    assert len(err.strip().splitlines()) == 1
+    assert not out.exists() or not any(out.iterdir())
+
+
+def test_evaluate_reports_cases_and_means(phantom_dir, tmp_path, capsys):
+    result_path = tmp_path / "eval.json"
+    code, out, _ = run(capsys, "evaluate", phantom_dir, "--out", result_path, "--preset", "tiny", "--limit", 2)
+    assert code == 0
+    result = json.loads(result_path.read_text())
+    assert len(result["cases"]) == 2
+    for case in result["cases"]:
+        assert {"case", "prompt", "dice", "nsd", "auroc", "fpr95", "seconds"} <= set(case)
+        assert 0 <= case["dice"] <= 1 and 0 <= case["auroc"] <= 1
+    assert set(result["mean"]) >= {"dice", "nsd", "auroc", "fpr95"}
+    assert result["mean"]["dice"] == pytest.approx(np.mean([c["dice"] for c in result["cases"]]))
+    assert "mean" in out
+
+
+def test_evaluate_on_a_foreign_msd_dataset(tmp_path, capsys):
+    """A dataset not written by `diffugts phantom`: LPS-oriented NRRD images, other names."""
+    import SimpleITK as sitk
+
+    (tmp_path / "imgs").mkdir()
+    (tmp_path / "segs").mkdir()
+    array = np.full((36, 36, 30), -800.0, np.float32)
+    array[8:28, 8:28, 6:24] = 40.0
+    label = np.zeros(array.shape, np.uint8)
+    label[15:20, 15:20, 12:16] = 1
+    array[label > 0] = -20.0
+    for arr, path in ((array, tmp_path / "imgs" / "p1.nrrd"), (label, tmp_path / "segs" / "p1.nrrd")):
+        img = sitk.GetImageFromArray(np.transpose(arr, (2, 1, 0)))
+        img.SetSpacing((3.5, 3.5, 4.5))
+        sitk.WriteImage(img, str(path))
+    manifest = {"test": [{"image": "./imgs/p1.nrrd", "label": "./segs/p1.nrrd", "modality": "CT",
+                          "prompt": "liver tumour"}]}
+    (tmp_path / "dataset.json").write_text(json.dumps(manifest))
+    code, _, _ = run(capsys, "evaluate", tmp_path, "--out", tmp_path / "r.json", "--preset", "tiny")
+    assert code == 0
+    case = json.loads((tmp_path / "r.json").read_text())["cases"][0]
+    assert case["case"] == "p1.nrrd" and 0 <= case["dice"] <= 1

@@ -1,0 +1,45 @@
+"""Metrics against references: MONAI's surface Dice, scikit-learn's ROC."""
+
+import numpy as np
+import pytest
+import torch
+from monai.metrics import compute_surface_dice
+from sklearn.metrics import roc_auc_score, roc_curve
+
+from diffugts.metrics import auroc, dice, fpr_at_95_tpr, normalized_surface_dice
+
+
+def sphere(shape, center, radius):
+    grid = np.meshgrid(*[np.arange(n) for n in shape], indexing="ij")
+    return sum((g - c) ** 2 for g, c in zip(grid, center)) <= radius**2
+
+
+def test_dice_known_values():
+    a = np.zeros((4, 4, 4), bool)
+    b = a.copy()
+    a[:2] = True
+    b[1:3] = True
+    assert dice(a, b) == pytest.approx(0.5)
+    assert dice(a, a) == 1.0
+    assert dice(np.zeros_like(a), np.zeros_like(a)) == 1.0
+    assert dice(a, np.zeros_like(a)) == 0.0
+
+
+@pytest.mark.parametrize("shift,tol", [(1, 2.0), (2, 2.0), (3, 4.0)])
+def test_nsd_matches_monai(shift, tol):
+    shape = (30, 30, 30)
+    pred = sphere(shape, (15, 15, 15), 7)
+    truth = sphere(shape, (15 + shift, 15, 15), 6)
+    spacing = (1.5, 1.0, 2.0)
+    ref = compute_surface_dice(torch.from_numpy(pred)[None, None].float(), torch.from_numpy(truth)[None, None].float(),
+                               class_thresholds=[tol], include_background=True, spacing=spacing).item()
+    assert normalized_surface_dice(pred, truth, spacing, tol) == pytest.approx(ref, abs=1e-6)
+
+
+def test_roc_metrics_match_sklearn(rng):
+    truth = rng.random((10, 10, 10)) < 0.1
+    scores = np.round(rng.random(truth.shape) + truth * 0.8, 2)  # ties on purpose
+    assert auroc(scores, truth) == pytest.approx(roc_auc_score(truth.ravel(), scores.ravel()), abs=1e-9)
+    fpr, tpr, _ = roc_curve(truth.ravel(), scores.ravel())
+    assert fpr_at_95_tpr(scores, truth) == pytest.approx(fpr[np.searchsorted(tpr, 0.95)], abs=1e-9)
+    assert np.isnan(auroc(scores, np.zeros_like(truth)))

@@ -1,0 +1,117 @@
+"""Torch models: stage shapes and semantics, text encoder reference, weight loaders."""
+
+import numpy as np
+import pytest
+import torch
+
+from diffugts.config import get_preset
+from diffugts.io import InputError
+from diffugts.models.backbone import build_unet, build_vae, encode_with_taps
+from diffugts.models.weights import load_maisi_checkpoints, load_weights, save_weights
+
+TINY = get_preset("tiny")
+
+
+def test_stage_shapes(tiny_models):
+    stages = tiny_models.stages()
+    image = torch.rand(1, 1, TINY.patch, TINY.patch, TINY.patch)
+    prompts = torch.nn.functional.normalize(torch.randn(6, TINY.embed_dim), dim=-1)
+    abnormal = torch.tensor([0, 0, 0, 1, 1, 1.0])
+    with torch.inference_mode():
+        latent, anomaly, features = stages["vae_encoder_aova"](image, prompts, abnormal)
+        lat = TINY.latent_patch
+        assert latent.shape == (1, TINY.latent_channels, lat, lat, lat)
+        assert anomaly.shape == image.shape and float(anomaly.min()) >= 0 and float(anomaly.max()) <= 1
+        assert features.shape == (1, TINY.embed_dim, lat, lat, lat)
+        torch.testing.assert_close(features.norm(dim=1), torch.ones(1, lat, lat, lat))
+        _, all_abnormal, _ = stages["vae_encoder_aova"](image, prompts, torch.ones(6))
+        torch.testing.assert_close(all_abnormal, torch.ones_like(all_abnormal))
+
+        prediction, attention = stages["unet"](latent, torch.tensor([100.0]))
+        assert prediction.shape == latent.shape
+        tokens = (lat // 2) ** 3  # the finest attention level of the tiny UNet is one downsampling deep
+        assert attention.shape == (1, tokens, tokens)
+        torch.testing.assert_close(attention.sum(-1), torch.ones(1, tokens))
+
+        healthy = stages["vae_decoder"](latent)
+        assert healthy.shape == image.shape
+        logits = stages["residual_head"](image, healthy, anomaly, anomaly, features, features)
+        assert logits.shape == image.shape
+
+
+def test_taps_walk_the_encoder_like_monai(tiny_models):
+    image = torch.rand(1, 1, 32, 32, 32)
+    with torch.inference_mode():
+        latent, taps = encode_with_taps(tiny_models.vae, image)
+        z_mu, _ = tiny_models.vae.encode(image)
+    torch.testing.assert_close(latent, z_mu)
+    assert [t.shape[1:] for t in taps] == [(8, 32, 32, 32), (16, 16, 16, 16), (16, 8, 8, 8)]
+
+
+def test_text_encoder_matches_sentence_transformers(tiny_models):
+    from sentence_transformers import SentenceTransformer
+
+    from diffugts.models.text import minilm_dir, tokenize
+
+    texts = ["a CT scan of healthy kidney", "kidney tumor", "an abnormal lesion in the liver on MR"]
+    reference = SentenceTransformer(str(minilm_dir()), device="cpu").encode(texts, normalize_embeddings=True)
+    ids, mask = tokenize(texts)
+    with torch.inference_mode():
+        ours = tiny_models.text_encoder(torch.from_numpy(ids), torch.from_numpy(mask)).numpy()
+    np.testing.assert_allclose(ours, reference, atol=1e-5)
+    assert (ours[1] @ ours[0]) > (ours[1] @ ours[2]) - 1.0  # sanity: finite similarities
+
+
+def test_safetensors_round_trip(tiny_models, tmp_path):
+    from diffugts.models import build_models
+
+    path = tmp_path / "w.safetensors"
+    save_weights(tiny_models, path)
+    other = build_models(TINY, seed=123)
+    assert not torch.equal(other.head.net[0].weight, tiny_models.head.net[0].weight)
+    load_weights(other, path)
+    for part in ("vae", "unet", "aova", "head", "projection"):
+        for (k, a), b in zip(getattr(tiny_models, part).state_dict().items(),
+                             getattr(other, part).state_dict().values()):
+            assert torch.equal(a, b), k
+
+
+def test_missing_and_mismatched_weights_are_clear(tiny_models, tmp_path):
+    with pytest.raises(InputError, match="weights file not found"):
+        load_weights(tiny_models, tmp_path / "none.safetensors")
+    bad = tmp_path / "bad.safetensors"
+    bad.write_bytes(b"garbage")
+    with pytest.raises(InputError, match="not a readable safetensors"):
+        load_weights(tiny_models, bad)
+    demo_like = build_vae(get_preset("demo"))
+    path = tmp_path / "vae.pt"
+    torch.save(demo_like.state_dict(), path)
+    with pytest.raises(InputError, match="shape mismatches"):
+        load_maisi_checkpoints(tiny_models, autoencoder=path)
+
+
+def n_params(module):
+    return sum(p.numel() for p in module.parameters())
+
+
+@pytest.mark.slow
+def test_maisi_sized_checkpoints_load_through_our_loader(tmp_path):
+    """MAISI-sized networks saved as MONAI's bundle does, reloaded into the maisi preset."""
+    from diffugts.models import build_models
+
+    preset = get_preset("maisi")
+    torch.manual_seed(1)
+    vae, unet = build_vae(preset), build_unet(preset)
+    assert 20e6 < n_params(vae) < 22e6  # ~21M
+    assert 150e6 < n_params(unet) < 200e6
+    torch.save(vae.state_dict(), tmp_path / "autoencoder_v1.pt")
+    torch.save({"unet_state_dict": unet.state_dict(), "scale_factor": torch.tensor(1.0123),
+                "num_train_timesteps": 1000}, tmp_path / "diff_unet_3d_rflow-ct.pt")
+    del vae
+    models = build_models(preset, seed=2)
+    scale = load_maisi_checkpoints(models, tmp_path / "autoencoder_v1.pt", tmp_path / "diff_unet_3d_rflow-ct.pt")
+    assert scale == pytest.approx(1.0123)
+    for name, value in unet.state_dict().items():
+        assert torch.equal(models.unet.state_dict()[name], value), name
+    with pytest.raises(InputError, match="MAISI diffusion UNet"):
+        load_maisi_checkpoints(models, unet=tmp_path / "autoencoder_v1.pt")
