@@ -68,7 +68,7 @@ def cmd_segment(args) -> int:
     from rich.progress import Progress
 
     from .io import read_volume, stem_of, write_nifti_atomic
-    from .pipeline import segment_volume
+    from .pipeline import run_segmentation
     from .prompts import normalize_target
     from .report import write_json, write_overlay
 
@@ -86,7 +86,7 @@ def cmd_segment(args) -> int:
             stage = progress.add_task(f"  {Path(path).name}", total=None)
             try:
                 volume = read_volume(path)
-                seg = segment_volume(executor, volume, args.prompt, args.modality, _options(args),
+                seg = run_segmentation(executor, volume, args.prompt, args.modality, _options(args),
                                      on_stage=lambda _: progress.advance(stage))
                 stem = stem_of(path)
                 write_nifti_atomic({out / f"{stem}_mask.nii.gz": seg.mask,

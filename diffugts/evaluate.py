@@ -11,7 +11,7 @@ import numpy as np
 
 from .io import InputError, read_volume
 from .metrics import auroc, dice, fpr_at_95_tpr, nanmean, normalized_surface_dice
-from .pipeline import LoopOptions, segment_volume
+from .pipeline import LoopOptions, run_segmentation
 
 METRICS = ("dice", "nsd", "auroc", "fpr95")
 
@@ -58,7 +58,7 @@ def summarize(cases: list[dict]) -> tuple[dict, dict]:
 
 
 def evaluate_dataset(executor, dataset_dir: str | Path, split: str = "test", limit: int | None = None,
-                     options: LoopOptions | None = None, on_case=None, segment=segment_volume) -> dict:
+                     options: LoopOptions | None = None, on_case=None, segment=run_segmentation) -> dict:
     dataset_dir = Path(dataset_dir)
     entries = load_manifest(dataset_dir, split)[:limit]
     cases, errors = [], []

@@ -53,7 +53,7 @@ class Segmentation:
     mask: np.ndarray  # uint8 on the input grid
     probability: np.ndarray  # float32 on the input grid
     anomaly: np.ndarray  # refined AOVA map on the input grid
-    healthy: np.ndarray  # pseudo-healthy volume on the input grid, model intensities [0, 1]
+    healthy: np.ndarray | None  # pseudo-healthy volume on the input grid, model intensities [0, 1]
     modality: str
     prompts: PromptSet
     timings: dict = field(default_factory=dict)
@@ -192,3 +192,11 @@ def segment_volume(executor: StageExecutor, volume: Volume, target: str, modalit
     timings["total"] = sum(timings.values())
     fraction = stats.get("inpainted_voxels", 0) / max(stats.get("latent_voxels", 1), 1)
     return Segmentation(mask, prob, anomaly, healthy, modality, prompts, dict(timings), fraction)
+
+
+def run_segmentation(executor, volume: Volume, target: str, modality: str | None = None,
+                     options: LoopOptions | None = None, on_stage=None) -> Segmentation:
+    """The loop here, or in the server when the executor runs it there (Triton BLS)."""
+    if hasattr(executor, "segment_volume"):
+        return executor.segment_volume(volume, target, modality, options)
+    return segment_volume(executor, volume, target, modality, options, on_stage)

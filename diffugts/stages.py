@@ -81,3 +81,25 @@ PIPELINE = StageSpec(
      Tensor("timings", "BYTES", (1,))),
     max_batch_size=0,
 )
+
+
+def output_shapes(preset: Preset, model: str, inputs: dict) -> dict[str, tuple[int, ...]]:
+    """Shapes of a model's outputs for given input arrays (sizes shared-memory regions)."""
+    if model in ("encode_aova", "vae_encoder_aova"):
+        b = inputs["image"].shape[0]
+        lat, c, e = preset.latent_patch, preset.latent_channels, preset.embed_dim
+        shapes = {"latent": (b, c, lat, lat, lat), "anomaly": inputs["image"].shape,
+                  "features": (b, e, lat, lat, lat)}
+        if model == "encode_aova":
+            shapes["prompt_embeddings"] = (b, inputs["abnormal"].shape[1], e)
+        return shapes
+    if model == "unet":
+        latent = inputs["latent"].shape
+        level = preset.unet_attention.index(True)
+        tokens = 1
+        for n in latent[2:]:
+            tokens *= n // 2**level
+        return {"prediction": latent, "attention": (latent[0], tokens, tokens)}
+    if model == "decode_score":
+        return {"healthy": inputs["image"].shape, "logits": inputs["image"].shape}
+    raise KeyError(model)

@@ -1,0 +1,41 @@
+"""`diffugts export`: stages -> ONNX (checked against torch) -> a Triton model repository."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+from .repository import RUNTIMES, read_preset, write_repository  # noqa: F401
+
+DEFAULT_REPOSITORY = Path("model_repository")
+
+
+def is_repository(path: Path) -> bool:
+    return (Path(path) / "diffugts_pipeline" / "config.pbtxt").is_file()
+
+
+def build_repository(out: str | Path = DEFAULT_REPOSITORY, preset_name: str = "demo", weights: str | None = None,
+                     runtime: str = "python-ort", dynamic_batching: bool = True, rtol: float = 1e-3,
+                     progress=None, trt_accelerator: bool = False) -> Path:
+    """Export every stage of a preset (with its weights) and lay out the repository."""
+    from diffugts.executors.torch_executor import TorchExecutor
+
+    from .onnx_export import export_onnx
+
+    if runtime not in RUNTIMES:
+        raise ValueError(f"unknown runtime {runtime!r}: {', '.join(RUNTIMES)}")
+    if runtime == "tensorrt":
+        from .tensorrt import require_tensorrt
+
+        require_tensorrt()  # fail before minutes of export, not after
+    out = Path(out)
+    models = TorchExecutor.from_preset(preset_name, weights).models
+    report = export_onnx(models, out, rtol=rtol, progress=progress)
+    if runtime == "tensorrt":
+        from .tensorrt import build_plans
+
+        build_plans(models.preset, out)
+    write_repository(out, models.preset, runtime, out, dynamic_batching, trt_accelerator=trt_accelerator)
+    (out / "export_report.json").write_text(json.dumps(
+        {"preset": models.preset.name, "runtime": runtime, "max_relative_error": report}, indent=2))
+    return out

@@ -6,7 +6,7 @@ __all__ = ["Denoised", "Encoded", "Scored", "StageExecutor", "make_executor"]
 
 
 def make_executor(backend: str, preset_name: str = "tiny", weights: str | None = None,
-                  url: str | None = None, repository: str | None = None):
+                  url: str | None = None, repository: str | None = None, shared_memory: bool = False):
     """Build the executor for a backend name; heavy imports happen only for the chosen one."""
     if backend == "torch":
         from .torch_executor import TorchExecutor
@@ -16,8 +16,12 @@ def make_executor(backend: str, preset_name: str = "tiny", weights: str | None =
         from .onnx_executor import OnnxExecutor
 
         return OnnxExecutor.from_repository(repository, preset_name, weights)
-    if backend in ("triton", "triton-bls"):
+    if backend == "triton":
         from diffugts.client.triton_executor import TritonExecutor
 
-        return TritonExecutor(url or "127.0.0.1:8001", bls=backend == "triton-bls")
+        return TritonExecutor(url or "127.0.0.1:8001", shared_memory=shared_memory)
+    if backend == "triton-bls":
+        from diffugts.client.triton_executor import BlsClient
+
+        return BlsClient(url or "127.0.0.1:8001")
     raise ValueError(f"unknown backend {backend!r}: torch, onnx, triton or triton-bls")

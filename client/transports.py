@@ -1,0 +1,181 @@
+"""What carries tensors to a model of the repository: gRPC, BLS inside the server, or
+ONNX Runtime in process (with the repository's ensembles interpreted step by step)."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import numpy as np
+
+GRPC_MESSAGE_BYTES = 1 << 30  # volumes and latents are large; gRPC's default is 4 MB
+
+
+class TritonError(RuntimeError):
+    """A failed remote call, in one line."""
+
+
+class GrpcTransport:
+    def __init__(self, url: str, timeout_s: float = 300.0, shared_memory: bool = False, preset=None):
+        import tritonclient.grpc as grpcclient
+
+        self.url, self.timeout_s = url, timeout_s
+        self._grpc = grpcclient
+        self.client = grpcclient.InferenceServerClient(url, channel_args=[
+            ("grpc.max_send_message_length", GRPC_MESSAGE_BYTES),
+            ("grpc.max_receive_message_length", GRPC_MESSAGE_BYTES)])
+        self.shared_memory = shared_memory
+        self.preset = preset
+        self._regions: dict[str, tuple] = {}
+
+    def _call(self, what: str, fn, *args, **kwargs):
+        from tritonclient.utils import InferenceServerException
+
+        try:
+            return fn(*args, **kwargs)
+        except InferenceServerException as exc:
+            status = exc.status() or ""
+            if "UNAVAILABLE" in status or "DEADLINE" in status:
+                raise TritonError(f"Triton at {self.url} is unreachable or stopped during {what}: "
+                                  f"{exc.message().splitlines()[0] if exc.message() else status}") from None
+            raise TritonError(f"{what} failed on Triton at {self.url}: {exc.message()}") from None
+
+    def server_metadata(self) -> dict:
+        return self._call("a readiness check", self.client.get_server_metadata, as_json=True)
+
+    def model_config(self, model: str):
+        return self._call(f"reading the config of {model}", self.client.get_model_config, model).config
+
+    def _region(self, key: str, nbytes: int):
+        import tritonclient.utils.shared_memory as shm
+
+        region = self._regions.get(key)
+        if region is None or region[1] < nbytes:
+            if region is not None:
+                self.client.unregister_system_shared_memory(key)
+                shm.destroy_shared_memory_region(region[0])
+            handle = shm.create_shared_memory_region(key, "/" + key, nbytes)
+            self._call("registering shared memory", self.client.register_system_shared_memory,
+                       key, "/" + key, nbytes)
+            region = self._regions[key] = (handle, nbytes)
+        return region[0]
+
+    def infer(self, model: str, inputs: dict[str, np.ndarray], outputs: list[str]) -> dict[str, np.ndarray]:
+        from tritonclient.utils import np_to_triton_dtype
+
+        grpc = self._grpc
+        use_shm = self.shared_memory and self.preset is not None
+        request = []
+        for name, array in inputs.items():
+            tensor = grpc.InferInput(name, list(array.shape), np_to_triton_dtype(array.dtype))
+            if use_shm and array.dtype != np.object_:
+                import tritonclient.utils.shared_memory as shm
+
+                key = f"diffugts_{os.getpid()}_{model}_in_{name}"
+                shm.set_shared_memory_region(self._region(key, array.nbytes), [np.ascontiguousarray(array)])
+                tensor.set_shared_memory(key, array.nbytes)
+            else:
+                tensor.set_data_from_numpy(array)
+            request.append(tensor)
+        wanted = []
+        shapes = {}
+        if use_shm:
+            from diffugts.stages import output_shapes
+
+            shapes = output_shapes(self.preset, model, inputs)
+        for name in outputs:
+            out = grpc.InferRequestedOutput(name)
+            if name in shapes:
+                nbytes = int(np.prod(shapes[name])) * 4
+                key = f"diffugts_{os.getpid()}_{model}_out_{name}"
+                self._region(key, nbytes)
+                out.set_shared_memory(key, nbytes)
+            wanted.append(out)
+        result = self._call(f"{model} inference", self.client.infer, model, request, outputs=wanted,
+                            client_timeout=self.timeout_s)
+        if not shapes:
+            return {name: result.as_numpy(name) for name in outputs}
+        import tritonclient.utils.shared_memory as shm
+
+        arrays = {}
+        for name in outputs:
+            meta = result.get_output(name)
+            handle = self._regions[f"diffugts_{os.getpid()}_{model}_out_{name}"][0]
+            arrays[name] = np.array(shm.get_contents_as_numpy(handle, np.float32, list(meta.shape)))
+        return arrays
+
+    def close(self) -> None:
+        import tritonclient.utils.shared_memory as shm
+
+        for key, (handle, _) in self._regions.items():
+            try:
+                self.client.unregister_system_shared_memory(key)
+            except Exception:  # the server may be gone already; the local region still goes
+                pass
+            shm.destroy_shared_memory_region(handle)
+        self._regions.clear()
+        self.client.close()
+
+
+class BlsTransport:
+    """Inside a Triton Python model: stage calls as BLS requests."""
+
+    def __init__(self, pb_utils):
+        self.pb = pb_utils
+
+    def infer(self, model: str, inputs: dict[str, np.ndarray], outputs: list[str]) -> dict[str, np.ndarray]:
+        pb = self.pb
+        request = pb.InferenceRequest(model_name=model, requested_output_names=outputs,
+                                      inputs=[pb.Tensor(k, v) for k, v in inputs.items()])
+        response = request.exec()
+        if response.has_error():
+            raise RuntimeError(f"{model}: {response.error().message()}")
+        return {name: pb.get_output_tensor_by_name(response, name).as_numpy() for name in outputs}
+
+
+class OrtTransport:
+    """ONNX Runtime in process over the same repository: same graphs, ensembles run step by step."""
+
+    def __init__(self, repository: str | Path, threads: int = 0):
+        self.repository = Path(repository)
+        self.threads = threads
+        self._sessions: dict[str, object] = {}
+        self._configs: dict[str, object] = {}
+
+    def _config(self, model: str):
+        if model not in self._configs:
+            from diffugts.export.repository import parse_config
+
+            self._configs[model] = parse_config(self.repository / model / "config.pbtxt")
+        return self._configs[model]
+
+    def _session(self, model: str):
+        if model not in self._sessions:
+            import onnxruntime as ort
+
+            options = ort.SessionOptions()
+            if self.threads:
+                options.intra_op_num_threads = self.threads
+            self._sessions[model] = ort.InferenceSession(str(self.repository / model / "1" / "model.onnx"),
+                                                         options, providers=["CPUExecutionProvider"])
+        return self._sessions[model]
+
+    def infer(self, model: str, inputs: dict[str, np.ndarray], outputs: list[str]) -> dict[str, np.ndarray]:
+        config = self._config(model)
+        if config.platform == "ensemble":
+            tensors = dict(inputs)
+            for step in config.ensemble_scheduling.step:
+                feed = {k: tensors[v] for k, v in step.input_map.items()}
+                produced = self.infer(step.model_name, feed, list(step.output_map.keys()))
+                tensors.update({step.output_map[k]: v for k, v in produced.items()})
+            return {name: tensors[name] for name in outputs}
+        if model == "text_tokenizer":
+            from diffugts.tokenizer import tokenize
+
+            prompts = inputs["prompts"]
+            ids, mask = tokenize([p.decode() for p in prompts.reshape(-1)],
+                                 self.repository / model / "1" / "tokenizer.json")
+            shape = prompts.shape + (ids.shape[-1],)
+            return {"input_ids": ids.reshape(shape), "attention_mask": mask.reshape(shape)}
+        results = self._session(model).run(outputs, inputs)
+        return dict(zip(outputs, results))

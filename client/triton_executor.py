@@ -1,0 +1,64 @@
+"""Triton over gRPC: the client loop (`TritonExecutor`) and the in-server loop (`BlsClient`)."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+
+from diffugts.config import Preset
+from diffugts.io import Volume
+from diffugts.pipeline import LoopOptions, Segmentation
+from diffugts.prompts import build_prompt_set, normalize_target
+
+from .executor import RepositoryExecutor
+from .transports import GrpcTransport
+
+PIPELINE_MODEL = "diffugts_pipeline"
+
+
+def remote_preset(transport: GrpcTransport) -> Preset:
+    config = transport.model_config(PIPELINE_MODEL)
+    return Preset.from_dict(json.loads(config.parameters["preset"].string_value))
+
+
+class TritonExecutor(RepositoryExecutor):
+    """Each stage call is one gRPC request; the loop runs here, in the client."""
+
+    def __init__(self, url: str = "127.0.0.1:8001", shared_memory: bool = False, timeout_s: float = 300.0):
+        transport = GrpcTransport(url, timeout_s)
+        preset = remote_preset(transport)
+        transport.preset, transport.shared_memory = preset, shared_memory
+        super().__init__(transport, preset)
+
+    def close(self) -> None:
+        self.transport.close()
+
+
+class BlsClient:
+    """One request per volume: the loop runs inside the server (the `diffugts_pipeline` model)."""
+
+    def __init__(self, url: str = "127.0.0.1:8001", timeout_s: float = 600.0):
+        self.transport = GrpcTransport(url, timeout_s)
+        self.preset = remote_preset(self.transport)
+
+    def segment_volume(self, volume: Volume, target: str, modality: str | None = None,
+                       options: LoopOptions | None = None) -> Segmentation:
+        options = options or LoopOptions()
+        target = normalize_target(target)  # validated here and again in the server
+        inputs = {
+            "volume": np.ascontiguousarray(volume.array, np.float32),
+            "affine": np.asarray(volume.affine, np.float64),
+            "prompt": np.array([target.encode()], dtype=np.object_),
+            "modality": np.array([(modality or "").encode()], dtype=np.object_),
+            "seed": np.array([options.seed], np.int64),
+            "crop": np.array([options.crop], bool),
+        }
+        out = self.transport.infer(PIPELINE_MODEL, inputs, ["mask", "anomaly", "timings"])
+        timings = json.loads(out["timings"][0])
+        anomaly = out["anomaly"]
+        used = (modality or "CT").upper()
+        return Segmentation(out["mask"], anomaly, anomaly, None, used, build_prompt_set(target, used), timings)
+
+    def close(self) -> None:
+        self.transport.close()

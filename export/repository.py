@@ -1,0 +1,172 @@
+"""Write a Triton model repository: one folder per stage, `config.pbtxt` beside `1/`.
+
+Runtimes of the ONNX stages:
+  python-ort   Python backend running ONNX Runtime (CPU; what the pip-distributed Triton loads)
+  onnxruntime  Triton's ONNX Runtime backend, optionally with the TensorRT execution accelerator
+  tensorrt     TensorRT plans (`platform: "tensorrt_plan"`), built by `export.tensorrt`
+The tokenizer and the whole-loop BLS model are always Python-backend models.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+from diffugts.config import Preset
+from diffugts.stages import ONNX_STAGES, PIPELINE, StageSpec, Tensor, ensemble_specs, stage_specs
+
+RUNTIMES = ("python-ort", "onnxruntime", "tensorrt")
+MODEL_SOURCES = Path(__file__).parent / "triton_models"
+
+# per stage: (instances, preferred batch sizes, max queue delay in microseconds)
+SERVING = {
+    "text_tokenizer": (1, (), 0),
+    "text_encoder": (1, (), 0),
+    "vae_encoder_aova": (1, (2, 4), 2000),
+    "unet": (1, (2, 4, 8), 2000),
+    "vae_decoder": (1, (2, 4), 2000),
+    "residual_head": (1, (2, 4), 2000),
+}
+
+
+def _dims(t: Tensor) -> str:
+    return "[ " + ", ".join(str(d) for d in t.dims) + " ]"
+
+
+def _config_dtype(t: Tensor) -> str:
+    return "TYPE_STRING" if t.dtype == "BYTES" else f"TYPE_{t.dtype}"  # BYTES on the wire
+
+
+def _tensors(kind: str, tensors: tuple[Tensor, ...]) -> str:
+    rows = ",\n".join(f'  {{ name: "{t.name}", data_type: {_config_dtype(t)}, dims: {_dims(t)} }}'
+                       for t in tensors)
+    return f"{kind} [\n{rows}\n]"
+
+
+def _header(spec: StageSpec, backend_line: str) -> str:
+    return (f'name: "{spec.name}"\n{backend_line}\nmax_batch_size: {spec.max_batch_size}\n'
+            f"{_tensors('input', spec.inputs)}\n{_tensors('output', spec.outputs)}\n")
+
+
+def _batching(name: str, dynamic: bool) -> str:
+    instances, preferred, delay = SERVING[name]
+    kind = "KIND_CPU"
+    text = f"instance_group [ {{ count: {instances}, kind: {kind} }} ]\n"
+    if dynamic:
+        pref = f"  preferred_batch_size: [ {', '.join(map(str, preferred))} ]\n" if preferred else ""
+        text += f"dynamic_batching {{\n{pref}  max_queue_delay_microseconds: {delay}\n}}\n"
+    return text
+
+
+def _parameters(values: dict[str, str]) -> str:
+    return "".join(f'parameters {{ key: "{k}", value: {{ string_value: {json.dumps(v)} }} }}\n'
+                   for k, v in values.items())
+
+
+def stage_config(spec: StageSpec, runtime: str, dynamic_batching: bool = True, threads: int = 0,
+                 trt_accelerator: bool = False) -> str:
+    if runtime == "python-ort":
+        text = _header(spec, 'backend: "python"') + _batching(spec.name, dynamic_batching)
+        return text + _parameters({"intra_op_threads": str(threads)})
+    if runtime == "onnxruntime":
+        text = _header(spec, 'platform: "onnxruntime_onnx"')
+        text += _batching(spec.name, dynamic_batching).replace("KIND_CPU", "KIND_GPU")
+        if trt_accelerator:  # TensorRT execution provider inside Triton's ORT backend (GPU only)
+            text += ('optimization { execution_accelerators {\n  gpu_execution_accelerator : [ {\n'
+                     '    name : "tensorrt"\n    parameters { key: "precision_mode" value: "FP16" }\n'
+                     '    parameters { key: "max_workspace_size_bytes" value: "4294967296" }\n  } ]\n} }\n')
+        return text
+    if runtime == "tensorrt":
+        text = _header(spec, 'platform: "tensorrt_plan"')
+        return text + _batching(spec.name, dynamic_batching).replace("KIND_CPU", "KIND_GPU")
+    raise ValueError(f"unknown runtime {runtime!r}: {', '.join(RUNTIMES)}")
+
+
+def _step(model: str, inputs: dict[str, str], outputs: dict[str, str]) -> str:
+    ins = "\n".join(f'      input_map {{ key: "{k}", value: "{v}" }}' for k, v in inputs.items())
+    outs = "\n".join(f'      output_map {{ key: "{k}", value: "{v}" }}' for k, v in outputs.items())
+    return f'    {{\n      model_name: "{model}"\n      model_version: -1\n{ins}\n{outs}\n    }}'
+
+
+def ensemble_configs(preset: Preset) -> dict[str, str]:
+    """The single-pass parts of the loop as data flow."""
+    specs = ensemble_specs(preset)
+    encode = [
+        _step("text_tokenizer", {"prompts": "prompts"},
+              {"input_ids": "input_ids", "attention_mask": "attention_mask"}),
+        _step("text_encoder", {"input_ids": "input_ids", "attention_mask": "attention_mask"},
+              {"prompt_embeddings": "prompt_embeddings"}),
+        _step("vae_encoder_aova", {"image": "image", "prompt_embeddings": "prompt_embeddings", "abnormal": "abnormal"},
+              {"latent": "latent", "anomaly": "anomaly", "features": "features"}),
+    ]
+    decode = [
+        _step("vae_decoder", {"latent": "latent"}, {"healthy": "healthy"}),
+        _step("vae_encoder_aova", {"image": "healthy", "prompt_embeddings": "prompt_embeddings", "abnormal": "abnormal"},
+              {"anomaly": "healthy_anomaly", "features": "healthy_features"}),
+        _step("residual_head", {"image": "image", "healthy": "healthy", "anomaly": "anomaly",
+                                "healthy_anomaly": "healthy_anomaly", "features": "features",
+                                "healthy_features": "healthy_features"}, {"logits": "logits"}),
+    ]
+    out = {}
+    for name, steps in (("encode_aova", encode), ("decode_score", decode)):
+        text = _header(specs[name], 'platform: "ensemble"')
+        out[name] = text + "ensemble_scheduling {\n  step [\n" + ",\n".join(steps) + "\n  ]\n}\n"
+    return out
+
+
+def pipeline_config(preset: Preset, instances: int = 1) -> str:
+    text = _header(PIPELINE, 'backend: "python"')
+    text += f"instance_group [ {{ count: {instances}, kind: KIND_CPU }} ]\n"
+    return text + _parameters({"preset": json.dumps(preset.to_dict())})
+
+
+def write_repository(out: Path, preset: Preset, runtime: str = "python-ort", onnx_dir: Path | None = None,
+                     dynamic_batching: bool = True, tokenizer_json: Path | None = None,
+                     trt_accelerator: bool = False, threads: int = 0) -> Path:
+    """Lay out the repository; ONNX graphs (or plans) are taken from `onnx_dir/<stage>/1/`."""
+    from diffugts.tokenizer import bundled_tokenizer_json
+
+    out = Path(out)
+    specs = stage_specs(preset)
+    onnx_dir = Path(onnx_dir or out)
+    for name in ONNX_STAGES:
+        version = out / name / "1"
+        version.mkdir(parents=True, exist_ok=True)
+        artifact = "model.plan" if runtime == "tensorrt" else "model.onnx"
+        source = onnx_dir / name / "1" / artifact
+        if source.resolve() != (version / artifact).resolve():
+            for f in source.parent.glob(artifact + "*"):  # the graph and any external data
+                shutil.copy2(f, version / f.name)
+        if runtime == "python-ort":
+            shutil.copy2(MODEL_SOURCES / "onnx_runner.py", version / "model.py")
+        (out / name / "config.pbtxt").write_text(
+            stage_config(specs[name], runtime, dynamic_batching, threads, trt_accelerator))
+    tok = out / "text_tokenizer" / "1"
+    tok.mkdir(parents=True, exist_ok=True)
+    shutil.copy2(MODEL_SOURCES / "tokenizer.py", tok / "model.py")
+    shutil.copy2(tokenizer_json or bundled_tokenizer_json(), tok / "tokenizer.json")
+    (out / "text_tokenizer" / "config.pbtxt").write_text(
+        stage_config(specs["text_tokenizer"], "python-ort", dynamic_batching).replace(
+            'parameters { key: "intra_op_threads", value: { string_value: "0" } }\n', ""))
+    for name, text in ensemble_configs(preset).items():
+        (out / name / "1").mkdir(parents=True, exist_ok=True)
+        (out / name / "config.pbtxt").write_text(text)
+    bls = out / PIPELINE.name / "1"
+    bls.mkdir(parents=True, exist_ok=True)
+    shutil.copy2(MODEL_SOURCES / "pipeline.py", bls / "model.py")
+    (out / PIPELINE.name / "config.pbtxt").write_text(pipeline_config(preset))
+    return out
+
+
+def parse_config(path: Path):
+    """A config.pbtxt as Triton's own protobuf message (raises on any syntax or field error)."""
+    from google.protobuf import text_format
+    from tritonclient.grpc import model_config_pb2
+
+    return text_format.Parse(Path(path).read_text(), model_config_pb2.ModelConfig())
+
+
+def read_preset(repository: Path) -> Preset:
+    config = parse_config(Path(repository) / PIPELINE.name / "config.pbtxt")
+    return Preset.from_dict(json.loads(config.parameters["preset"].string_value))
