@@ -31,13 +31,15 @@ def _executor_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--no-crop", action="store_true", help="inpaint the whole latent, not its bounding box")
     p.add_argument("--steps", type=int, default=None, help="inference steps (default: the preset's)")
+    p.add_argument("--shared-memory", action="store_true",
+                   help="triton: pass tensors through system shared memory (client and server on one host)")
 
 
 def _make_executor(args):
     from .executors import make_executor
 
     preset = args.preset or "demo"
-    return make_executor(args.backend, preset, args.weights, args.url, args.repository)
+    return make_executor(args.backend, preset, args.weights, args.url, args.repository, args.shared_memory)
 
 
 def _options(args):
@@ -135,13 +137,82 @@ def cmd_evaluate(args) -> int:
 
 
 def cmd_demo(args) -> int:
-    """The main job on the bundled sample: segment it and write mask, overlay and timings."""
+    """The main job: build the repository if missing, start Triton, segment the bundled sample
+    through the gRPC client loop (mask, overlay PNG, timings JSON), stop the server."""
+    from diffugts.export import build_repository, is_repository
+
     from .config import WEIGHTS_DIR
+    from .serve import TritonServer
 
     sample = WEIGHTS_DIR.parent / "data" / "sample_kidney_ct.nii.gz"
-    argv = ["segment", str(sample), "--prompt", "kidney tumor", "--out", args.out,
-            "--backend", args.backend, "--preset", args.preset or "demo"]
-    return main(argv)
+    argv = ["segment", str(sample), "--prompt", "kidney tumor", "--out", args.out]
+    if args.backend != "triton":
+        return main(argv + ["--backend", args.backend, "--preset", args.preset or "demo"])
+    repository = Path(args.repository)
+    if not is_repository(repository):
+        print(f"exporting the {args.preset or 'demo'} preset to {repository}", file=sys.stderr)
+        build_repository(repository, args.preset or "demo")
+    Path(args.out).mkdir(parents=True, exist_ok=True)
+    with TritonServer(repository, grpc_port=0, http_port=0, metrics_port=0,
+                      log_path=Path(args.out) / "tritonserver.log") as server:
+        print(f"tritonserver ready on {server.grpc_url}", file=sys.stderr)
+        return main(argv + ["--backend", "triton", "--url", server.grpc_url])
+
+
+def cmd_export(args) -> int:
+    from rich.progress import Progress
+
+    from diffugts.export import build_repository
+    from diffugts.export.onnx_export import ExportError
+
+    try:
+        with Progress(console=_console(True)) as progress:
+            task = progress.add_task("export", total=5)
+
+            def step(name):
+                progress.update(task, description=f"export {name}")
+                progress.advance(task)
+
+            out = build_repository(args.out, args.preset, args.weights, args.runtime,
+                                   not args.no_dynamic_batching, args.rtol, step, args.trt_accelerator)
+    except ExportError as exc:
+        fail(str(exc))
+        return 1
+    print(f"model repository written to {out}")
+    return 0
+
+
+def cmd_serve(args) -> int:
+    import signal
+    import threading
+
+    from diffugts.export import build_repository, is_repository
+    from diffugts.serve import ServerError, TritonServer
+
+    repository = Path(args.repository)
+    if not is_repository(repository):
+        print(f"building {repository} (preset {args.preset}) first", file=sys.stderr)
+        build_repository(repository, args.preset, args.weights)
+    server = TritonServer(repository, args.host, args.grpc_port, args.http_port, args.metrics_port, args.log)
+    stop = threading.Event()
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(sig, lambda *_: stop.set())
+    try:
+        server.start()
+    except ServerError as exc:
+        fail(str(exc))
+        return 1
+    print(f"tritonserver ready: grpc {server.host}:{server.grpc_port}  http {server.host}:{server.http_port}  "
+          f"metrics http://{server.host}:{server.metrics_port}/metrics  log {server.log_path}", flush=True)
+    try:
+        while not stop.wait(0.5):
+            if server.process.poll() is not None:
+                fail(f"tritonserver exited with code {server.process.returncode}; log {server.log_path}")
+                return 1
+    finally:
+        server.stop()
+    print("tritonserver stopped", flush=True)
+    return 0
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -175,10 +246,33 @@ def build_parser() -> argparse.ArgumentParser:
     _executor_args(p)
     p.set_defaults(func=cmd_evaluate)
 
+    p = sub.add_parser("export", help="export every stage to ONNX and write a Triton model repository")
+    p.add_argument("--out", default="model_repository")
+    p.add_argument("--preset", default="demo")
+    p.add_argument("--weights", default=None)
+    p.add_argument("--runtime", choices=("python-ort", "onnxruntime", "tensorrt"), default="python-ort")
+    p.add_argument("--trt-accelerator", action="store_true",
+                   help="onnxruntime runtime: add the TensorRT execution accelerator block (GPU)")
+    p.add_argument("--no-dynamic-batching", action="store_true")
+    p.add_argument("--rtol", type=float, default=1e-3, help="ONNX Runtime vs torch tolerance")
+    p.set_defaults(func=cmd_export)
+
+    p = sub.add_parser("serve", help="start tritonserver on a model repository (building it if missing)")
+    p.add_argument("--repository", default="model_repository")
+    p.add_argument("--preset", default="demo", help="preset to build the repository from when missing")
+    p.add_argument("--weights", default=None)
+    p.add_argument("--host", default="127.0.0.1")
+    p.add_argument("--grpc-port", type=int, default=8001, help="0 takes a free port")
+    p.add_argument("--http-port", type=int, default=8000)
+    p.add_argument("--metrics-port", type=int, default=8002)
+    p.add_argument("--log", default=None, help="server log file (default: beside the repository)")
+    p.set_defaults(func=cmd_serve)
+
     p = sub.add_parser("demo", help="segment the bundled sample volume (the main job of `make demo`)")
     p.add_argument("--out", default="demo_out")
-    p.add_argument("--backend", choices=BACKENDS, default="torch")
-    p.add_argument("--preset", default=None)
+    p.add_argument("--backend", choices=BACKENDS, default="triton")
+    p.add_argument("--preset", default=None, help="preset to export when the repository is missing (demo)")
+    p.add_argument("--repository", default="model_repository")
     p.set_defaults(func=cmd_demo)
     return parser
 
@@ -189,6 +283,9 @@ def main(argv=None) -> int:
         return args.func(args)
     except InputError as exc:
         fail(str(exc))
+        return 1
+    except RuntimeError as exc:  # server unreachable, export mismatch: one line, no traceback
+        fail(str(exc).splitlines()[0] if str(exc) else type(exc).__name__)
         return 1
     except KeyboardInterrupt:
         fail("interrupted")

@@ -11,7 +11,9 @@ DEFAULT_REPOSITORY = Path("model_repository")
 
 
 def is_repository(path: Path) -> bool:
-    return (Path(path) / "diffugts_pipeline" / "config.pbtxt").is_file()
+    """Configs and graphs both present (the committed configs alone are not a built repository)."""
+    path = Path(path)
+    return (path / "diffugts_pipeline" / "config.pbtxt").is_file() and (path / "unet" / "1" / "model.onnx").is_file()
 
 
 def build_repository(out: str | Path = DEFAULT_REPOSITORY, preset_name: str = "demo", weights: str | None = None,

@@ -1,0 +1,56 @@
+"""Triton Python-backend (BLS) model: the whole DiffuGTS loop inside the server.
+
+It runs the very loop the client runs (`diffugts.pipeline.segment_volume`), with stage calls
+made as BLS requests to the stage models and ensembles of this repository.
+"""
+
+import json
+
+import numpy as np
+import triton_python_backend_utils as pb_utils
+
+from diffugts.client.executor import RepositoryExecutor
+from diffugts.client.transports import BlsTransport
+from diffugts.config import Preset
+from diffugts.io import InputError, Volume, validate_affine, validate_array
+from diffugts.pipeline import LoopOptions, segment_volume
+
+
+def _text(request, name, default=""):
+    tensor = pb_utils.get_input_tensor_by_name(request, name)
+    if tensor is None:
+        return default
+    value = tensor.as_numpy().reshape(-1)[0]
+    return value.decode("utf-8") if isinstance(value, bytes) else str(value)
+
+
+def _scalar(request, name, default):
+    tensor = pb_utils.get_input_tensor_by_name(request, name)
+    return default if tensor is None else tensor.as_numpy().reshape(-1)[0].item()
+
+
+class TritonPythonModel:
+    def initialize(self, args):
+        config = json.loads(args["model_config"])
+        preset = Preset.from_dict(json.loads(config["parameters"]["preset"]["string_value"]))
+        self.executor = RepositoryExecutor(BlsTransport(pb_utils), preset)
+
+    def _segment(self, request):
+        volume = pb_utils.get_input_tensor_by_name(request, "volume").as_numpy()
+        affine = pb_utils.get_input_tensor_by_name(request, "affine").as_numpy()
+        volume = Volume(validate_array("volume", volume), validate_affine("affine", affine), "request")
+        modality = _text(request, "modality") or None
+        options = LoopOptions(crop=bool(_scalar(request, "crop", True)), seed=int(_scalar(request, "seed", 0)))
+        seg = segment_volume(self.executor, volume, _text(request, "prompt"), modality, options)
+        return [pb_utils.Tensor("mask", seg.mask.astype(np.uint8)),
+                pb_utils.Tensor("anomaly", seg.anomaly.astype(np.float32)),
+                pb_utils.Tensor("timings", np.array([json.dumps(seg.timings).encode()], dtype=np.object_))]
+
+    def execute(self, requests):
+        responses = []
+        for request in requests:
+            try:
+                responses.append(pb_utils.InferenceResponse(self._segment(request)))
+            except (InputError, ValueError, RuntimeError) as exc:
+                responses.append(pb_utils.InferenceResponse(error=pb_utils.TritonError(str(exc))))
+        return responses
