@@ -57,9 +57,16 @@ def profile_shapes(preset: Preset, stage: str, max_batch: int | None = None,
     return shapes
 
 
+def _in_norm_scope(node_name: str) -> bool:
+    # MAISI's group norm exports as ReduceMean/Sub/Div/Sqrt under a `.../norm*/` scope
+    return any(part.startswith("norm") for part in node_name.split("/")[:-1])
+
+
 def fp32_nodes(model: onnx.ModelProto) -> set[str]:
-    """Names of the ONNX nodes whose layers keep fp32 in an fp16 engine."""
-    return {n.name for n in model.graph.node if n.op_type in FP32_OPS}
+    """Names of the ONNX nodes whose layers keep fp32 in an fp16 engine: whole normalization
+    subgraphs, and reductions / powers / exponentials anywhere."""
+    return {n.name for n in model.graph.node
+            if n.op_type in FP32_OPS or (_in_norm_scope(n.name) and n.op_type not in ("Conv", "Constant"))}
 
 
 def cache_key(onnx_path: Path, trt_version: str, profile: dict, fp16: bool) -> str:

@@ -34,3 +34,23 @@ def phantom_dir(tmp_path_factory):
 @pytest.fixture
 def rng():
     return np.random.default_rng(0)
+
+
+@pytest.fixture(scope="session")
+def tiny_repository(tmp_path_factory, tiny_models):
+    """The tiny preset exported with the same weights as `torch_executor`."""
+    from diffugts.export.onnx_export import export_onnx
+    from diffugts.export.repository import write_repository
+
+    out = tmp_path_factory.mktemp("repo") / "model_repository"
+    export_onnx(tiny_models, out)
+    return write_repository(out, tiny_models.preset, "python-ort", out)
+
+
+@pytest.fixture(scope="session")
+def triton_server(tiny_repository, tmp_path_factory):
+    from diffugts.serve import TritonServer
+
+    log = tmp_path_factory.mktemp("logs") / "tritonserver.log"
+    with TritonServer(tiny_repository, grpc_port=0, http_port=0, metrics_port=0, log_path=log) as server:
+        yield server

@@ -1,0 +1,149 @@
+"""Export: ONNX parity gate, generated Triton configs (parsed by Triton's protobuf), TensorRT path."""
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import onnx
+import pytest
+
+from diffugts.config import get_preset
+from diffugts.export import is_repository
+from diffugts.export.onnx_export import ExportError, export_stage
+from diffugts.export.repository import (RUNTIMES, ensemble_configs, parse_config, pipeline_config,
+                                        read_preset, stage_config, write_repository)
+from diffugts.export.tensorrt import cache_key, fp32_nodes, profile_shapes, require_tensorrt
+from diffugts.stages import ONNX_STAGES, stage_specs
+
+TINY = get_preset("tiny")
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def test_repository_layout_and_configs(tiny_repository):
+    assert is_repository(tiny_repository)
+    models = sorted(p.parent.name for p in tiny_repository.glob("*/config.pbtxt"))
+    assert models == sorted(list(ONNX_STAGES) + ["text_tokenizer", "encode_aova", "decode_score",
+                                                  "diffugts_pipeline"])
+    for name in ONNX_STAGES:
+        config = parse_config(tiny_repository / name / "config.pbtxt")
+        assert config.backend == "python" and config.max_batch_size == 8
+        assert config.HasField("dynamic_batching")
+        if name == "unet":
+            assert config.dynamic_batching.max_queue_delay_microseconds == 2000
+            assert list(config.dynamic_batching.preferred_batch_size) == [2, 4, 8]
+        assert config.instance_group[0].count == 1
+        assert (tiny_repository / name / "1" / "model.onnx").is_file()
+        assert (tiny_repository / name / "1" / "model.py").is_file()
+        onnx.checker.check_model(str(tiny_repository / name / "1" / "model.onnx"))
+    for name in ("encode_aova", "decode_score"):
+        config = parse_config(tiny_repository / name / "config.pbtxt")
+        assert config.platform == "ensemble"
+        for step in config.ensemble_scheduling.step:  # every step names a model of the repository
+            assert (tiny_repository / step.model_name / "config.pbtxt").is_file()
+    assert read_preset(tiny_repository) == TINY
+
+
+@pytest.mark.parametrize("runtime", RUNTIMES)
+@pytest.mark.parametrize("dynamic", [True, False])
+def test_every_runtime_config_parses(runtime, dynamic):
+    from google.protobuf import text_format
+    from tritonclient.grpc import model_config_pb2
+
+    for spec in stage_specs(TINY).values():
+        text = stage_config(spec, runtime, dynamic, trt_accelerator=runtime == "onnxruntime")
+        config = text_format.Parse(text, model_config_pb2.ModelConfig())
+        assert config.name == spec.name
+        assert [i.name for i in config.input] == [t.name for t in spec.inputs]
+        assert config.HasField("dynamic_batching") == dynamic
+        if runtime == "tensorrt":
+            assert config.platform == "tensorrt_plan"
+            assert config.instance_group[0].kind == model_config_pb2.ModelInstanceGroup.KIND_GPU
+        elif runtime == "onnxruntime":
+            assert config.platform == "onnxruntime_onnx"
+            accel = config.optimization.execution_accelerators.gpu_execution_accelerator[0]
+            assert accel.name == "tensorrt" and accel.parameters["precision_mode"] == "FP16"
+        else:
+            assert config.backend == "python"
+
+
+def test_committed_repository_configs_are_what_the_writer_generates():
+    demo = get_preset("demo")
+    specs = stage_specs(demo)
+    expected = {name: stage_config(specs[name], "python-ort") for name in ONNX_STAGES}
+    expected.update(ensemble_configs(demo))
+    expected["diffugts_pipeline"] = pipeline_config(demo)
+    for name, text in expected.items():
+        assert (ROOT / "model_repository" / name / "config.pbtxt").read_text() == text, name
+    tokenizer = (ROOT / "model_repository" / "text_tokenizer" / "config.pbtxt").read_text()
+    assert parse_config(ROOT / "model_repository" / "text_tokenizer" / "config.pbtxt").backend == "python"
+    assert "intra_op_threads" not in tokenizer
+
+
+def test_export_fails_loudly_above_the_tolerance(tiny_models, tmp_path):
+    stage = tiny_models.stages()["residual_head"]
+    errors = export_stage(TINY, "residual_head", stage, tmp_path / "ok.onnx", rtol=1e-3)
+    assert errors["logits"] < 1e-3
+    with pytest.raises(ExportError, match="differs from torch by .* above the tolerance"):
+        export_stage(TINY, "residual_head", stage, tmp_path / "strict.onnx", rtol=1e-12)
+
+
+def test_exported_graphs_have_dynamic_batch_and_crop_axes(tiny_repository):
+    graph = onnx.load(str(tiny_repository / "unet" / "1" / "model.onnx")).graph
+    latent = graph.input[0].type.tensor_type.shape.dim
+    assert latent[0].dim_param == "batch" and all(d.dim_param for d in latent[2:])
+    assert latent[1].dim_value == TINY.latent_channels
+
+
+def test_tensorrt_is_absent_here_and_says_so(tmp_path):
+    with pytest.raises(ExportError, match="TensorRT is not installed"):
+        require_tensorrt()
+    out = subprocess.run([sys.executable, "-m", "diffugts", "export", "--preset", "tiny", "--runtime", "tensorrt",
+                          "--out", str(tmp_path / "repo")], capture_output=True, text=True)
+    assert out.returncode == 1
+    assert "TensorRT is not installed" in out.stderr and "Traceback" not in out.stderr
+    assert not (tmp_path / "repo").exists()
+
+
+def test_tensorrt_profiles_follow_the_loop():
+    for preset in (TINY, get_preset("maisi")):
+        unet = profile_shapes(preset, "unet")
+        lo, opt, hi = unet["latent"]
+        assert lo == (1, 4) + (preset.unet_multiple,) * 3
+        assert hi == (8, 4) + (preset.latent_patch,) * 3
+        assert all(a <= b <= c for a, b, c in zip(lo, opt, hi))
+        enc = profile_shapes(preset, "vae_encoder_aova")
+        assert enc["image"][2] == (8, 1) + (preset.patch,) * 3
+        assert enc["prompt_embeddings"][1] == (2, 6, preset.embed_dim)
+
+
+def test_precision_plan_keeps_normalizations_in_fp32(tiny_repository):
+    model = onnx.load(str(tiny_repository / "vae_encoder_aova" / "1" / "model.onnx"))
+    keep = fp32_nodes(model)
+    ops = {n.name: n.op_type for n in model.graph.node}
+    norm1 = {name for name in ops if name.startswith("/blocks.1/norm1/") and ops[name] != "Constant"}
+    assert norm1 and norm1 <= keep  # the whole group-norm subgraph of the first res block
+    assert {name for name, op in ops.items() if op in ("ReduceMean", "Sqrt", "Softmax")} <= keep
+    assert not any(ops[name] in ("Conv", "MatMul", "Einsum") for name in keep)
+
+
+def test_engine_cache_key_tracks_graph_version_and_profile(tiny_repository, tmp_path):
+    path = tiny_repository / "residual_head" / "1" / "model.onnx"
+    profile = profile_shapes(TINY, "residual_head")
+    key = cache_key(path, "10.7.0", profile, True)
+    assert key == cache_key(path, "10.7.0", profile, True)
+    assert key != cache_key(path, "10.8.0", profile, True)
+    assert key != cache_key(path, "10.7.0", profile, False)
+    other = tmp_path / "model.onnx"
+    other.write_bytes(path.read_bytes() + b"\0")
+    assert key != cache_key(other, "10.7.0", profile, True)
+
+
+def test_python_ort_repository_writer_copies_graphs(tiny_repository, tmp_path):
+    out = write_repository(tmp_path / "copy", TINY, "onnxruntime", tiny_repository, dynamic_batching=False)
+    config = parse_config(out / "unet" / "config.pbtxt")
+    assert config.platform == "onnxruntime_onnx" and not config.HasField("dynamic_batching")
+    assert (out / "unet" / "1" / "model.onnx").read_bytes() == (tiny_repository / "unet" / "1" / "model.onnx").read_bytes()
+    assert not (out / "unet" / "1" / "model.py").exists()
+    assert json.loads(parse_config(out / "diffugts_pipeline" / "config.pbtxt").parameters["preset"].string_value)["name"] == "tiny"

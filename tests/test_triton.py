@@ -1,0 +1,164 @@
+"""A real tritonserver on free loopback ports: the client loop, BLS and ONNX Runtime agree
+with the torch reference; endpoints, validation on the server side, torch-free client, failures."""
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import threading
+import time
+import urllib.request
+
+import numpy as np
+import pytest
+
+from diffugts.client.transports import TritonError
+from diffugts.client.triton_executor import BlsClient, TritonExecutor
+from diffugts.executors.onnx_executor import OnnxExecutor
+from diffugts.io import read_volume
+from diffugts.metrics import dice
+from diffugts.phantom import write_dataset
+from diffugts.pipeline import LoopOptions, run_segmentation, segment_volume
+from diffugts.prompts import build_prompt_set
+
+pytestmark = pytest.mark.slow
+
+
+@pytest.fixture(scope="module")
+def unseen(tmp_path_factory):
+    """Volumes no other test used: other seed, categories, shapes and spacing."""
+    out = tmp_path_factory.mktemp("unseen")
+    write_dataset(out, 3, seed=99, categories=["pancreas tumor", "liver metastasis", "spleen lesion"],
+                  shape=(44, 40, 30), spacing=3.5)
+    return [read_volume(p) for p in sorted((out / "imagesTs").glob("*.nii.gz"))], \
+        ["pancreas tumor", "liver metastasis", "spleen lesion"]
+
+
+@pytest.fixture(scope="module")
+def reference(torch_executor, unseen):
+    volumes, prompts = unseen
+    return [segment_volume(torch_executor, v, p) for v, p in zip(volumes, prompts)]
+
+
+def relative(a, b):
+    return float(np.abs(a - b).max() / max(np.abs(b).max(), 1e-6))
+
+
+def test_stage_outputs_match_torch(triton_server, torch_executor, rng):
+    remote = TritonExecutor(triton_server.grpc_url)
+    prompts = build_prompt_set("kidney tumor", "CT")
+    image = rng.random((1, 1, 32, 32, 32), dtype=np.float32)
+    ours, ref = remote.encode(image, prompts), torch_executor.encode(image, prompts)
+    assert relative(ours.latent, ref.latent) < 1e-3
+    assert relative(ours.anomaly, ref.anomaly) < 1e-3
+    cached = remote.encode(image, prompts)  # second call: cached embeddings, vae_encoder_aova only
+    np.testing.assert_allclose(cached.latent, ours.latent, rtol=1e-6)
+    crop = rng.standard_normal((1, 4, 4, 8, 4)).astype(np.float32)
+    a, b = remote.unet(crop, 300.0), torch_executor.unet(crop, 300.0)
+    assert relative(a.prediction, b.prediction) < 1e-3 and relative(a.attention, b.attention) < 1e-3
+    remote.close()
+
+
+@pytest.mark.parametrize("backend", ["triton", "triton-shm", "triton-bls", "onnx"])
+def test_masks_agree_with_torch(backend, triton_server, tiny_repository, unseen, reference):
+    if backend == "onnx":
+        executor = OnnxExecutor.from_repository(tiny_repository)
+    elif backend == "triton-bls":
+        executor = BlsClient(triton_server.grpc_url)
+    else:
+        executor = TritonExecutor(triton_server.grpc_url, shared_memory=backend == "triton-shm")
+    volumes, prompts = unseen
+    for volume, prompt, ref in zip(volumes, prompts, reference):
+        seg = run_segmentation(executor, volume, prompt)
+        assert seg.mask.shape == volume.array.shape
+        assert ref.mask.any()  # a non-trivial comparison
+        assert dice(seg.mask, ref.mask) >= 0.99
+        assert relative(seg.anomaly, ref.anomaly) < 1e-3
+        assert seg.timings["total"] > 0 and "inpaint" in seg.timings
+    if hasattr(executor, "close"):
+        executor.close()
+
+
+def test_health_metrics_and_statistics(triton_server):
+    base = f"http://{triton_server.host}:{triton_server.http_port}"
+    assert urllib.request.urlopen(f"{base}/v2/health/ready").status == 200
+    assert urllib.request.urlopen(f"{base}/v2/models/unet/ready").status == 200
+    metrics = urllib.request.urlopen(f"http://{triton_server.host}:{triton_server.metrics_port}/metrics").read().decode()
+    assert "nv_inference_request_success" in metrics
+    import tritonclient.grpc as grpcclient
+
+    client = grpcclient.InferenceServerClient(triton_server.grpc_url)
+    TritonExecutor(triton_server.grpc_url).unet(np.zeros((1, 4, 8, 8, 8), np.float32), 10.0)
+    stats = client.get_inference_statistics("unet", as_json=True)["model_stats"][0]
+    assert int(stats["inference_count"]) >= 1
+    client.close()
+
+
+def test_server_validates_inputs(triton_server, rng):
+    remote = TritonExecutor(triton_server.grpc_url)
+    image = rng.random((1, 1, 32, 32, 32), dtype=np.float32)
+    image[0, 0, 1, 2, 3] = np.nan
+    with pytest.raises(TritonError, match="NaN or Inf"):
+        remote.transport.infer("vae_encoder_aova", {
+            "image": image, "prompt_embeddings": np.zeros((1, 6, 16), np.float32),
+            "abnormal": np.zeros((1, 6), np.float32)}, ["latent"])
+    with pytest.raises(TritonError, match="empty prompt"):
+        remote.transport.infer("text_tokenizer", {"prompts": np.array([[b"  "]], dtype=np.object_)}, ["input_ids"])
+    bls = BlsClient(triton_server.grpc_url)
+    volume = rng.random((20, 20, 20), dtype=np.float32)
+    with pytest.raises(TritonError, match="NaN or Inf"):
+        bls.transport.infer("diffugts_pipeline", {
+            "volume": np.where(volume > 0.5, np.inf, volume).astype(np.float32), "affine": np.eye(4),
+            "prompt": np.array([b"liver tumor"], dtype=np.object_), "modality": np.array([b"CT"], dtype=np.object_),
+            "seed": np.array([0], np.int64), "crop": np.array([True])}, ["mask"])
+    remote.close()
+
+
+def test_client_runs_where_torch_cannot_be_imported(triton_server, phantom_dir, tmp_path):
+    code = ("import sys; sys.modules['torch'] = None\n"
+            "from diffugts.cli import main\n"
+            f"rc = main(['segment', {str(phantom_dir / 'imagesTs' / 'case_002.nii.gz')!r}, '--prompt', 'brain tumor',"
+            f" '--out', {str(tmp_path)!r}, '--backend', 'triton', '--url', {triton_server.grpc_url!r}])\n"
+            "assert 'torch' not in [m for m, v in sys.modules.items() if v is not None]\n"
+            "sys.exit(rc)")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0, out.stderr[-2000:]
+    assert (tmp_path / "case_002_mask.nii.gz").is_file()
+    timings = json.loads((tmp_path / "case_002_timings.json").read_text())
+    assert timings["backend"] == "triton" and timings["seconds"]["inpaint"] >= 0
+
+
+def test_killed_server_gives_a_clear_error_not_a_hang(tiny_repository, unseen, tmp_path):
+    from diffugts.serve import TritonServer
+
+    server = TritonServer(tiny_repository, grpc_port=0, http_port=0, metrics_port=0,
+                          log_path=tmp_path / "doomed.log").start()
+    client = BlsClient(server.grpc_url)
+    volume = unseen[0][0]
+    threading.Timer(0.5, lambda: os.killpg(server.process.pid, signal.SIGKILL)).start()
+    start = time.monotonic()
+    with pytest.raises(TritonError, match="unreachable or stopped"):
+        for _ in range(20):  # keeps the server busy until it dies
+            client.segment_volume(volume, "pancreas tumor", options=LoopOptions())
+    assert time.monotonic() - start < 60
+    server.stop()
+
+
+def test_serve_command_binds_loopback_and_stops_on_sigterm(tiny_repository, tmp_path):
+    proc = subprocess.Popen([sys.executable, "-m", "diffugts", "serve", "--repository", str(tiny_repository),
+                             "--grpc-port", "0", "--http-port", "0", "--metrics-port", "0",
+                             "--log", str(tmp_path / "serve.log")],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        line = proc.stdout.readline()
+        assert "tritonserver ready: grpc 127.0.0.1:" in line, proc.stderr.read() if proc.poll() is not None else line
+        port = int(line.split("grpc 127.0.0.1:")[1].split()[0])
+        assert port > 0
+        urllib.request.urlopen(line.split("metrics ")[1].split()[0]).read()
+    finally:
+        proc.send_signal(signal.SIGTERM)
+        out, _ = proc.communicate(timeout=60)
+    assert proc.returncode == 0
+    assert "tritonserver stopped" in out
+    assert (tmp_path / "serve.log").read_text()
