@@ -122,7 +122,7 @@ def test_client_runs_where_torch_cannot_be_imported(triton_server, phantom_dir, 
             f" '--out', {str(tmp_path)!r}, '--backend', 'triton', '--url', {triton_server.grpc_url!r}])\n"
             "assert 'torch' not in [m for m, v in sys.modules.items() if v is not None]\n"
             "sys.exit(rc)")
-    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, errors="replace", timeout=300)
     assert out.returncode == 0, out.stderr[-2000:]
     assert (tmp_path / "case_002_mask.nii.gz").is_file()
     timings = json.loads((tmp_path / "case_002_timings.json").read_text())
