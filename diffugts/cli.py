@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import json
 import sys
 from pathlib import Path
 
@@ -215,6 +216,20 @@ def cmd_serve(args) -> int:
     return 0
 
 
+def cmd_train(args) -> int:
+    from . import train
+
+    work = Path(args.work)
+    if args.phase == "backbone":
+        report = train.train_backbone(args.preset, work, args.seed, args.vae_steps, args.unet_steps, args.volumes)
+    else:
+        report = train.train_heads(args.preset, work, args.seed, args.aova_steps, args.head_steps, args.cases)
+        if args.install:
+            print(f"installed {train.install_weights(work)}")
+    print(json.dumps(report, indent=2))
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="diffugts", description="DiffuGTS zero-shot tumor segmentation")
     sub = parser.add_subparsers(dest="command", required=True)
@@ -267,6 +282,20 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--metrics-port", type=int, default=8002)
     p.add_argument("--log", default=None, help="server log file (default: beside the repository)")
     p.set_defaults(func=cmd_serve)
+
+    p = sub.add_parser("train", help="train the demo preset: `backbone` (VAE + UNet), then `heads`")
+    p.add_argument("phase", choices=("backbone", "heads"))
+    p.add_argument("--preset", default="demo")
+    p.add_argument("--work", default="train_work", help="checkpoints (resumable) and outputs")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--vae-steps", type=int, default=1500)
+    p.add_argument("--unet-steps", type=int, default=2500)
+    p.add_argument("--volumes", type=int, default=64, help="healthy training volumes")
+    p.add_argument("--aova-steps", type=int, default=1200)
+    p.add_argument("--head-steps", type=int, default=800)
+    p.add_argument("--cases", type=int, default=48, help="seen-category training cases")
+    p.add_argument("--install", action="store_true", help="copy the result to diffugts/weights/")
+    p.set_defaults(func=cmd_train)
 
     p = sub.add_parser("demo", help="segment the bundled sample volume (the main job of `make demo`)")
     p.add_argument("--out", default="demo_out")

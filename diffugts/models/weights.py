@@ -47,7 +47,8 @@ def save_weights(models: DiffuGTSModels, path: str | Path, parts=TRAINABLE + FRO
     save_file(tensors, str(path), metadata={k: str(v) for k, v in meta.items()})
 
 
-def load_weights(models: DiffuGTSModels, path: str | Path) -> None:
+def load_weights(models: DiffuGTSModels, path: str | Path) -> dict:
+    """Load a diffugts safetensors file; the backbone's latent `scale_factor` rides in its metadata."""
     from safetensors import safe_open
 
     path = Path(path)
@@ -56,6 +57,7 @@ def load_weights(models: DiffuGTSModels, path: str | Path) -> None:
     try:
         with safe_open(str(path), framework="pt") as f:
             state = {k: f.get_tensor(k) for k in f.keys()}
+            metadata = f.metadata() or {}
     except Exception as exc:
         raise InputError(path, f"not a readable safetensors file ({type(exc).__name__})") from None
     parts = sorted({k.split(".", 1)[0] for k in state})
@@ -66,6 +68,9 @@ def load_weights(models: DiffuGTSModels, path: str | Path) -> None:
         prefix = part + "."
         _load_into(getattr(models, part), {k[len(prefix):]: v for k, v in state.items()
                                            if k.startswith(prefix)}, path, part)
+    if "scale_factor" in metadata:
+        models.preset = models.preset.with_(scale_factor=float(metadata["scale_factor"]))
+    return metadata
 
 
 def bundled_weights(preset: Preset) -> Path | None:

@@ -1,0 +1,282 @@
+"""Training recipes for the `demo` preset, on CPU, from data generated or installed here.
+
+backbone: the MAISI-architecture VAE (L1 + KL on random crops) then the diffusion UNet
+          (epsilon prediction, DDIM's scaled-linear schedule) on healthy CT- and MR-like volumes.
+heads:    with backbone and text encoder frozen, the AOVA adapters / projections / temperature
+          on seen lesion categories, then the residual head on the frozen loop's own outputs.
+Checkpoints in --work make every phase resumable; seeds are fixed.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from .config import WEIGHTS_DIR, get_preset
+from .executors.torch_executor import TorchExecutor
+from .io import Volume
+from .models import build_models
+from .models.backbone import encode_with_taps
+from .models.weights import load_weights, save_weights
+from .phantom import CATEGORIES, make_case
+from .pipeline import LoopOptions, Timings, segment_patch
+from .preprocess import to_model_grid
+from .prompts import build_prompt_set
+from .schedulers import scaled_linear_alphas_cumprod
+from .tokenizer import tokenize
+
+SEEN = ("kidney tumor", "liver tumor", "lung nodule", "brain tumor")
+UNSEEN = ("liver cyst", "pancreas tumor", "spleen lesion", "liver metastasis")
+
+
+@dataclass
+class Case:
+    image: np.ndarray  # model grid, [0, 1]
+    label: np.ndarray  # model grid, {0, 1}
+    prompt: str
+    modality: str
+
+
+def make_cases(preset, n: int, seed: int, categories=None, healthy_fraction: float = 0.0) -> list[Case]:
+    """Phantoms on the preset's model grid (the same preprocessing inference applies)."""
+    rng = np.random.default_rng(seed)
+    spacing = preset.spacing[0]
+    shape = (preset.patch, preset.patch, int(preset.patch * 0.75))
+    cases = []
+    for i in range(n):
+        healthy = categories is None or rng.random() < healthy_fraction
+        category = None if healthy else CATEGORIES[categories[i % len(categories)]]
+        image, label, modality = make_case(rng, category, shape, spacing)
+        affine = np.diag([spacing] * 3 + [1.0])
+        model_image, grid = to_model_grid(Volume(image, affine), modality, preset.spacing, preset.patch)
+        model_label, _ = to_model_grid(Volume(label.astype(np.float32) * 1000.0, affine), "CT",
+                                       preset.spacing, preset.patch)
+        prompt = category.prompt if category else str(rng.choice(SEEN))
+        cases.append(Case(model_image, (model_label > 0.75).astype(np.float32), prompt, modality))
+    return cases
+
+
+def _progress(total: int, description: str):
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
+
+    progress = Progress(TextColumn(description), BarColumn(), MofNCompleteColumn(), TimeRemainingColumn(),
+                        TextColumn("{task.fields[loss]}"))
+    return progress, progress.add_task(description, total=total, loss="")
+
+
+class Checkpoint:
+    """Resumable state of one training phase."""
+
+    def __init__(self, path: Path):
+        self.path = path
+
+    def load(self, modules: dict, optimizer) -> int:
+        if not self.path.exists():
+            return 0
+        state = torch.load(self.path, map_location="cpu", weights_only=False)
+        for name, module in modules.items():
+            module.load_state_dict(state["modules"][name])
+        optimizer.load_state_dict(state["optimizer"])
+        torch.set_rng_state(state["torch_rng"])
+        return int(state["step"])
+
+    def save(self, modules: dict, optimizer, step: int) -> None:
+        tmp = self.path.with_suffix(".tmp")
+        torch.save({"modules": {k: m.state_dict() for k, m in modules.items()}, "optimizer": optimizer.state_dict(),
+                    "step": step, "torch_rng": torch.get_rng_state()}, tmp)
+        tmp.replace(self.path)
+
+
+def run_phase(name: str, work: Path, modules: dict, params, steps: int, lr: float, loss_fn,
+              every: int = 100) -> dict:
+    """A generic resumable loop: `loss_fn(step)` returns a scalar loss."""
+    optimizer = torch.optim.AdamW(params, lr=lr, weight_decay=1e-4)
+    checkpoint = Checkpoint(work / f"{name}.pt")
+    start = checkpoint.load(modules, optimizer)
+    schedule = lambda s: 0.5 * (1 + math.cos(math.pi * s / steps))  # noqa: E731 - cosine decay
+    progress, task = _progress(steps, name)
+    losses, began = [], time.time()
+    with progress:
+        progress.update(task, completed=start)
+        for step in range(start, steps):
+            for group in optimizer.param_groups:
+                group["lr"] = lr * schedule(step)
+            loss = loss_fn(step)
+            optimizer.zero_grad()
+            loss.backward()
+            torch.nn.utils.clip_grad_norm_(params, 1.0)
+            optimizer.step()
+            losses.append(float(loss))
+            progress.update(task, advance=1, loss=f"loss {np.mean(losses[-20:]):.4f}")
+            if (step + 1) % every == 0 or step + 1 == steps:
+                checkpoint.save(modules, optimizer, step + 1)
+    return {"steps": steps, "final_loss": float(np.mean(losses[-50:])) if losses else None,
+            "seconds": time.time() - began}
+
+
+def _crop(batch: torch.Tensor, size: int, rng: np.random.Generator) -> torch.Tensor:
+    starts = [int(rng.integers(0, (n - size) // 4 + 1)) * 4 for n in batch.shape[2:]]
+    return batch[:, :, starts[0]:starts[0] + size, starts[1]:starts[1] + size, starts[2]:starts[2] + size]
+
+
+def train_backbone(preset_name: str = "demo", work: Path = Path("train_work"), seed: int = 0,
+                   vae_steps: int = 1500, unet_steps: int = 2500, n_volumes: int = 64) -> dict:
+    preset = get_preset(preset_name)
+    work.mkdir(parents=True, exist_ok=True)
+    torch.manual_seed(seed)
+    rng = np.random.default_rng(seed)
+    models = build_models(preset, seed)
+    volumes = torch.from_numpy(np.stack([c.image for c in make_cases(preset, n_volumes, seed)])[:, None])
+    held_out = torch.from_numpy(np.stack([c.image for c in make_cases(preset, 8, seed + 1000)])[:, None])
+    vae = models.vae.train()
+
+    def vae_loss(step):
+        batch = _crop(volumes[torch.from_numpy(rng.integers(0, len(volumes), 2))], preset.patch // 2, rng)
+        recon, mu, sigma = vae(batch)
+        kl = 0.5 * (mu**2 + sigma**2 - torch.log(sigma**2 + 1e-8) - 1).mean()
+        return F.l1_loss(recon, batch) + 1e-4 * kl
+
+    report = {"vae": run_phase("vae", work, {"vae": vae}, list(vae.parameters()), vae_steps, 2e-3, vae_loss)}
+    vae.eval()
+    with torch.no_grad():
+        latents = torch.cat([vae.encode(volumes[i:i + 4])[0] for i in range(0, len(volumes), 4)])
+        recon = torch.cat([vae.decode(vae.encode(held_out[i:i + 2])[0]) for i in range(0, len(held_out), 2)])
+    scale = float(1.0 / latents.std())
+    report["scale_factor"] = scale
+    report["reconstruction"] = reconstruction_quality(recon.clamp(0, 1).numpy(), held_out.numpy())
+    latents = latents * scale
+    acp = torch.from_numpy(scaled_linear_alphas_cumprod(preset.num_train_timesteps))
+    unet = models.unet.train()
+    stage = models.stages()["unet"]
+
+    def unet_loss(step):
+        x0 = latents[torch.from_numpy(rng.integers(0, len(latents), 4))]
+        if step % 2:  # cropped latents, as the inpainting loop sends them
+            x0 = _crop(x0, int(rng.choice([8, 12])) if preset.latent_patch >= 12 else preset.unet_multiple, rng)
+        t = torch.from_numpy(rng.integers(0, preset.num_train_timesteps, len(x0)))
+        noise = torch.randn_like(x0)
+        a = acp[t].view(-1, 1, 1, 1, 1)
+        noisy = a.sqrt() * x0 + (1 - a).sqrt() * noise
+        prediction = unet(noisy, t.float())
+        return F.mse_loss(prediction, noise)
+
+    report["unet"] = run_phase("unet", work, {"unet": unet}, list(unet.parameters()), unet_steps, 1e-3, unet_loss)
+    del stage
+    models.eval()
+    save_weights(models, work / "backbone.safetensors", parts=("vae", "unet"),
+                 metadata={"scale_factor": scale})
+    (work / "backbone.json").write_text(json.dumps(report, indent=2))
+    return report
+
+
+def reconstruction_quality(recon: np.ndarray, truth: np.ndarray) -> dict:
+    """PSNR (data range 1) and SSIM (MONAI's, 3D) of the VAE on held-out healthy volumes."""
+    from monai.metrics import SSIMMetric
+
+    mse = ((recon - truth) ** 2).reshape(len(truth), -1).mean(1)
+    psnr = float(np.mean(10 * np.log10(1.0 / np.maximum(mse, 1e-12))))
+    ssim = float(SSIMMetric(spatial_dims=3, data_range=1.0)(torch.from_numpy(recon), torch.from_numpy(truth)).mean())
+    return {"psnr_db": psnr, "ssim": ssim, "volumes": len(truth)}
+
+
+def soft_dice_loss(prob: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+    inter = (prob * target).sum((1, 2, 3, 4))
+    return (1 - (2 * inter + 1) / (prob.sum((1, 2, 3, 4)) + target.sum((1, 2, 3, 4)) + 1)).mean()
+
+
+class Recorder:
+    """A torch executor that keeps what the loop hands to `decode_and_score` (head training data)."""
+
+    def __init__(self, executor: TorchExecutor):
+        self.inner, self.preset, self.records = executor, executor.preset, []
+
+    def encode(self, image, prompts):
+        return self.inner.encode(image, prompts)
+
+    def unet(self, latent, timestep):
+        return self.inner.unet(latent, timestep)
+
+    def decode_and_score(self, latent, image, anomaly, features, prompts):
+        self.records.append((latent, image, anomaly, features, prompts))
+        return self.inner.decode_and_score(latent, image, anomaly, features, prompts)
+
+
+def train_heads(preset_name: str = "demo", work: Path = Path("train_work"), seed: int = 0,
+                aova_steps: int = 1200, head_steps: int = 800, n_cases: int = 48,
+                backbone: Path | None = None) -> dict:
+    preset = get_preset(preset_name)
+    torch.manual_seed(seed)
+    rng = np.random.default_rng(seed)
+    models = build_models(preset, seed)
+    load_weights(models, backbone or work / "backbone.safetensors")
+    preset = models.preset
+    cases = make_cases(preset, n_cases, seed + 1, list(SEEN), healthy_fraction=0.15)
+    images = torch.from_numpy(np.stack([c.image for c in cases])[:, None])
+    labels = torch.from_numpy(np.stack([c.label for c in cases])[:, None])
+    with torch.no_grad():
+        taps = [encode_with_taps(models.vae, images[i:i + 1])[1] for i in range(len(cases))]
+        prompt_sets = [build_prompt_set(c.prompt, c.modality) for c in cases]
+        texts = sorted({t for p in prompt_sets for t in p.texts})
+        ids, mask = tokenize(texts)
+        sentence = dict(zip(texts, models.text_encoder(torch.from_numpy(ids), torch.from_numpy(mask))))
+    aova, projection = models.aova.train(), models.projection.train()
+
+    def aova_loss(step):
+        i = int(rng.integers(len(cases)))
+        prompts = prompt_sets[i]
+        emb = projection(torch.stack([sentence[t] for t in prompts.texts]))[None]
+        abnormal = torch.from_numpy(prompts.abnormal_mask)[None]
+        projected = aova.project(taps[i])
+        loss = 0.0
+        for level, p in enumerate(projected):  # supervise every scale at its own resolution
+            anomaly = aova.anomaly_of(p, emb, abnormal).clamp(1e-5, 1 - 1e-5)
+            target = F.avg_pool3d(labels[i:i + 1], 2**level) if level else labels[i:i + 1]
+            weight = 1.0 + 9.0 * target  # lesions are small
+            loss = loss + F.binary_cross_entropy(anomaly, target, weight=weight) + soft_dice_loss(anomaly, target)
+        return loss / len(projected)
+
+    report = {"aova": run_phase("aova", work, {"aova": aova, "projection": projection},
+                                list(aova.parameters()) + list(projection.parameters()), aova_steps, 3e-3, aova_loss)}
+    models.eval()
+    executor = TorchExecutor(models)
+    recorder = Recorder(executor)
+    inputs = []
+    with torch.no_grad():
+        for i, case in enumerate(cases):
+            segment_patch(recorder, case.image, prompt_sets[i], LoopOptions(seed=seed + i),
+                          np.random.default_rng(seed + i), Timings())
+            latent, image, anomaly, features, prompts = recorder.records.pop()
+            stages = executor.stages
+            healthy = stages["vae_decoder"](torch.from_numpy(latent))
+            _, healthy_anomaly, healthy_features = executor._encode(healthy, prompts)
+            inputs.append([torch.from_numpy(image), healthy, torch.from_numpy(anomaly), healthy_anomaly,
+                           torch.from_numpy(features), healthy_features])
+    head = models.head.train()
+
+    def head_loss(step):
+        i = int(rng.integers(len(cases)))
+        logits = head(*inputs[i])
+        target = labels[i:i + 1]
+        return F.binary_cross_entropy_with_logits(logits, target, pos_weight=torch.tensor(3.0)) + \
+            soft_dice_loss(torch.sigmoid(logits), target)
+
+    report["head"] = run_phase("head", work, {"head": head}, list(head.parameters()), head_steps, 2e-3, head_loss)
+    models.eval()
+    report["seen_categories"], report["unseen_categories"] = list(SEEN), list(UNSEEN)
+    save_weights(models, work / "demo.safetensors", half=True, metadata={"scale_factor": preset.scale_factor})
+    (work / "heads.json").write_text(json.dumps(report, indent=2))
+    return report
+
+
+def install_weights(work: Path, name: str = "demo.safetensors") -> Path:
+    target = WEIGHTS_DIR / name
+    target.parent.mkdir(parents=True, exist_ok=True)
+    target.write_bytes((work / name).read_bytes())
+    return target
