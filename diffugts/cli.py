@@ -46,7 +46,8 @@ def _make_executor(args):
 def _options(args):
     from .pipeline import LoopOptions
 
-    return LoopOptions(crop=not args.no_crop, seed=args.seed, steps=args.steps)
+    return LoopOptions(crop=not args.no_crop, seed=args.seed, steps=args.steps,
+                       ablation=getattr(args, "ablation", "full"))
 
 
 def cmd_phantom(args) -> int:
@@ -121,7 +122,7 @@ def cmd_evaluate(args) -> int:
         task = progress.add_task("cases", total=total)
         result = evaluate_dataset(executor, args.dataset, args.split, args.limit, _options(args),
                                   on_case=lambda _: progress.advance(task))
-    result["backend"] = args.backend
+    result["backend"], result["ablation"] = args.backend, args.ablation
     write_json(Path(args.out), result)
     table = Table(title=f"{result['dataset']} ({args.backend}, preset {result['preset']})")
     for col in ("case", "prompt") + METRICS + ("seconds",):
@@ -258,6 +259,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", required=True, help="results JSON")
     p.add_argument("--split", default="test")
     p.add_argument("--limit", type=int, default=None)
+    p.add_argument("--ablation", choices=("full", "aova+attention", "aova", "baseline"), default="full",
+                   help="where masks come from (README's ablation table)")
     _executor_args(p)
     p.set_defaults(func=cmd_evaluate)
 

@@ -40,12 +40,22 @@ class Timings(defaultdict):
             self[name] += time.perf_counter() - start
 
 
+ABLATIONS = ("full", "aova+attention", "aova", "baseline")
+
+
 @dataclass
 class LoopOptions:
     crop: bool = True  # run the inpainting loop on the mask's latent bounding box only
     seed: int = 0
     steps: int | None = None  # override the preset's inference steps
     strength: float | None = None
+    # where the mask comes from: the residual head (full), the refined or raw AOVA map, or an
+    # intensity-outlier baseline with no learning at all
+    ablation: str = "full"
+
+    def __post_init__(self):
+        if self.ablation not in ABLATIONS:
+            raise ValueError(f"unknown ablation {self.ablation!r}: {', '.join(ABLATIONS)}")
 
 
 @dataclass
@@ -69,6 +79,15 @@ def block_reduce(volume: np.ndarray, factor: int, reduce=np.mean) -> np.ndarray:
     n = [s // factor for s in volume.shape]
     blocks = volume.reshape(n[0], factor, n[1], factor, n[2], factor)
     return reduce(blocks, axis=(1, 3, 5))
+
+
+def intensity_outlier(patch: np.ndarray, sigma: float = 4.0) -> np.ndarray:
+    """No-learning baseline: robust z-score of the deviation from a smoothed patch, squashed."""
+    residual = patch - ndimage.gaussian_filter(patch, sigma)
+    body = patch > 0.05
+    spread = np.median(np.abs(residual[body] - np.median(residual[body]))) if body.any() else 0.0
+    z = np.abs(residual) / (1.4826 * spread + 1e-3)
+    return sigmoid(z - 3.0) * body
 
 
 def refine_with_attention(anomaly: np.ndarray, attention: np.ndarray, steps: int,
@@ -129,9 +148,15 @@ def segment_patch(executor: StageExecutor, patch: np.ndarray, prompts: PromptSet
     preset = executor.preset
     sampler = make_sampler(preset.with_(inference_steps=options.steps or preset.inference_steps))
     image = patch[None, None].astype(np.float32)
+    if options.ablation == "baseline":
+        with timings.stage("baseline"):
+            outlier = intensity_outlier(patch)
+        return {"prob": outlier, "anomaly": outlier, "healthy": patch}
 
     with timings.stage("encode"):
         encoded = executor.encode(image, prompts)
+    if options.ablation == "aova":
+        return {"prob": encoded.anomaly[0, 0], "anomaly": encoded.anomaly[0, 0], "healthy": patch}
     latent = encoded.latent * preset.scale_factor
 
     with timings.stage("attention"):
@@ -140,6 +165,8 @@ def segment_patch(executor: StageExecutor, patch: np.ndarray, prompts: PromptSet
                               float(preset.probe_timestep))
         anomaly = refine_with_attention(encoded.anomaly[0, 0], probe.attention[0],
                                         preset.affinity_steps, preset.refine_weight)
+    if options.ablation == "aova+attention":
+        return {"prob": anomaly, "anomaly": anomaly, "healthy": patch}
 
     with timings.stage("inpaint"):
         mask = inpainting_mask(anomaly, preset.latent_factor, preset.anomaly_threshold,

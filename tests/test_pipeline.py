@@ -122,3 +122,27 @@ def test_cropping_runs_the_loop_on_the_bounding_box(torch_executor, phantom_dir)
     assert all(s == (8, 8, 8) for s in shapes[False]) and shapes[False]
     assert len(shapes[True]) == len(shapes[False])
     assert all(np.prod(s) < 8**3 and all(n % 4 == 0 for n in s) for s in shapes[True])
+
+
+def test_intensity_outlier_baseline_finds_a_blob():
+    from diffugts.pipeline import intensity_outlier
+
+    rng = np.random.default_rng(0)
+    patch = 0.5 + 0.01 * rng.standard_normal((32, 32, 32)).astype(np.float32)
+    patch[14:18, 14:18, 14:18] += 0.3
+    prob = intensity_outlier(patch)
+    assert prob[15, 15, 15] > 0.9
+    assert (prob > 0.5).sum() < 200
+    assert prob[2, 2, 2] < 0.5
+
+
+@pytest.mark.parametrize("ablation", ["aova", "aova+attention", "baseline"])
+def test_ablations_skip_the_later_stages(torch_executor, phantom_dir, ablation):
+    volume = read_volume(phantom_dir / "imagesTs" / "case_000.nii.gz")
+    seg = segment_volume(torch_executor, volume, "kidney tumor", "CT", LoopOptions(ablation=ablation))
+    assert seg.mask.shape == volume.array.shape
+    assert "decode_score" not in seg.timings and "inpaint" not in seg.timings
+    if ablation == "aova":
+        np.testing.assert_allclose(seg.probability, seg.anomaly)
+    with pytest.raises(ValueError, match="unknown ablation"):
+        LoopOptions(ablation="none")
