@@ -231,6 +231,16 @@ def cmd_train(args) -> int:
     return 0
 
 
+def cmd_bench(args) -> int:
+    from diffugts.benchmarks.run import run_bench
+
+    results = run_bench(args.preset or ("tiny" if args.quick else "demo"), args.out, args.quick,
+                        say=lambda msg: print(f"bench: {msg}", file=sys.stderr, flush=True))
+    print((Path(args.out) / "results.md").read_text())
+    print(f"results in {Path(args.out) / 'results.json'} ({results['seconds']:.0f} s)")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="diffugts", description="DiffuGTS zero-shot tumor segmentation")
     sub = parser.add_subparsers(dest="command", required=True)
@@ -299,6 +309,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--cases", type=int, default=48, help="seen-category training cases")
     p.add_argument("--install", action="store_true", help="copy the result to diffugts/weights/")
     p.set_defaults(func=cmd_train)
+
+    p = sub.add_parser("bench", help="latency and throughput of every executor, side by side")
+    p.add_argument("--quick", action="store_true", help="tiny preset, one repeat: checks the harness only")
+    p.add_argument("--preset", default=None, help="default: demo (tiny with --quick)")
+    p.add_argument("--out", default="bench_out")
+    p.set_defaults(func=cmd_bench)
 
     p = sub.add_parser("demo", help="segment the bundled sample volume (the main job of `make demo`)")
     p.add_argument("--out", default="demo_out")

@@ -1,0 +1,69 @@
+"""FLOPs of an ONNX graph at concrete input shapes (convolutions, matmuls, einsums), and the
+machine's measured peak (a large fp32 matmul), so a stage can report its fraction of peak."""
+
+from __future__ import annotations
+
+import re
+import time
+
+import numpy as np
+import onnx
+from onnx import shape_inference
+
+
+def _concrete(model: onnx.ModelProto, shapes: dict[str, tuple[int, ...]]) -> onnx.ModelProto:
+    model = onnx.ModelProto.FromString(model.SerializeToString())
+    for inp in model.graph.input:
+        if inp.name in shapes:
+            for dim, size in zip(inp.type.tensor_type.shape.dim, shapes[inp.name]):
+                dim.ClearField("dim_param")
+                dim.dim_value = int(size)
+    return shape_inference.infer_shapes(model, data_prop=True)
+
+
+def _shape_table(model: onnx.ModelProto) -> dict[str, list[int]]:
+    table = {}
+    for value in list(model.graph.value_info) + list(model.graph.input) + list(model.graph.output):
+        dims = [d.dim_value for d in value.type.tensor_type.shape.dim]
+        if dims and all(d > 0 for d in dims):
+            table[value.name] = dims
+    for init in model.graph.initializer:
+        table[init.name] = list(init.dims)
+    return table
+
+
+def graph_flops(path: str, shapes: dict[str, tuple[int, ...]]) -> float:
+    """Multiply-adds counted as 2 FLOPs, for Conv, MatMul, Gemm and Einsum nodes."""
+    model = _concrete(onnx.load(path), shapes)
+    table = _shape_table(model)
+    total = 0.0
+    for node in model.graph.node:
+        out = table.get(node.output[0]) if node.output else None
+        if out is None:
+            continue
+        if node.op_type == "Conv" and node.input[1] in table:
+            weight = table[node.input[1]]  # (Cout, Cin/groups, k...)
+            total += 2.0 * np.prod(out) * np.prod(weight[1:])
+        elif node.op_type in ("MatMul", "Gemm") and node.input[0] in table:
+            total += 2.0 * np.prod(out) * table[node.input[0]][-1]
+        elif node.op_type == "Einsum":
+            eq = next(a.s.decode() for a in node.attribute if a.name == "equation")
+            sizes = {}
+            for term, name in zip(eq.split("->")[0].split(","), node.input):
+                for letter, size in zip(re.sub(r"[^a-z]", "", term), table.get(name, [])):
+                    sizes[letter] = size
+            total += 2.0 * np.prod(list(sizes.values())) if sizes else 0.0
+    return float(total)
+
+
+def machine_peak_gflops(size: int = 2048, repeats: int = 5) -> float:
+    """Best-of-N fp32 matmul throughput with numpy's BLAS, all cores."""
+    a = np.random.default_rng(0).standard_normal((size, size)).astype(np.float32)
+    b = a.T.copy()
+    a @ b  # warm-up
+    best = float("inf")
+    for _ in range(repeats):
+        start = time.perf_counter()
+        a @ b
+        best = min(best, time.perf_counter() - start)
+    return 2.0 * size**3 / best / 1e9

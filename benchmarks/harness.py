@@ -1,0 +1,196 @@
+"""`diffugts bench`: every executor on the same phantom volumes, in one run, on this machine.
+
+Latency (p50/p95 per stage and end to end, after warm-up) for torch eager, ONNX Runtime in
+process, Triton with the client loop, and Triton BLS; throughput at 1-8 concurrent clients
+with dynamic batching on and off; shared memory on and off; latent cropping on and off with
+its Dice change; inpainting steps against Dice; perf_analyzer on the UNet; FLOPs per stage
+against the machine's matmul peak. Numbers come from here, never from timed unit tests.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import platform
+import shutil
+import subprocess
+import threading
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from diffugts.io import read_volume
+from diffugts.metrics import dice
+from diffugts.pipeline import LoopOptions, run_segmentation
+
+STAGES = ("preprocess", "encode", "attention", "inpaint", "decode_score", "postprocess")
+
+
+@dataclass(frozen=True)
+class Plan:
+    volumes: int
+    repeats: int
+    concurrency: tuple[int, ...]
+    per_client: int
+    steps: tuple[int, ...]
+    unet_requests: int
+
+
+FULL = Plan(volumes=2, repeats=3, concurrency=(1, 2, 4, 8), per_client=2, steps=(2, 5, 10, 20), unet_requests=20)
+QUICK = Plan(volumes=1, repeats=1, concurrency=(1, 2), per_client=1, steps=(2, 4), unet_requests=4)
+
+
+def percentiles(values) -> dict:
+    arr = np.asarray(values, dtype=np.float64)
+    return {"p50": float(np.percentile(arr, 50)), "p95": float(np.percentile(arr, 95)), "n": int(arr.size)}
+
+
+def describe_machine() -> dict:
+    return {"cpu": platform.processor() or platform.machine(), "cores": os.cpu_count(),
+            "python": platform.python_version(), "system": f"{platform.system()} {platform.release()}",
+            "model_name": next((line.split(":", 1)[1].strip() for line in
+                                Path("/proc/cpuinfo").read_text().splitlines() if line.startswith("model name")),
+                               "unknown") if Path("/proc/cpuinfo").exists() else "unknown"}
+
+
+def measure_latency(executor, cases, repeats: int, options: LoopOptions | None = None) -> dict:
+    run_segmentation(executor, cases[0][0], cases[0][2], cases[0][3], options)  # warm-up
+    end_to_end, stages = [], {s: [] for s in STAGES}
+    for _ in range(repeats):
+        for volume, _, prompt, modality in cases:
+            start = time.perf_counter()
+            seg = run_segmentation(executor, volume, prompt, modality, options)
+            end_to_end.append(time.perf_counter() - start)
+            for s in STAGES:
+                stages[s].append(seg.timings.get(s, 0.0))
+    e2e = percentiles(end_to_end)
+    return {"end_to_end_p50_s": e2e["p50"], "end_to_end_p95_s": e2e["p95"], "runs": e2e["n"],
+            "stages": {s: percentiles(v) for s, v in stages.items()}}
+
+
+def measure_throughput(make_executor, cases, concurrency: int, per_client: int) -> dict:
+    errors = []
+
+    def client():
+        executor = make_executor()
+        try:
+            for i in range(per_client):
+                volume, _, prompt, modality = cases[i % len(cases)]
+                run_segmentation(executor, volume, prompt, modality)
+        except Exception as exc:  # recorded, not raised: one failed client must not hide the others
+            errors.append(str(exc))
+        finally:
+            executor.close()
+
+    threads = [threading.Thread(target=client) for _ in range(concurrency)]
+    start = time.perf_counter()
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    wall = time.perf_counter() - start
+    return {"concurrency": concurrency, "volumes": concurrency * per_client, "seconds": wall,
+            "volumes_per_minute": 60.0 * concurrency * per_client / wall, "errors": errors}
+
+
+def unet_load(url: str, preset, concurrency: int, requests: int) -> dict:
+    """Our own load generator on the UNet (perf_analyzer's view, when it cannot run here)."""
+    from diffugts.client.triton_executor import TritonExecutor
+
+    latencies, lock = [], threading.Lock()
+    latent = np.random.default_rng(0).standard_normal(
+        (1, preset.latent_channels) + (preset.latent_patch,) * 3).astype(np.float32)
+
+    def client():
+        ex = TritonExecutor(url)
+        for _ in range(requests):
+            start = time.perf_counter()
+            ex.unet(latent, 500.0)
+            with lock:
+                latencies.append(time.perf_counter() - start)
+        ex.close()
+
+    threads = [threading.Thread(target=client) for _ in range(concurrency)]
+    start = time.perf_counter()
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    wall = time.perf_counter() - start
+    return {"concurrency": concurrency, "inferences_per_s": len(latencies) / wall,
+            "latency_p50_ms": 1e3 * float(np.percentile(latencies, 50)),
+            "latency_p95_ms": 1e3 * float(np.percentile(latencies, 95))}
+
+
+def run_perf_analyzer(url: str, preset, out: Path, concurrency: tuple[int, ...]) -> dict:
+    binary = shutil.which("perf_analyzer")
+    if binary is None:
+        return {"status": "unavailable", "reason": "perf_analyzer is not on PATH (PyPI's perf-analyzer wheels "
+                "need glibc 2.38; this machine has an older one)"}
+    lat = preset.latent_patch
+    csv = out / "perf_analyzer_unet.csv"
+    cmd = [binary, "-m", "unet", "-u", url, "-i", "grpc", "--concurrency-range",
+           f"{min(concurrency)}:{max(concurrency)}", "--shape", f"latent:{preset.latent_channels},{lat},{lat},{lat}",
+           "--shape", "timestep:1", "-f", str(csv), "--measurement-interval", "5000"]
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=600)
+    if proc.returncode != 0:
+        return {"status": "failed", "command": " ".join(cmd), "stderr": proc.stderr[-2000:]}
+    return {"status": "ok", "command": " ".join(cmd), "csv": csv.name}
+
+
+def stage_flops(repository: Path, preset, peak_gflops: float, repeats: int = 5) -> dict:
+    """FLOPs per ONNX graph at the loop's shapes, timed in ONNX Runtime: fraction of peak."""
+    import onnxruntime as ort
+
+    from diffugts.export.onnx_export import example_inputs
+    from diffugts.stages import ONNX_STAGES
+
+    from .flops import graph_flops
+
+    report = {}
+    for stage in ONNX_STAGES:
+        path = repository / stage / "1" / "model.onnx"
+        inputs = example_inputs(preset, stage)
+        flops = graph_flops(str(path), {k: v.shape for k, v in inputs.items()})
+        session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+        session.run(None, inputs)
+        times = []
+        for _ in range(repeats):
+            start = time.perf_counter()
+            session.run(None, inputs)
+            times.append(time.perf_counter() - start)
+        seconds = float(np.median(times))
+        report[stage] = {"gflop": flops / 1e9, "median_s": seconds, "gflops": flops / seconds / 1e9,
+                         "fraction_of_peak": flops / seconds / 1e9 / peak_gflops}
+    return report
+
+
+def quality_sweeps(executor, cases, steps: tuple[int, ...]) -> tuple[dict, list]:
+    """Cropping on/off (inpainting time, Dice) and inpainting steps against Dice."""
+    crop = {}
+    for enabled in (True, False):
+        times, dices = [], []
+        for volume, label, prompt, modality in cases:
+            seg = run_segmentation(executor, volume, prompt, modality, LoopOptions(crop=enabled))
+            times.append(seg.timings.get("inpaint", 0.0))
+            dices.append(dice(seg.mask, label))
+        crop["on" if enabled else "off"] = {"inpaint_p50_s": float(np.median(times)), "dice": float(np.mean(dices))}
+    crop["inpaint_speedup"] = crop["off"]["inpaint_p50_s"] / max(crop["on"]["inpaint_p50_s"], 1e-9)
+    crop["dice_change"] = crop["on"]["dice"] - crop["off"]["dice"]
+    sweep = []
+    for n in steps:
+        dices, times = [], []
+        for volume, label, prompt, modality in cases:
+            seg = run_segmentation(executor, volume, prompt, modality, LoopOptions(steps=n))
+            dices.append(dice(seg.mask, label))
+            times.append(seg.timings.get("inpaint", 0.0))
+        sweep.append({"steps": n, "dice": float(np.mean(dices)), "inpaint_p50_s": float(np.median(times))})
+    return crop, sweep
+
+
+def load_cases(dataset: Path, n: int):
+    manifest = json.loads((dataset / "dataset.json").read_text())["test"][:n]
+    return [(read_volume(dataset / e["image"]), read_volume(dataset / e["label"]).array > 0, e["prompt"],
+             e["modality"]) for e in manifest]
