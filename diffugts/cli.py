@@ -241,6 +241,14 @@ def cmd_bench(args) -> int:
     return 0
 
 
+def cmd_real_lesion(args) -> int:
+    from diffugts.benchmarks.real_lesion import run_real_lesion
+
+    result = run_real_lesion(_make_executor(args), Path(args.out), args.prompt)
+    print(json.dumps(result, indent=2))
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="diffugts", description="DiffuGTS zero-shot tumor segmentation")
     sub = parser.add_subparsers(dest="command", required=True)
@@ -315,6 +323,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--preset", default=None, help="default: demo (tiny with --quick)")
     p.add_argument("--out", default="bench_out")
     p.set_defaults(func=cmd_bench)
+
+    p = sub.add_parser("real-lesion", help="run on pydicom-data's real MR with a marked liver lesion")
+    p.add_argument("--out", default="real_lesion_out")
+    p.add_argument("--prompt", default="liver lesion")
+    _executor_args(p)
+    p.set_defaults(func=cmd_real_lesion)
 
     p = sub.add_parser("demo", help="segment the bundled sample volume (the main job of `make demo`)")
     p.add_argument("--out", default="demo_out")

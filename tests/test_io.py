@@ -121,3 +121,14 @@ def test_model_grid_round_trip_in_any_orientation():
     back = grid.to_input_grid(model)
     assert back.shape == array.shape
     np.testing.assert_allclose(back, scale_intensity(array, "CT"), atol=0.03)
+
+
+def test_real_mr_lesion_case_from_pydicom_data():
+    from diffugts.benchmarks.real_lesion import DEPTH, load_case
+
+    volume, truth = load_case()
+    assert volume.array.shape == (484, 484, DEPTH) and truth.shape == volume.array.shape
+    center = np.argwhere(truth[..., 0]).mean(0)
+    np.testing.assert_allclose(center, [63.0, 255.5], atol=1.5)  # the circled liver lesion, not the box
+    assert truth[..., 0].sum() == 920
+    np.testing.assert_allclose(volume.spacing, [0.7231405, 0.7231405, 4.0], atol=1e-5)
