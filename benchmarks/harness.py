@@ -70,6 +70,17 @@ def measure_latency(executor, cases, repeats: int, options: LoopOptions | None =
             "stages": {s: percentiles(v) for s, v in stages.items()}}
 
 
+def run_concurrently(client, concurrency: int) -> float:
+    """Run `client` in `concurrency` threads at once; wall seconds until the last one ends."""
+    threads = [threading.Thread(target=client) for _ in range(concurrency)]
+    start = time.perf_counter()
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    return time.perf_counter() - start
+
+
 def measure_throughput(make_executor, cases, concurrency: int, per_client: int) -> dict:
     errors = []
 
@@ -84,13 +95,7 @@ def measure_throughput(make_executor, cases, concurrency: int, per_client: int) 
         finally:
             executor.close()
 
-    threads = [threading.Thread(target=client) for _ in range(concurrency)]
-    start = time.perf_counter()
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join()
-    wall = time.perf_counter() - start
+    wall = run_concurrently(client, concurrency)
     return {"concurrency": concurrency, "volumes": concurrency * per_client, "seconds": wall,
             "volumes_per_minute": 60.0 * concurrency * per_client / wall, "errors": errors}
 
@@ -112,13 +117,7 @@ def unet_load(url: str, preset, concurrency: int, requests: int) -> dict:
                 latencies.append(time.perf_counter() - start)
         ex.close()
 
-    threads = [threading.Thread(target=client) for _ in range(concurrency)]
-    start = time.perf_counter()
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join()
-    wall = time.perf_counter() - start
+    wall = run_concurrently(client, concurrency)
     return {"concurrency": concurrency, "inferences_per_s": len(latencies) / wall,
             "latency_p50_ms": 1e3 * float(np.percentile(latencies, 50)),
             "latency_p95_ms": 1e3 * float(np.percentile(latencies, 95))}
