@@ -46,8 +46,7 @@ def _make_executor(args):
 def _options(args):
     from .pipeline import LoopOptions
 
-    return LoopOptions(crop=not args.no_crop, seed=args.seed, steps=args.steps,
-                       ablation=getattr(args, "ablation", "full"))
+    return LoopOptions(crop=not args.no_crop, seed=args.seed, steps=args.steps)
 
 
 def cmd_phantom(args) -> int:
@@ -111,31 +110,35 @@ def cmd_segment(args) -> int:
 
 def cmd_evaluate(args) -> int:
     from rich.progress import Progress
-    from rich.table import Table
 
-    from .evaluate import METRICS, evaluate_dataset, load_manifest
+    from .evaluate import ablation_markdown, evaluate_dataset, load_manifest, result_table
+    from .pipeline import ABLATIONS, LoopOptions
     from .report import write_json
 
     total = len(load_manifest(Path(args.dataset), args.split)[: args.limit])
+    ablations = ABLATIONS if args.ablation == "all" else (args.ablation,)
     executor = _make_executor(args)
+    results = {}
     with Progress(console=_console(True)) as progress:
-        task = progress.add_task("cases", total=total)
-        result = evaluate_dataset(executor, args.dataset, args.split, args.limit, _options(args),
-                                  on_case=lambda _: progress.advance(task))
-    result["backend"], result["ablation"] = args.backend, args.ablation
-    write_json(Path(args.out), result)
-    table = Table(title=f"{result['dataset']} ({args.backend}, preset {result['preset']})")
-    for col in ("case", "prompt") + METRICS + ("seconds",):
-        table.add_column(col)
-    for c in result["cases"]:
-        table.add_row(c["case"], c["prompt"], *(f"{c[m]:.3f}" for m in METRICS + ("seconds",)))
-    for prompt, row in result["per_prompt"].items():
-        table.add_row("[bold]per prompt[/bold]", prompt, *(f"{row[m]:.3f}" for m in METRICS), "")
-    table.add_row("[bold]mean[/bold]", "", *(f"{result['mean'][m]:.3f}" for m in METRICS + ("seconds",)))
-    _console().print(table)
-    for err in result["errors"]:
+        for ablation in ablations:
+            task = progress.add_task(f"cases ({ablation})", total=total)
+            options = LoopOptions(crop=not args.no_crop, seed=args.seed, steps=args.steps, ablation=ablation)
+            results[ablation] = evaluate_dataset(executor, args.dataset, args.split, args.limit, options,
+                                                 on_case=lambda _, t=task: progress.advance(t))
+            results[ablation]["backend"], results[ablation]["ablation"] = args.backend, ablation
+    if len(results) == 1:
+        result = next(iter(results.values()))
+        write_json(Path(args.out), result)
+        _console().print(result_table(result))
+    else:
+        write_json(Path(args.out), {"ablations": results})
+        table = ablation_markdown(results)
+        Path(args.out).with_suffix(".md").write_text(table)
+        print(table)
+    errors = sorted({e for r in results.values() for e in r["errors"]})
+    for err in errors:
         fail(err)
-    return 1 if result["errors"] else 0
+    return 1 if errors else 0
 
 
 def cmd_demo(args) -> int:
@@ -277,8 +280,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", required=True, help="results JSON")
     p.add_argument("--split", default="test")
     p.add_argument("--limit", type=int, default=None)
-    p.add_argument("--ablation", choices=("full", "aova+attention", "aova", "baseline"), default="full",
-                   help="where masks come from (README's ablation table)")
+    p.add_argument("--ablation", choices=("full", "aova+attention", "aova", "baseline", "all"), default="full",
+                   help="where masks come from; `all` runs the four and writes the README's table")
     _executor_args(p)
     p.set_defaults(func=cmd_evaluate)
 

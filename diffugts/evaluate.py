@@ -82,3 +82,32 @@ def evaluate_dataset(executor, dataset_dir: str | Path, split: str = "test", lim
     mean, per_prompt = summarize(cases)
     return {"dataset": dataset_dir.name, "split": split, "preset": executor.preset.name,
             "cases": cases, "mean": mean, "per_prompt": per_prompt, "errors": errors}
+
+
+def result_table(result: dict):
+    """A rich table: every case, the per-prompt means, the overall mean."""
+    from rich.table import Table
+
+    table = Table(title=f"{result['dataset']} ({result.get('backend', '')}, preset {result['preset']}, "
+                        f"{result.get('ablation', 'full')})")
+    for col in ("case", "prompt") + METRICS + ("seconds",):
+        table.add_column(col)
+    for c in result["cases"]:
+        table.add_row(c["case"], c["prompt"], *(f"{c[m]:.3f}" for m in METRICS + ("seconds",)))
+    for prompt, row in result["per_prompt"].items():
+        table.add_row("[bold]per prompt[/bold]", prompt, *(f"{row[m]:.3f}" for m in METRICS), "")
+    table.add_row("[bold]mean[/bold]", "", *(f"{result['mean'][m]:.3f}" for m in METRICS + ("seconds",)))
+    return table
+
+
+def ablation_markdown(results: dict[str, dict]) -> str:
+    """Per category Dice / NSD / AUROC of each ablation, and the mean over cases."""
+    prompts = sorted({p for r in results.values() for p in r["per_prompt"]})
+    head = "| ablation | " + " | ".join(f"{p} Dice / NSD / AUROC" for p in prompts) + " | mean Dice | mean NSD | mean AUROC |"
+    lines = [head, "|" + "---|" * (len(prompts) + 4)]
+    for name, r in results.items():
+        cells = [" / ".join(f"{r['per_prompt'][p][m]:.3f}" for m in ("dice", "nsd", "auroc")) if p in r["per_prompt"]
+                 else "-" for p in prompts]
+        mean = r["mean"]
+        lines.append(f"| {name} | " + " | ".join(cells) + f" | {mean['dice']:.3f} | {mean['nsd']:.3f} | {mean['auroc']:.3f} |")
+    return "\n".join(lines) + "\n"

@@ -119,3 +119,14 @@ def test_evaluate_on_a_foreign_msd_dataset(tmp_path, capsys):
     assert code == 0
     case = json.loads((tmp_path / "r.json").read_text())["cases"][0]
     assert case["case"] == "p1.nrrd" and 0 <= case["dice"] <= 1
+
+
+def test_evaluate_all_ablations_writes_a_table(phantom_dir, tmp_path, capsys):
+    out = tmp_path / "ablations.json"
+    code, stdout, _ = run(capsys, "evaluate", phantom_dir, "--out", out, "--preset", "tiny", "--limit", 1,
+                          "--ablation", "all")
+    assert code == 0
+    results = json.loads(out.read_text())["ablations"]
+    assert list(results) == ["full", "aova+attention", "aova", "baseline"]
+    table = out.with_suffix(".md").read_text()
+    assert table.count("\n") == 6 and "| baseline |" in table and "kidney tumor Dice / NSD / AUROC" in table
