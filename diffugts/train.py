@@ -236,10 +236,11 @@ def train_heads(preset_name: str = "demo", work: Path = Path("train_work"), seed
         projected = aova.project(taps[i])
         loss = 0.0
         for level, p in enumerate(projected):  # supervise every scale at its own resolution
-            anomaly = aova.anomaly_of(p, emb, abnormal).clamp(1e-5, 1 - 1e-5)
+            log_abnormal, log_normal = aova.log_masses(p, emb, abnormal)  # no dead clamp gradients
             target = F.avg_pool3d(labels[i:i + 1], 2**level) if level else labels[i:i + 1]
             weight = 1.0 + 9.0 * target  # lesions are small
-            loss = loss + F.binary_cross_entropy(anomaly, target, weight=weight) + soft_dice_loss(anomaly, target)
+            bce = -(weight * (target * log_abnormal + (1 - target) * log_normal)).mean()
+            loss = loss + bce + soft_dice_loss(log_abnormal.exp(), target)
         return loss / len(projected)
 
     report = {"aova": run_phase("aova", work, {"aova": aova, "projection": projection},

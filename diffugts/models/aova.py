@@ -19,7 +19,8 @@ class FeatureAdapter(nn.Module):
         self.transform = nn.Sequential(nn.Linear(channels, hidden), nn.GELU(), nn.Linear(hidden, channels))
 
     def forward(self, features: torch.Tensor) -> torch.Tensor:  # (B, C, X, Y, Z)
-        x = features.permute(0, 2, 3, 4, 1)  # channels last for the linear layers
+        # the frozen encoder's taps differ ~50x in scale between levels: standardize first
+        x = F.instance_norm(features).permute(0, 2, 3, 4, 1)  # channels last for the linear layers
         return (self.ratio * self.transform(x) + (1 - self.ratio) * x).permute(0, 4, 1, 2, 3)
 
 
@@ -37,10 +38,23 @@ class AOVAHead(nn.Module):
         return [F.normalize(proj(adapt(t)), dim=1)
                 for t, adapt, proj in zip(taps, self.adapters, self.projections)]
 
+    def prompt_logits(self, projected: torch.Tensor, prompts: torch.Tensor) -> torch.Tensor:
+        """Cosine similarity of every voxel to every prompt / temperature: (B, P, X, Y, Z)."""
+        return torch.einsum("bexyz,bpe->bpxyz", projected, prompts) / self.log_temperature.exp()
+
     def anomaly_of(self, projected: torch.Tensor, prompts: torch.Tensor, abnormal: torch.Tensor) -> torch.Tensor:
         """prompts (B, P, E) and abnormal (B, P) per volume, so requests batch in Triton."""
-        logits = torch.einsum("bexyz,bpe->bpxyz", projected, prompts) / self.log_temperature.exp()
+        logits = self.prompt_logits(projected, prompts)
         return (logits.softmax(dim=1) * abnormal[:, :, None, None, None]).sum(1, keepdim=True)
+
+    def log_masses(self, projected, prompts, abnormal) -> tuple[torch.Tensor, torch.Tensor]:
+        """log P(abnormal) and log P(normal), stable where the softmax saturates (training)."""
+        logits = self.prompt_logits(projected, prompts)
+        total = torch.logsumexp(logits, 1, keepdim=True)
+        is_abnormal = abnormal[:, :, None, None, None] > 0.5
+        log_abnormal = torch.logsumexp(logits.masked_fill(~is_abnormal, -1e4), 1, keepdim=True) - total
+        log_normal = torch.logsumexp(logits.masked_fill(is_abnormal, -1e4), 1, keepdim=True) - total
+        return log_abnormal, log_normal
 
     def forward(self, taps: list[torch.Tensor], prompts: torch.Tensor, abnormal: torch.Tensor):
         """Tap i is 2**i times coarser than the image; the last tap is at latent resolution.

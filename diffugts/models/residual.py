@@ -10,13 +10,16 @@ RESIDUAL_INPUTS = 6
 
 
 class ResidualHead(nn.Module):
+    """A small MONAI UNet (three levels): the residuals need context to tell a lesion from an
+    organ boundary, more than two 3x3x3 convolutions can see."""
+
     def __init__(self, channels: int, groups: int = 4):
         super().__init__()
-        self.net = nn.Sequential(
-            nn.Conv3d(RESIDUAL_INPUTS, channels, 3, padding=1), nn.GroupNorm(groups, channels), nn.SiLU(),
-            nn.Conv3d(channels, channels, 3, padding=1), nn.GroupNorm(groups, channels), nn.SiLU(),
-            nn.Conv3d(channels, 1, 1),
-        )
+        from monai.networks.nets import UNet
+
+        self.net = UNet(spatial_dims=3, in_channels=RESIDUAL_INPUTS, out_channels=1,
+                        channels=(channels, 2 * channels, 4 * channels), strides=(2, 2),
+                        num_res_units=1, norm="instance")
 
     def forward(self, image, healthy, anomaly, healthy_anomaly, features, healthy_features):
         # feature residual: cosine distance of the projected features, at latent resolution
