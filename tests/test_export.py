@@ -69,7 +69,12 @@ def test_every_runtime_config_parses(runtime, dynamic):
 
 
 def test_committed_repository_configs_are_what_the_writer_generates():
-    demo = get_preset("demo")
+    from diffugts.models import build_models
+    from diffugts.models.weights import bundled_weights, load_weights
+
+    models = build_models(get_preset("demo"))
+    load_weights(models, bundled_weights(models.preset))  # the trained scale factor is in the preset
+    demo = models.preset
     specs = stage_specs(demo)
     expected = {name: stage_config(specs[name], "python-ort") for name in ONNX_STAGES}
     expected.update(ensemble_configs(demo))

@@ -116,3 +116,23 @@ def test_maisi_sized_checkpoints_load_through_our_loader(tmp_path):
         assert torch.equal(models.unet.state_dict()[name], value), name
     with pytest.raises(InputError, match="MAISI diffusion UNet"):
         load_maisi_checkpoints(models, unet=tmp_path / "autoencoder_v1.pt")
+
+
+def test_bundled_demo_weights():
+    from safetensors import safe_open
+
+    from diffugts.models import build_models
+    from diffugts.models.weights import bundled_weights
+
+    preset = get_preset("demo")
+    path = bundled_weights(preset)
+    assert path.stat().st_size <= 40 * 1024**2
+    with safe_open(str(path), framework="pt") as f:
+        assert {f.get_tensor(k).dtype for k in f.keys()} == {torch.float16}
+        assert float(f.metadata()["scale_factor"]) > 0
+        groups = {k.split(".")[0] for k in f.keys()}
+    assert groups == {"vae", "unet", "aova", "projection", "head"}
+    models = build_models(preset)
+    metadata = load_weights(models, path)
+    assert models.preset.scale_factor == pytest.approx(float(metadata["scale_factor"]))
+    assert models.preset.scale_factor != 1.0
