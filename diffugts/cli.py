@@ -238,7 +238,7 @@ def cmd_bench(args) -> int:
     from diffugts.benchmarks.run import run_bench
 
     results = run_bench(args.preset or ("tiny" if args.quick else "demo"), args.out, args.quick,
-                        say=lambda msg: print(f"bench: {msg}", file=sys.stderr, flush=True))
+                        say=lambda msg: print(f"bench: {msg}", file=sys.stderr, flush=True), theta=args.theta)
     print((Path(args.out) / "results.md").read_text())
     print(f"results in {Path(args.out) / 'results.json'} ({results['seconds']:.0f} s)")
     return 0
@@ -325,6 +325,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--quick", action="store_true", help="tiny preset, one repeat: checks the harness only")
     p.add_argument("--preset", default=None, help="default: demo (tiny with --quick)")
     p.add_argument("--out", default="bench_out")
+    p.add_argument("--theta", type=float, default=None,
+                   help="inpainting threshold for every executor (default: the preset's)")
     p.set_defaults(func=cmd_bench)
 
     p = sub.add_parser("real-lesion", help="run on pydicom-data's real MR with a marked liver lesion")

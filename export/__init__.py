@@ -18,8 +18,10 @@ def is_repository(path: Path) -> bool:
 
 def build_repository(out: str | Path = DEFAULT_REPOSITORY, preset_name: str = "demo", weights: str | None = None,
                      runtime: str = "python-ort", dynamic_batching: bool = True, rtol: float = 1e-3,
-                     progress=None, trt_accelerator: bool = False) -> Path:
-    """Export every stage of a preset (with its weights) and lay out the repository."""
+                     progress=None, trt_accelerator: bool = False, loop_overrides: dict | None = None) -> Path:
+    """Export every stage of a preset (with its weights) and lay out the repository.
+
+    `loop_overrides` change loop settings (not networks) of the preset the server and clients use."""
     from diffugts.executors.torch_executor import TorchExecutor
 
     from .onnx_export import export_onnx
@@ -32,6 +34,8 @@ def build_repository(out: str | Path = DEFAULT_REPOSITORY, preset_name: str = "d
         require_tensorrt()  # fail before minutes of export, not after
     out = Path(out)
     models = TorchExecutor.from_preset(preset_name, weights).models
+    if loop_overrides:
+        models.preset = models.preset.with_(**loop_overrides)
     report = export_onnx(models, out, rtol=rtol, progress=progress)
     if runtime == "tensorrt":
         from .tensorrt import build_plans
