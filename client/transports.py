@@ -85,7 +85,7 @@ class GrpcTransport:
             shapes = output_shapes(self.preset, model, inputs)
         for name in outputs:
             out = grpc.InferRequestedOutput(name)
-            if name in shapes:
+            if name in shapes:  # every output the loop reads is FP32
                 nbytes = int(np.prod(shapes[name])) * 4
                 key = f"diffugts_{os.getpid()}_{model}_out_{name}"
                 self._region(key, nbytes)

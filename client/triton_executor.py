@@ -56,9 +56,9 @@ class BlsClient:
         }
         out = self.transport.infer(PIPELINE_MODEL, inputs, ["mask", "anomaly", "timings"])
         timings = json.loads(out["timings"][0])
-        anomaly = out["anomaly"]
         used = (modality or "CT").upper()
-        return Segmentation(out["mask"], anomaly, anomaly, None, used, build_prompt_set(target, used), timings)
+        # the BLS model returns the mask and the anomaly map only: no probability, no healthy volume
+        return Segmentation(out["mask"], None, out["anomaly"], None, used, build_prompt_set(target, used), timings)
 
     def close(self) -> None:
         self.transport.close()

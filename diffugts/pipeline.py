@@ -61,7 +61,7 @@ class LoopOptions:
 @dataclass
 class Segmentation:
     mask: np.ndarray  # uint8 on the input grid
-    probability: np.ndarray  # float32 on the input grid
+    probability: np.ndarray | None  # float32 on the input grid (None from the BLS model)
     anomaly: np.ndarray  # refined AOVA map on the input grid
     healthy: np.ndarray | None  # pseudo-healthy volume on the input grid, model intensities [0, 1]
     modality: str

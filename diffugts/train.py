@@ -113,7 +113,7 @@ def run_phase(name: str, work: Path, modules: dict, params, steps: int, lr: floa
             loss.backward()
             torch.nn.utils.clip_grad_norm_(params, 1.0)
             optimizer.step()
-            losses.append(float(loss))
+            losses.append(float(loss.detach()))
             progress.update(task, advance=1, loss=f"loss {np.mean(losses[-20:]):.4f}")
             if (step + 1) % every == 0 or step + 1 == steps:
                 checkpoint.save(modules, optimizer, step + 1)
@@ -154,7 +154,6 @@ def train_backbone(preset_name: str = "demo", work: Path = Path("train_work"), s
     latents = latents * scale
     acp = torch.from_numpy(scaled_linear_alphas_cumprod(preset.num_train_timesteps))
     unet = models.unet.train()
-    stage = models.stages()["unet"]
 
     def unet_loss(step):
         x0 = latents[torch.from_numpy(rng.integers(0, len(latents), 4))]
@@ -168,7 +167,6 @@ def train_backbone(preset_name: str = "demo", work: Path = Path("train_work"), s
         return F.mse_loss(prediction, noise)
 
     report["unet"] = run_phase("unet", work, {"unet": unet}, list(unet.parameters()), unet_steps, 1e-3, unet_loss)
-    del stage
     models.eval()
     save_weights(models, work / "backbone.safetensors", parts=("vae", "unet"),
                  metadata={"scale_factor": scale})
