@@ -212,7 +212,8 @@ def segment_volume(executor: StageExecutor, volume: Volume, target: str, modalit
 
     with timings.stage("postprocess"):
         prob = grid.to_input_grid(blended["prob"])
-        mask = probability_to_mask(prob, volume.spacing, preset.mask_threshold,
+        threshold = {"full": preset.mask_threshold, "baseline": 0.5}.get(options.ablation, preset.map_threshold)
+        mask = probability_to_mask(prob, volume.spacing, threshold,
                                    preset.min_component_mm3, preset.top_k_components)
         anomaly = grid.to_input_grid(blended["anomaly"])
         healthy = grid.to_input_grid(blended["healthy"])
