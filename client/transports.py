@@ -40,9 +40,6 @@ class GrpcTransport:
                                   f"{exc.message().splitlines()[0] if exc.message() else status}") from None
             raise TritonError(f"{what} failed on Triton at {self.url}: {exc.message()}") from None
 
-    def server_metadata(self) -> dict:
-        return self._call("a readiness check", self.client.get_server_metadata, as_json=True)
-
     def model_config(self, model: str):
         return self._call(f"reading the config of {model}", self.client.get_model_config, model).config
 
@@ -170,12 +167,9 @@ class OrtTransport:
                 tensors.update({step.output_map[k]: v for k, v in produced.items()})
             return {name: tensors[name] for name in outputs}
         if model == "text_tokenizer":
-            from diffugts.tokenizer import tokenize
+            from diffugts.tokenizer import tokenize_array
 
-            prompts = inputs["prompts"]
-            ids, mask = tokenize([p.decode() for p in prompts.reshape(-1)],
-                                 self.repository / model / "1" / "tokenizer.json")
-            shape = prompts.shape + (ids.shape[-1],)
-            return {"input_ids": ids.reshape(shape), "attention_mask": mask.reshape(shape)}
+            ids, mask = tokenize_array(inputs["prompts"], self.repository / model / "1" / "tokenizer.json")
+            return {"input_ids": ids, "attention_mask": mask}
         results = self._session(model).run(outputs, inputs)
         return dict(zip(outputs, results))

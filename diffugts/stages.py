@@ -9,6 +9,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from .config import Preset
+from .tokenizer import MAX_TOKENS as TOKENS
 
 
 @dataclass(frozen=True)
@@ -27,7 +28,6 @@ class StageSpec:
 
 
 ONNX_STAGES = ("text_encoder", "vae_encoder_aova", "unet", "vae_decoder", "residual_head")
-TOKENS = 64
 
 
 def stage_specs(preset: Preset) -> dict[str, StageSpec]:

@@ -31,3 +31,11 @@ def tokenize(texts, tokenizer_path: str | None = None) -> tuple[np.ndarray, np.n
     ids = np.asarray([e.ids for e in encodings], dtype=np.int64)
     mask = np.asarray([e.attention_mask for e in encodings], dtype=np.int64)
     return ids, mask
+
+
+def tokenize_array(prompts: np.ndarray, tokenizer_path: str | None = None) -> tuple[np.ndarray, np.ndarray]:
+    """A BYTES/str array of prompts (any shape) -> ids and mask of shape prompts.shape + (MAX_TOKENS,)."""
+    texts = [p.decode("utf-8") if isinstance(p, bytes) else str(p) for p in prompts.reshape(-1)]
+    ids, mask = tokenize(texts, tokenizer_path)
+    shape = prompts.shape + (ids.shape[-1],)
+    return ids.reshape(shape), mask.reshape(shape)

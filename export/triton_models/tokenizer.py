@@ -4,18 +4,16 @@ import os
 
 import numpy as np
 import triton_python_backend_utils as pb_utils
-from tokenizers import Tokenizer
 
-MAX_TOKENS = 64
+from diffugts.tokenizer import load_tokenizer, tokenize_array
+
 MAX_CHARS = 400
 
 
 class TritonPythonModel:
     def initialize(self, args):
-        path = os.path.join(args["model_repository"], args["model_version"], "tokenizer.json")
-        self.tokenizer = Tokenizer.from_file(path)
-        self.tokenizer.enable_padding(pad_id=0, pad_token="[PAD]", length=MAX_TOKENS)
-        self.tokenizer.enable_truncation(MAX_TOKENS)
+        self.path = os.path.join(args["model_repository"], args["model_version"], "tokenizer.json")
+        load_tokenizer(self.path)  # fail at load time, not on the first request
 
     def _tokenize(self, prompts: np.ndarray):
         texts = [p.decode("utf-8") if isinstance(p, bytes) else str(p) for p in prompts.reshape(-1)]
@@ -23,11 +21,7 @@ class TritonPythonModel:
             raise ValueError("empty prompt")
         if any(len(t) > MAX_CHARS for t in texts):
             raise ValueError(f"prompt longer than {MAX_CHARS} characters")
-        enc = self.tokenizer.encode_batch(texts)
-        shape = prompts.shape + (MAX_TOKENS,)
-        ids = np.asarray([e.ids for e in enc], np.int64).reshape(shape)
-        mask = np.asarray([e.attention_mask for e in enc], np.int64).reshape(shape)
-        return ids, mask
+        return tokenize_array(prompts, self.path)
 
     def execute(self, requests):
         responses = []
