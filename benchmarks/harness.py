@@ -25,7 +25,7 @@ from diffugts.io import read_volume
 from diffugts.metrics import dice
 from diffugts.pipeline import LoopOptions, run_segmentation
 
-STAGES = ("preprocess", "encode", "attention", "inpaint", "decode_score", "postprocess")
+STAGES = ("preprocess", "encode", "attention", "inpaint", "score", "postprocess")
 
 
 @dataclass(frozen=True)

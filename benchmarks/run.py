@@ -104,16 +104,16 @@ def markdown(r: dict) -> str:
     lines = [f"Machine: {m['model_name']}, {m['cores']} cores, fp32 matmul peak "
              f"{m.get('peak_gflops_fp32_matmul', 0):.0f} GFLOP/s; preset `{r['preset']}`"
              f"{' (quick)' if r['quick'] else ''}, inpainting threshold {r['anomaly_threshold']}.", "",
-             "| executor | end-to-end p50 s | p95 s | encode | attention | inpaint | decode+score |",
+             "| executor | end-to-end p50 s | p95 s | encode | attention | inpaint (incl. decode) | score |",
              "|---|---|---|---|---|---|---|"]
     for name, e in r["executors"].items():
         s = e["stages"]
         lines.append(f"| {name} | {e['end_to_end_p50_s']:.3f} | {e['end_to_end_p95_s']:.3f} | "
-                     + " | ".join(f"{s[k]['p50']:.3f}" for k in ("encode", "attention", "inpaint", "decode_score"))
+                     + " | ".join(f"{s[k]['p50']:.3f}" for k in ("encode", "attention", "inpaint", "score"))
                      + " |")
     shm = r["executors"]["triton"]["shared_memory_on"]
     lines.append(f"| triton + shared memory | {shm['end_to_end_p50_s']:.3f} | {shm['end_to_end_p95_s']:.3f} | "
-                 + " | ".join(f"{shm['stages'][k]['p50']:.3f}" for k in ("encode", "attention", "inpaint", "decode_score"))
+                 + " | ".join(f"{shm['stages'][k]['p50']:.3f}" for k in ("encode", "attention", "inpaint", "score"))
                  + " |")
     lines += ["", "| concurrent clients | volumes/min, dynamic batching on | off |", "|---|---|---|"]
     for on, off in zip(r["throughput"]["dynamic_batching_on"], r["throughput"]["dynamic_batching_off"]):
@@ -145,7 +145,7 @@ def plot(r: dict, out: Path) -> None:
         import matplotlib.pyplot as plt
     except ImportError:
         return
-    stages = ("encode", "attention", "inpaint", "decode_score")
+    stages = ("encode", "attention", "inpaint", "score")
     names = list(r["executors"])
     fig, ax = plt.subplots(figsize=(8, 4))
     width = 0.8 / len(names)

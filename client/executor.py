@@ -5,7 +5,7 @@ from __future__ import annotations
 import numpy as np
 
 from diffugts.config import Preset
-from diffugts.executors.base import Denoised, Encoded, Scored
+from diffugts.executors.base import Denoised, Encoded
 from diffugts.prompts import PromptSet
 from diffugts.stages import ensemble_specs, stage_specs
 
@@ -16,7 +16,7 @@ def _names(spec) -> list[str]:
 
 class RepositoryExecutor:
     """encode -> `encode_aova` ensemble (then `vae_encoder_aova` with cached prompt embeddings),
-    unet -> `unet`, decode_and_score -> `decode_score` ensemble."""
+    unet -> `unet`, decode -> `vae_decoder`, score -> `score` ensemble."""
 
     def __init__(self, transport, preset: Preset):
         self.transport, self.preset = transport, preset
@@ -45,10 +45,14 @@ class RepositoryExecutor:
                                    _names(self._stages["unet"]))
         return Denoised(out["prediction"], out["attention"])
 
-    def decode_and_score(self, latent, image, anomaly, features, prompts: PromptSet) -> Scored:
-        out = self.transport.infer("decode_score", {
-            "latent": np.ascontiguousarray(latent, np.float32), "image": image,
+    def decode(self, latent: np.ndarray) -> np.ndarray:
+        return self.transport.infer("vae_decoder", {"latent": np.ascontiguousarray(latent, np.float32)},
+                                    _names(self._stages["vae_decoder"]))["healthy"]
+
+    def score(self, image, healthy, anomaly, features, prompts: PromptSet) -> np.ndarray:
+        out = self.transport.infer("score", {
+            "image": image, "healthy": np.ascontiguousarray(healthy, np.float32),
             "anomaly": np.ascontiguousarray(anomaly, np.float32), "features": features,
             "prompt_embeddings": self.embeddings(prompts)[None], "abnormal": prompts.abnormal_mask[None]},
-            _names(self._ensembles["decode_score"]))
-        return Scored(out["healthy"], out["logits"])
+            _names(self._ensembles["score"]))
+        return out["logits"]

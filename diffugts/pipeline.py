@@ -1,7 +1,7 @@
 """The one DiffuGTS loop, in numpy, against the stage-executor interface.
 
 encode (text + VAE taps + AOVA) -> attention probe and refinement -> latent inpainting with
-RePaint blending on the cropped latent -> decode + residual head -> postprocess.
+RePaint blending on the cropped latent, decoded as a difference -> residual head -> postprocess.
 Every executor (torch, ONNX Runtime, Triton, Triton BLS) runs exactly this code.
 """
 
@@ -142,6 +142,22 @@ def inpaint_latent(executor: StageExecutor, sampler, latent: np.ndarray, mask: n
     return sample
 
 
+def pixel_region(box: tuple[slice, ...], factor: int) -> tuple[slice, ...]:
+    return (slice(None), slice(None)) + tuple(slice(b.start * factor, b.stop * factor) for b in box)
+
+
+def pseudo_healthy(executor: StageExecutor, image: np.ndarray, latent: np.ndarray, inpainted: np.ndarray,
+                   box: tuple[slice, ...], preset) -> np.ndarray:
+    """The scan's box with the change the inpainting made: x + D(z_h) - D(z).
+
+    Decoding both latents of the box (one batch-2 call) and keeping only their difference cancels
+    the VAE's reconstruction error, so outside the inpainted region x_h is x itself, and only the
+    box is decoded (the decoder is the loop's most expensive call)."""
+    original, healed = executor.decode(np.concatenate([latent, inpainted]) / preset.scale_factor)
+    scan = image[pixel_region(box, preset.latent_factor)][0]
+    return np.clip(scan + healed - original, 0.0, 1.0).astype(np.float32)
+
+
 def segment_patch(executor: StageExecutor, patch: np.ndarray, prompts: PromptSet,
                   options: LoopOptions, rng: np.random.Generator, timings: Timings,
                   stats: dict | None = None) -> dict[str, np.ndarray]:
@@ -171,23 +187,23 @@ def segment_patch(executor: StageExecutor, patch: np.ndarray, prompts: PromptSet
     with timings.stage("inpaint"):
         mask = inpainting_mask(anomaly, preset.latent_factor, preset.anomaly_threshold,
                                preset.mask_dilation)
-        healthy_latent = latent.copy()
+        healthy = image.copy()
         if mask.any():
             full = tuple(slice(0, n) for n in mask.shape)
             box = crop_box(mask, preset.crop_margin, preset.unet_multiple) if options.crop else full
             region = (slice(None), slice(None)) + box
-            healthy_latent[region] = inpaint_latent(
-                executor, sampler, latent[region], mask[box].astype(np.float32)[None, None],
-                options.strength or preset.strength, rng)
+            inpainted = inpaint_latent(executor, sampler, latent[region], mask[box].astype(np.float32)[None, None],
+                                       options.strength or preset.strength, rng)
+            healthy[pixel_region(box, preset.latent_factor)] = pseudo_healthy(executor, image, latent[region],
+                                                                              inpainted, box, preset)
             if stats is not None:
                 stats["inpainted_voxels"] = stats.get("inpainted_voxels", 0) + int(np.prod([s.stop - s.start for s in box]))
         if stats is not None:
             stats["latent_voxels"] = stats.get("latent_voxels", 0) + mask.size
 
-    with timings.stage("decode_score"):
-        scored = executor.decode_and_score(healthy_latent / preset.scale_factor, image,
-                                           anomaly[None, None], encoded.features, prompts)
-    return {"prob": sigmoid(scored.logits[0, 0]), "anomaly": anomaly, "healthy": scored.healthy[0, 0]}
+    with timings.stage("score"):
+        logits = executor.score(image, healthy, anomaly[None, None], encoded.features, prompts)
+    return {"prob": sigmoid(logits[0, 0]), "anomaly": anomaly, "healthy": healthy[0, 0]}
 
 
 def segment_volume(executor: StageExecutor, volume: Volume, target: str, modality: str | None = None,

@@ -34,6 +34,7 @@ def stage_specs(preset: Preset) -> dict[str, StageSpec]:
     p, lat, c, e = preset.patch, preset.latent_patch, preset.latent_channels, preset.embed_dim
     image = (1, p, p, p)
     latent = (c, lat, lat, lat)
+    latent_box, image_box = (c, -1, -1, -1), (1, -1, -1, -1)  # the loop decodes its cropped box
     features = (e, lat, lat, lat)
     specs = [
         # the batch is the volume everywhere: a volume's prompt set rides along as a (Pc, ...) item
@@ -49,7 +50,7 @@ def stage_specs(preset: Preset) -> dict[str, StageSpec]:
                    Tensor("features", "FP32", features))),
         StageSpec("unet", (Tensor("latent", "FP32", (c, -1, -1, -1)), Tensor("timestep", "FP32", (1,))),
                   (Tensor("prediction", "FP32", (c, -1, -1, -1)), Tensor("attention", "FP32", (-1, -1)))),
-        StageSpec("vae_decoder", (Tensor("latent", "FP32", latent),), (Tensor("healthy", "FP32", image),)),
+        StageSpec("vae_decoder", (Tensor("latent", "FP32", latent_box),), (Tensor("healthy", "FP32", image_box),)),
         StageSpec("residual_head",
                   (Tensor("image", "FP32", image), Tensor("healthy", "FP32", image), Tensor("anomaly", "FP32", image),
                    Tensor("healthy_anomaly", "FP32", image), Tensor("features", "FP32", features),
@@ -61,15 +62,15 @@ def stage_specs(preset: Preset) -> dict[str, StageSpec]:
 
 def ensemble_specs(preset: Preset) -> dict[str, StageSpec]:
     stages = stage_specs(preset)
-    enc, dec, head = stages["vae_encoder_aova"], stages["vae_decoder"], stages["residual_head"]
+    enc, head = stages["vae_encoder_aova"], stages["residual_head"]
     prompt_embeddings, abnormal = enc.inputs[1], enc.inputs[2]
     return {
         "encode_aova": StageSpec(
             "encode_aova", (Tensor("prompts", "BYTES", (-1,)), enc.inputs[0], abnormal),
             enc.outputs + (prompt_embeddings,)),
-        "decode_score": StageSpec(
-            "decode_score", (dec.inputs[0], head.inputs[0], head.inputs[2], head.inputs[4], prompt_embeddings, abnormal),
-            (dec.outputs[0], head.outputs[0])),
+        "score": StageSpec(
+            "score", (head.inputs[0], head.inputs[1], head.inputs[2], head.inputs[4], prompt_embeddings, abnormal),
+            head.outputs),
     }
 
 
@@ -100,6 +101,9 @@ def output_shapes(preset: Preset, model: str, inputs: dict) -> dict[str, tuple[i
         for n in latent[2:]:
             tokens *= n // 2**level
         return {"prediction": latent, "attention": (latent[0], tokens, tokens)}
-    if model == "decode_score":
-        return {"healthy": inputs["image"].shape, "logits": inputs["image"].shape}
+    if model == "vae_decoder":
+        b, _, *side = inputs["latent"].shape
+        return {"healthy": (b, 1, *(n * preset.latent_factor for n in side))}
+    if model == "score":
+        return {"logits": inputs["image"].shape}
     raise KeyError(model)

@@ -190,7 +190,7 @@ def soft_dice_loss(prob: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
 
 
 class Recorder:
-    """A torch executor that keeps what the loop hands to `decode_and_score` (head training data)."""
+    """A torch executor that keeps what the loop hands to `score` (head training data)."""
 
     def __init__(self, executor: TorchExecutor):
         self.inner, self.preset, self.records = executor, executor.preset, []
@@ -201,9 +201,12 @@ class Recorder:
     def unet(self, latent, timestep):
         return self.inner.unet(latent, timestep)
 
-    def decode_and_score(self, latent, image, anomaly, features, prompts):
-        self.records.append((latent, image, anomaly, features, prompts))
-        return self.inner.decode_and_score(latent, image, anomaly, features, prompts)
+    def decode(self, latent):
+        return self.inner.decode(latent)
+
+    def score(self, image, healthy, anomaly, features, prompts):
+        self.records.append((image, healthy, anomaly, features, prompts))
+        return self.inner.score(image, healthy, anomaly, features, prompts)
 
 
 def train_heads(preset_name: str = "demo", work: Path = Path("train_work"), seed: int = 0,
@@ -251,12 +254,10 @@ def train_heads(preset_name: str = "demo", work: Path = Path("train_work"), seed
         for i, case in enumerate(cases):
             segment_patch(recorder, case.image, prompt_sets[i], LoopOptions(seed=seed + i),
                           np.random.default_rng(seed + i), Timings())
-            latent, image, anomaly, features, prompts = recorder.records.pop()
-            stages = executor.stages
-            healthy = stages["vae_decoder"](torch.from_numpy(latent))
+            image, healthy, anomaly, features, prompts = (
+                torch.from_numpy(a) if isinstance(a, np.ndarray) else a for a in recorder.records.pop())
             _, healthy_anomaly, healthy_features = executor._encode(healthy, prompts)
-            inputs.append([torch.from_numpy(image), healthy, torch.from_numpy(anomaly), healthy_anomaly,
-                           torch.from_numpy(features), healthy_features])
+            inputs.append([image, healthy, anomaly, healthy_anomaly, features, healthy_features])
     head = models.head.train()
 
     def head_loss(step):

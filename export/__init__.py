@@ -5,15 +5,21 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from .repository import RUNTIMES, read_preset, write_repository  # noqa: F401
+from .repository import REPOSITORY_FORMAT, RUNTIMES, read_preset, write_repository  # noqa: F401
 
 DEFAULT_REPOSITORY = Path("model_repository")
 
 
 def is_repository(path: Path) -> bool:
-    """Configs and graphs both present (the committed configs alone are not a built repository)."""
+    """Configs and graphs of this format present (the committed configs alone are not a built repository)."""
     path = Path(path)
-    return (path / "diffugts_pipeline" / "config.pbtxt").is_file() and (path / "unet" / "1" / "model.onnx").is_file()
+    report = path / "export_report.json"
+    if not (path / "diffugts_pipeline" / "config.pbtxt").is_file() or not (path / "unet" / "1" / "model.onnx").is_file():
+        return False
+    try:
+        return json.loads(report.read_text()).get("format") == REPOSITORY_FORMAT
+    except (OSError, ValueError):
+        return False
 
 
 def build_repository(out: str | Path = DEFAULT_REPOSITORY, preset_name: str = "demo", weights: str | None = None,
@@ -41,7 +47,5 @@ def build_repository(out: str | Path = DEFAULT_REPOSITORY, preset_name: str = "d
         from .tensorrt import build_plans
 
         build_plans(models.preset, out)
-    write_repository(out, models.preset, runtime, out, dynamic_batching, trt_accelerator=trt_accelerator)
-    (out / "export_report.json").write_text(json.dumps(
-        {"preset": models.preset.name, "runtime": runtime, "max_relative_error": report}, indent=2))
-    return out
+    return write_repository(out, models.preset, runtime, out, dynamic_batching,
+                            trt_accelerator=trt_accelerator, parity=report)

@@ -52,7 +52,8 @@ def example_inputs(preset: Preset, stage: str, batch: int = 1, crop: int | None 
         return {"latent": rng.standard_normal((batch, c, side, side, side)).astype(np.float32),
                 "timestep": np.full((batch, 1), 500.0, np.float32)}
     if stage == "vae_decoder":
-        return {"latent": rng.standard_normal((batch, c, lat, lat, lat)).astype(np.float32)}
+        side = crop or lat
+        return {"latent": rng.standard_normal((batch, c, side, side, side)).astype(np.float32)}
     if stage == "residual_head":
         return {"image": image(), "healthy": image(), "anomaly": image(), "healthy_anomaly": image(),
                 "features": unit(batch, e, lat, lat, lat), "healthy_features": unit(batch, e, lat, lat, lat)}
@@ -122,9 +123,10 @@ def export_stage(preset: Preset, stage: str, module: torch.nn.Module, path: Path
         model = onnx.load(str(path))
         onnx.save_model(model, str(path), save_as_external_data=True, all_tensors_to_one_file=True,
                         location=path.name + ".data")
-    # a second shape per graph proves the dynamic axes: batch 2, and a cropped latent for the UNet
+    # a second shape per graph proves the dynamic axes: batch 2, and a cropped latent where the loop crops
+    cropped = stage in ("unet", "vae_decoder")
     second = example_inputs(preset, stage, batch=2, seed=1,
-                            crop=max(preset.unet_multiple, preset.latent_patch // 2) if stage == "unet" else None)
+                            crop=max(preset.unet_multiple, preset.latent_patch // 2) if cropped else None)
     return verify(stage, module, path, [inputs, second], rtol)
 
 

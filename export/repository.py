@@ -17,6 +17,9 @@ from diffugts.config import Preset
 from diffugts.stages import ONNX_STAGES, PIPELINE, StageSpec, Tensor, ensemble_specs, stage_specs
 
 RUNTIMES = ("python-ort", "onnxruntime", "tensorrt")
+# bumped when stage signatures change, so that graphs exported by an older version are rebuilt
+# (2: the decoder takes cropped latent boxes; `decode_score` became `score`)
+REPOSITORY_FORMAT = 2
 MODEL_SOURCES = Path(__file__).parent / "triton_models"
 
 # per stage: (instances, preferred batch sizes, max queue delay in microseconds)
@@ -100,8 +103,7 @@ def ensemble_configs(preset: Preset) -> dict[str, str]:
         _step("vae_encoder_aova", {"image": "image", "prompt_embeddings": "prompt_embeddings", "abnormal": "abnormal"},
               {"latent": "latent", "anomaly": "anomaly", "features": "features"}),
     ]
-    decode = [
-        _step("vae_decoder", {"latent": "latent"}, {"healthy": "healthy"}),
+    score = [
         _step("vae_encoder_aova", {"image": "healthy", "prompt_embeddings": "prompt_embeddings", "abnormal": "abnormal"},
               {"anomaly": "healthy_anomaly", "features": "healthy_features"}),
         _step("residual_head", {"image": "image", "healthy": "healthy", "anomaly": "anomaly",
@@ -109,7 +111,7 @@ def ensemble_configs(preset: Preset) -> dict[str, str]:
                                 "healthy_features": "healthy_features"}, {"logits": "logits"}),
     ]
     out = {}
-    for name, steps in (("encode_aova", encode), ("decode_score", decode)):
+    for name, steps in (("encode_aova", encode), ("score", score)):
         text = _header(specs[name], 'platform: "ensemble"')
         out[name] = text + "ensemble_scheduling {\n  step [\n" + ",\n".join(steps) + "\n  ]\n}\n"
     return out
@@ -123,8 +125,10 @@ def pipeline_config(preset: Preset, instances: int = 1) -> str:
 
 def write_repository(out: Path, preset: Preset, runtime: str = "python-ort", onnx_dir: Path | None = None,
                      dynamic_batching: bool = True, tokenizer_json: Path | None = None,
-                     trt_accelerator: bool = False, threads: int = 0) -> Path:
-    """Lay out the repository; ONNX graphs (or plans) are taken from `onnx_dir/<stage>/1/`."""
+                     trt_accelerator: bool = False, threads: int = 0, parity: dict | None = None) -> Path:
+    """Lay out the repository; ONNX graphs (or plans) are taken from `onnx_dir/<stage>/1/`.
+
+    `export_report.json` records the format and the export's parity errors against torch."""
     from diffugts.tokenizer import bundled_tokenizer_json
 
     out = Path(out)
@@ -156,6 +160,9 @@ def write_repository(out: Path, preset: Preset, runtime: str = "python-ort", onn
     bls.mkdir(parents=True, exist_ok=True)
     shutil.copy2(MODEL_SOURCES / "pipeline.py", bls / "model.py")
     (out / PIPELINE.name / "config.pbtxt").write_text(pipeline_config(preset))
+    (out / "export_report.json").write_text(json.dumps(
+        {"format": REPOSITORY_FORMAT, "preset": preset.name, "runtime": runtime,
+         "max_relative_error": parity or {}}, indent=2))
     return out
 
 

@@ -40,14 +40,14 @@ def profile_shapes(preset: Preset, stage: str, max_batch: int | None = None,
     """(min, opt, max) per input, batch included: the shapes the loop sends."""
     spec = stage_specs(preset)[stage]
     max_batch = max_batch or spec.max_batch_size
-    opt_batch = min(2, max_batch)
+    opt_batch = min(2, max_batch)  # the decoder's usual call is batch 2 (box before and after)
     shapes = {}
     for t in spec.inputs:
         lo, opt, hi = [1], [opt_batch], [max_batch]
         for axis, d in enumerate(t.dims):
             if d != -1:
                 lo.append(d), opt.append(d), hi.append(d)
-            elif stage == "unet" and t.name == "latent":  # cropped latents, multiples of the UNet's
+            elif t.name == "latent":  # cropped latent boxes (UNet and decoder), multiples of the UNet's
                 lo.append(preset.unet_multiple)
                 opt.append(max(preset.unet_multiple, preset.latent_patch // 2))
                 hi.append(preset.latent_patch)

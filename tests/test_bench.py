@@ -17,7 +17,7 @@ def test_quick_bench_writes_results(tmp_path, capsys):
     for name in ("torch", "onnx", "triton", "triton-bls"):
         e = results["executors"][name]
         assert 0 < e["end_to_end_p50_s"] <= e["end_to_end_p95_s"]
-        assert set(e["stages"]) >= {"encode", "inpaint", "decode_score"}
+        assert set(e["stages"]) >= {"encode", "inpaint", "score"}
     assert [t["concurrency"] for t in results["throughput"]["dynamic_batching_on"]] == [1, 2]
     assert all(not t["errors"] for t in results["throughput"]["dynamic_batching_off"])
     assert results["cropping"]["inpaint_speedup"] > 0

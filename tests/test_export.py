@@ -24,7 +24,7 @@ ROOT = Path(__file__).resolve().parents[1]
 def test_repository_layout_and_configs(tiny_repository):
     assert is_repository(tiny_repository)
     models = sorted(p.parent.name for p in tiny_repository.glob("*/config.pbtxt"))
-    assert models == sorted(list(ONNX_STAGES) + ["text_tokenizer", "encode_aova", "decode_score",
+    assert models == sorted(list(ONNX_STAGES) + ["text_tokenizer", "encode_aova", "score",
                                                   "diffugts_pipeline"])
     for name in ONNX_STAGES:
         config = parse_config(tiny_repository / name / "config.pbtxt")
@@ -37,7 +37,7 @@ def test_repository_layout_and_configs(tiny_repository):
         assert (tiny_repository / name / "1" / "model.onnx").is_file()
         assert (tiny_repository / name / "1" / "model.py").is_file()
         onnx.checker.check_model(str(tiny_repository / name / "1" / "model.onnx"))
-    for name in ("encode_aova", "decode_score"):
+    for name in ("encode_aova", "score"):
         config = parse_config(tiny_repository / name / "config.pbtxt")
         assert config.platform == "ensemble"
         for step in config.ensemble_scheduling.step:  # every step names a model of the repository
@@ -113,11 +113,11 @@ def test_tensorrt_is_absent_here_and_says_so(tmp_path):
 
 def test_tensorrt_profiles_follow_the_loop():
     for preset in (TINY, get_preset("maisi")):
-        unet = profile_shapes(preset, "unet")
-        lo, opt, hi = unet["latent"]
-        assert lo == (1, 4) + (preset.unet_multiple,) * 3
-        assert hi == (8, 4) + (preset.latent_patch,) * 3
-        assert all(a <= b <= c for a, b, c in zip(lo, opt, hi))
+        for stage in ("unet", "vae_decoder"):  # both take the loop's cropped latent box
+            lo, opt, hi = profile_shapes(preset, stage)["latent"]
+            assert lo == (1, 4) + (preset.unet_multiple,) * 3
+            assert hi == (8, 4) + (preset.latent_patch,) * 3
+            assert all(a <= b <= c for a, b, c in zip(lo, opt, hi))
         enc = profile_shapes(preset, "vae_encoder_aova")
         assert enc["image"][2] == (8, 1) + (preset.patch,) * 3
         assert enc["prompt_embeddings"][1] == (2, 6, preset.embed_dim)

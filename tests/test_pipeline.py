@@ -82,14 +82,14 @@ def test_segment_volume_is_deterministic_and_on_the_input_grid(torch_executor, p
     assert set(np.unique(first.mask)) <= {0, 1}
     np.testing.assert_array_equal(first.mask, again.mask)
     np.testing.assert_array_equal(first.probability, again.probability)
-    assert {"encode", "attention", "inpaint", "decode_score", "postprocess"} <= set(first.timings)
+    assert {"encode", "attention", "inpaint", "score", "postprocess"} <= set(first.timings)
 
 
 class ShapeSpy:
-    """Delegates to a real executor and records the latent shapes the UNet sees."""
+    """Delegates to a real executor and records the latent shapes the UNet and the decoder see."""
 
     def __init__(self, executor, preset):
-        self.inner, self.preset, self.unet_shapes = executor, preset, []
+        self.inner, self.preset, self.unet_shapes, self.decode_shapes = executor, preset, [], []
 
     def encode(self, image, prompts):
         return self.inner.encode(image, prompts)
@@ -98,8 +98,12 @@ class ShapeSpy:
         self.unet_shapes.append(latent.shape[2:])
         return self.inner.unet(latent, timestep)
 
-    def decode_and_score(self, *args):
-        return self.inner.decode_and_score(*args)
+    def decode(self, latent):
+        self.decode_shapes.append(latent.shape)
+        return self.inner.decode(latent)
+
+    def score(self, *args):
+        return self.inner.score(*args)
 
 
 def test_cropping_runs_the_loop_on_the_bounding_box(torch_executor, phantom_dir):
@@ -113,15 +117,39 @@ def test_cropping_runs_the_loop_on_the_bounding_box(torch_executor, phantom_dir)
     threshold = float(np.quantile(encoded.anomaly, 0.998))  # a few latent voxels
     preset = torch_executor.preset.with_(anomaly_threshold=threshold, refine_weight=0.0,
                                          mask_dilation=0, crop_margin=0)
-    shapes = {}
+    shapes, decoded = {}, {}
     for crop in (True, False):
         spy = ShapeSpy(torch_executor, preset)
         seg = segment_volume(spy, volume, "liver cyst", "CT", LoopOptions(crop=crop))
         shapes[crop] = spy.unet_shapes[1:]  # the first call is the attention probe on the full latent
+        decoded[crop] = spy.decode_shapes
         assert seg.mask.shape == volume.array.shape
     assert all(s == (8, 8, 8) for s in shapes[False]) and shapes[False]
     assert len(shapes[True]) == len(shapes[False])
     assert all(np.prod(s) < 8**3 and all(n % 4 == 0 for n in s) for s in shapes[True])
+    # one batch-2 decode (the box before and after inpainting), of the box the loop ran on
+    assert decoded[False] == [(2, 4, 8, 8, 8)]
+    assert len(decoded[True]) == 1 and decoded[True][0][:2] == (2, 4) and decoded[True][0][2:] == shapes[True][0]
+
+
+def test_pseudo_healthy_is_the_scan_plus_the_inpainting_change(torch_executor):
+    from diffugts.pipeline import pixel_region, pseudo_healthy
+
+    preset = torch_executor.preset
+    rng = np.random.default_rng(0)
+    image = rng.random((1, 1, 32, 32, 32), dtype=np.float32)
+    latent = rng.standard_normal((1, 4, 4, 4, 4)).astype(np.float32)
+    box = (slice(2, 6), slice(0, 4), slice(4, 8))
+    # an inpainting that changed nothing gives the scan back exactly, reconstruction error and all
+    unchanged = pseudo_healthy(torch_executor, image, latent, latent.copy(), box, preset)
+    np.testing.assert_allclose(unchanged, image[pixel_region(box, 4)][0], atol=1e-6)
+    # a change is the decoder's difference, added to the scan
+    healed = latent + 0.5
+    got = pseudo_healthy(torch_executor, image, latent, healed, box, preset)
+    d = torch_executor.decode(np.concatenate([latent, healed]) / preset.scale_factor)
+    want = np.clip(image[pixel_region(box, 4)][0] + d[1] - d[0], 0, 1)
+    np.testing.assert_allclose(got, want, atol=1e-6)
+    assert np.abs(got - image[pixel_region(box, 4)][0]).max() > 1e-3
 
 
 def test_intensity_outlier_baseline_finds_a_blob():
@@ -141,7 +169,7 @@ def test_ablations_skip_the_later_stages(torch_executor, phantom_dir, ablation):
     volume = read_volume(phantom_dir / "imagesTs" / "case_000.nii.gz")
     seg = segment_volume(torch_executor, volume, "kidney tumor", "CT", LoopOptions(ablation=ablation))
     assert seg.mask.shape == volume.array.shape
-    assert "decode_score" not in seg.timings and "inpaint" not in seg.timings
+    assert "score" not in seg.timings and "inpaint" not in seg.timings
     if ablation == "aova":
         np.testing.assert_allclose(seg.probability, seg.anomaly)
     with pytest.raises(ValueError, match="unknown ablation"):

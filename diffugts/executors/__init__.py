@@ -1,8 +1,8 @@
 """Stage executors: one small interface, three implementations (torch, ONNX Runtime, Triton)."""
 
-from .base import Denoised, Encoded, Scored, StageExecutor
+from .base import Denoised, Encoded, StageExecutor
 
-__all__ = ["Denoised", "Encoded", "Scored", "StageExecutor", "make_executor"]
+__all__ = ["Denoised", "Encoded", "StageExecutor", "make_executor"]
 
 
 def make_executor(backend: str, preset_name: str = "tiny", weights: str | None = None,

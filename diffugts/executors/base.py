@@ -24,12 +24,6 @@ class Denoised:
     attention: np.ndarray  # (1, N, N) self-attention of the finest attention level, mean over heads
 
 
-@dataclass
-class Scored:
-    healthy: np.ndarray  # (1, 1, P, P, P) decoded pseudo-healthy patch
-    logits: np.ndarray  # (1, 1, P, P, P) residual-head mask logits
-
-
 class StageExecutor(Protocol):
     preset: Preset
 
@@ -39,6 +33,9 @@ class StageExecutor(Protocol):
     def unet(self, latent: np.ndarray, timestep: float) -> Denoised:
         """One UNet pass on a (scaled) latent, with the attention hook."""
 
-    def decode_and_score(self, latent: np.ndarray, image: np.ndarray, anomaly: np.ndarray,
-                         features: np.ndarray, prompts: PromptSet) -> Scored:
-        """Decode the inpainted latent and run the residual head (the `decode_score` ensemble)."""
+    def decode(self, latent: np.ndarray) -> np.ndarray:
+        """(B, C, l, m, n) unscaled latents, a cropped box or the whole patch -> (B, 1, 4l, 4m, 4n) images."""
+
+    def score(self, image: np.ndarray, healthy: np.ndarray, anomaly: np.ndarray, features: np.ndarray,
+              prompts: PromptSet) -> np.ndarray:
+        """Residual-head logits of an image against its pseudo-healthy counterpart (the `score` ensemble)."""

@@ -10,7 +10,7 @@ from ..models import build_models
 from ..models.weights import bundled_weights, load_weights
 from ..prompts import PromptSet
 from ..tokenizer import tokenize
-from .base import Denoised, Encoded, Scored
+from .base import Denoised, Encoded
 
 
 def _t(a: np.ndarray) -> torch.Tensor:
@@ -57,9 +57,11 @@ class TorchExecutor:
         return Denoised(prediction.numpy(), attention.numpy())
 
     @torch.inference_mode()
-    def decode_and_score(self, latent, image, anomaly, features, prompts: PromptSet) -> Scored:
-        healthy = self.stages["vae_decoder"](_t(latent))
-        _, healthy_anomaly, healthy_features = self._encode(healthy, prompts)
-        logits = self.stages["residual_head"](_t(image), healthy, _t(anomaly), healthy_anomaly,
-                                              _t(features), healthy_features)
-        return Scored(healthy.numpy(), logits.numpy())
+    def decode(self, latent: np.ndarray) -> np.ndarray:
+        return self.stages["vae_decoder"](_t(latent)).numpy()
+
+    @torch.inference_mode()
+    def score(self, image, healthy, anomaly, features, prompts: PromptSet) -> np.ndarray:
+        _, healthy_anomaly, healthy_features = self._encode(_t(healthy), prompts)
+        return self.stages["residual_head"](_t(image), _t(healthy), _t(anomaly), healthy_anomaly,
+                                            _t(features), healthy_features).numpy()
