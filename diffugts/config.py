@@ -95,8 +95,9 @@ PRESETS: dict[str, Preset] = {
         unet_channels=(32, 64, 64), unet_attention=(False, True, True),
         unet_head_channels=(0, 16, 16), unet_norm_groups=8, unet_res_blocks=1,
         embed_dim=32, head_channels=16, inference_steps=10,
-        # calibrated on seen-category phantoms (seed 77) with the bundled weights
-        mask_threshold=0.25, map_threshold=0.08,
+        # calibrated on seen-category phantoms (seed 77) with the bundled weights; the inpainting
+        # threshold is the map's: below it the masks stay empty and nothing is inpainted
+        mask_threshold=0.25, map_threshold=0.08, anomaly_threshold=0.08,
         weights="demo.safetensors",
     ),
     # the published MAISI sizes (rflow-ct UNet); weights from a user's local path

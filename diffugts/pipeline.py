@@ -52,6 +52,9 @@ class LoopOptions:
     # where the mask comes from: the residual head (full), the refined or raw AOVA map, or an
     # intensity-outlier baseline with no learning at all
     ablation: str = "full"
+    # training only: latent voxels inpainted whatever the map says (the ground truth, so that the
+    # residual head learns what an inpainted lesion looks like)
+    inpaint_also: np.ndarray | None = None
 
     def __post_init__(self):
         if self.ablation not in ABLATIONS:
@@ -187,6 +190,8 @@ def segment_patch(executor: StageExecutor, patch: np.ndarray, prompts: PromptSet
     with timings.stage("inpaint"):
         mask = inpainting_mask(anomaly, preset.latent_factor, preset.anomaly_threshold,
                                preset.mask_dilation)
+        if options.inpaint_also is not None:
+            mask = mask | options.inpaint_also
         healthy = image.copy()
         if mask.any():
             full = tuple(slice(0, n) for n in mask.shape)

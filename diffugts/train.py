@@ -26,7 +26,7 @@ from .models import build_models
 from .models.backbone import encode_with_taps
 from .models.weights import load_weights, save_weights
 from .phantom import CATEGORIES, make_case
-from .pipeline import LoopOptions, Timings, segment_patch
+from .pipeline import LoopOptions, Timings, inpainting_mask, segment_patch
 from .preprocess import to_model_grid
 from .prompts import build_prompt_set
 from .schedulers import scaled_linear_alphas_cumprod
@@ -252,7 +252,10 @@ def train_heads(preset_name: str = "demo", work: Path = Path("train_work"), seed
     inputs = []
     with torch.no_grad():
         for i, case in enumerate(cases):
-            segment_patch(recorder, case.image, prompt_sets[i], LoopOptions(seed=seed + i),
+            # every other case also inpaints its (dilated) lesion: the head sees lesions that the
+            # inpainting removed as well as lesions the map missed
+            lesion = inpainting_mask(case.label, preset.latent_factor, 0.5, preset.mask_dilation) if i % 2 else None
+            segment_patch(recorder, case.image, prompt_sets[i], LoopOptions(seed=seed + i, inpaint_also=lesion),
                           np.random.default_rng(seed + i), Timings())
             image, healthy, anomaly, features, prompts = (
                 torch.from_numpy(a) if isinstance(a, np.ndarray) else a for a in recorder.records.pop())

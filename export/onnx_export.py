@@ -7,6 +7,7 @@ with torch on the same inputs (two input shapes per graph) within a relative tol
 from __future__ import annotations
 
 import warnings
+from contextlib import contextmanager
 from pathlib import Path
 
 import numpy as np
@@ -106,12 +107,32 @@ def verify(stage: str, module: torch.nn.Module, path: Path, cases: list[dict[str
     return worst
 
 
+@contextmanager
+def fused_group_norms(module: torch.nn.Module):
+    """Export MONAI's `MaisiGroupNorm3D` as the `nn.GroupNorm` it subclasses.
+
+    MAISI normalizes one group at a time (to spare GPU memory on 512^3 volumes), which traces to
+    a chain of small reductions per group; `nn.GroupNorm.forward` is the same function in one op
+    (InstanceNormalization in ONNX), 2-4x faster in ONNX Runtime here. The parity check runs
+    against the module as MONAI ships it, outside this context."""
+    from monai.apps.generation.maisi.networks.autoencoderkl_maisi import MaisiGroupNorm3D
+
+    swapped = [m for m in module.modules() if isinstance(m, MaisiGroupNorm3D) and not m.norm_float16]
+    for m in swapped:
+        m.forward = torch.nn.GroupNorm.forward.__get__(m)
+    try:
+        yield
+    finally:
+        for m in swapped:
+            del m.forward
+
+
 def export_stage(preset: Preset, stage: str, module: torch.nn.Module, path: Path, rtol: float = 1e-3) -> dict:
     spec = stage_specs(preset)[stage]
     inputs = example_inputs(preset, stage)
     path.parent.mkdir(parents=True, exist_ok=True)
     module = module.eval()
-    with warnings.catch_warnings(), torch.inference_mode(False), torch.no_grad():
+    with warnings.catch_warnings(), torch.inference_mode(False), torch.no_grad(), fused_group_norms(module):
         warnings.simplefilter("ignore")
         torch.onnx.export(
             module, tuple(torch.from_numpy(v) for v in inputs.values()), str(path), dynamo=False,

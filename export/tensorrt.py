@@ -58,7 +58,8 @@ def profile_shapes(preset: Preset, stage: str, max_batch: int | None = None,
 
 
 def _in_norm_scope(node_name: str) -> bool:
-    # MAISI's group norm exports as ReduceMean/Sub/Div/Sqrt under a `.../norm*/` scope
+    # group norms export under a `.../norm*/` scope (InstanceNormalization with its reshapes and
+    # affine, or ReduceMean/Sub/Div/Sqrt where a norm was written out by hand)
     return any(part.startswith("norm") for part in node_name.split("/")[:-1])
 
 

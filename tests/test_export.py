@@ -152,3 +152,14 @@ def test_python_ort_repository_writer_copies_graphs(tiny_repository, tmp_path):
     assert (out / "unet" / "1" / "model.onnx").read_bytes() == (tiny_repository / "unet" / "1" / "model.onnx").read_bytes()
     assert not (out / "unet" / "1" / "model.py").exists()
     assert json.loads(parse_config(out / "diffugts_pipeline" / "config.pbtxt").parameters["preset"].string_value)["name"] == "tiny"
+
+
+def test_vae_group_norms_export_fused_and_the_module_stays_as_monai_ships_it(tiny_repository, tiny_models):
+    from monai.apps.generation.maisi.networks.autoencoderkl_maisi import MaisiGroupNorm3D
+
+    for stage in ("vae_encoder_aova", "vae_decoder"):
+        ops = [n.op_type for n in onnx.load(str(tiny_repository / stage / "1" / "model.onnx")).graph.node]
+        norms = sum(isinstance(m, MaisiGroupNorm3D) for m in tiny_models.vae.modules())
+        assert ops.count("InstanceNormalization") >= norms // 2 > 0, stage  # one op per norm it uses
+    # the swap lasts only as long as the export: the torch reference keeps MONAI's forward
+    assert not any("forward" in vars(m) for m in tiny_models.vae.modules() if isinstance(m, MaisiGroupNorm3D))
