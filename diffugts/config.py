@@ -97,7 +97,7 @@ PRESETS: dict[str, Preset] = {
         embed_dim=32, head_channels=16, inference_steps=10,
         # calibrated on seen-category phantoms (seed 77) with the bundled weights; the inpainting
         # threshold is the map's: below it the masks stay empty and nothing is inpainted
-        mask_threshold=0.25, map_threshold=0.08, anomaly_threshold=0.08,
+        mask_threshold=0.05, map_threshold=0.08, anomaly_threshold=0.08,
         weights="demo.safetensors",
     ),
     # the published MAISI sizes (rflow-ct UNet); weights from a user's local path

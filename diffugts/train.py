@@ -250,7 +250,8 @@ def train_heads(preset_name: str = "demo", work: Path = Path("train_work"), seed
     executor = TorchExecutor(models)
     recorder = Recorder(executor)
     inputs = []
-    with torch.no_grad():
+    progress, task = _progress(len(cases), "loop outputs")
+    with torch.no_grad(), progress:
         for i, case in enumerate(cases):
             # every other case also inpaints its (dilated) lesion: the head sees lesions that the
             # inpainting removed as well as lesions the map missed
@@ -261,6 +262,7 @@ def train_heads(preset_name: str = "demo", work: Path = Path("train_work"), seed
                 torch.from_numpy(a) if isinstance(a, np.ndarray) else a for a in recorder.records.pop())
             _, healthy_anomaly, healthy_features = executor._encode(healthy, prompts)
             inputs.append([image, healthy, anomaly, healthy_anomaly, features, healthy_features])
+            progress.update(task, advance=1)
     head = models.head.train()
 
     def head_loss(step):
