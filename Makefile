@@ -32,7 +32,7 @@ eval: $(STAMP)
 	$(VENV)/bin/diffugts real-lesion --out eval_out --preset demo
 
 bench: $(STAMP)
-	$(VENV)/bin/diffugts bench --preset demo --out bench_out --theta 0.03
+	$(VENV)/bin/diffugts bench --preset demo --out bench_out --theta 0.05
 
 clean:
 	rm -rf $(VENV) demo_out eval_data eval_out bench_out build *.egg-info

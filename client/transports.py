@@ -153,6 +153,9 @@ class OrtTransport:
             options = ort.SessionOptions()
             if self.threads:
                 options.intra_op_num_threads = self.threads
+            # one session per stage, run one after another: threads left spinning by the last
+            # stage would compete with the next (the server's stage models do the same)
+            options.add_session_config_entry("session.intra_op.allow_spinning", "0")
             self._sessions[model] = ort.InferenceSession(str(self.repository / model / "1" / "model.onnx"),
                                                          options, providers=["CPUExecutionProvider"])
         return self._sessions[model]

@@ -31,8 +31,8 @@ def test_repository_layout_and_configs(tiny_repository):
         assert config.backend == "python" and config.max_batch_size == 8
         assert config.HasField("dynamic_batching")
         if name == "unet":
-            assert config.dynamic_batching.max_queue_delay_microseconds == 2000
-            assert list(config.dynamic_batching.preferred_batch_size) == [2, 4, 8]
+            assert config.dynamic_batching.max_queue_delay_microseconds == 0
+            assert config.max_batch_size == 8
         assert config.instance_group[0].count == 1
         assert (tiny_repository / name / "1" / "model.onnx").is_file()
         assert (tiny_repository / name / "1" / "model.py").is_file()

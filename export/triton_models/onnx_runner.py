@@ -20,6 +20,9 @@ class TritonPythonModel:
         threads = int(config.get("parameters", {}).get("intra_op_threads", {}).get("string_value", "0"))
         if threads > 0:
             options.intra_op_num_threads = threads
+        # every stage is its own stub process: idle ORT threads spinning in one would steal the
+        # cores from the stage that runs next
+        options.add_session_config_entry("session.intra_op.allow_spinning", "0")
         self.session = ort.InferenceSession(path, options, providers=["CPUExecutionProvider"])
         self.inputs = [(i["name"], [int(d) for d in i["dims"]]) for i in config["input"]]
         self.outputs = [o["name"] for o in config["output"]]
