@@ -95,7 +95,7 @@ def cmd_segment(args) -> int:
                 write_nifti_atomic({out / f"{stem}_mask.nii.gz": seg.mask,
                                     out / f"{stem}_anomaly.nii.gz": seg.anomaly.astype("float32")}, volume.affine)
                 write_overlay(out / f"{stem}_overlay.png", volume.array, seg.mask, seg.anomaly,
-                              title=f"{stem}: {args.prompt} ({seg.modality})")
+                              title=f"{stem}: {args.prompt} ({seg.modality})", modality=seg.modality)
                 write_json(out / f"{stem}_timings.json", {"backend": args.backend, "preset": executor.preset.name,
                                                           "seconds": seg.timings,
                                                           "mask_voxels": int(seg.mask.sum())})

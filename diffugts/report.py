@@ -16,8 +16,17 @@ def top_slices(mask: np.ndarray, count: int = 3) -> list[int]:
     return sorted(int(i) for i in np.argsort(area)[::-1][:count] if area[i] > 0)
 
 
+def display_window(image: np.ndarray, modality: str | None = None) -> tuple[float, float]:
+    """Grey levels to show: CT in the abdominal soft-tissue window (HU), else the body's 1-99%."""
+    if modality == "CT":
+        return -160.0, 240.0
+    body = image[image > np.percentile(image, 5)]
+    lo, hi = np.percentile(body if body.size else image, [1, 99])
+    return float(lo), float(hi)
+
+
 def write_overlay(path: Path, image: np.ndarray, mask: np.ndarray, anomaly: np.ndarray | None = None,
-                  truth: np.ndarray | None = None, title: str = "") -> bool:
+                  truth: np.ndarray | None = None, title: str = "", modality: str | None = None) -> bool:
     """PNG: per slice the scan with the mask (red), truth contour (green) and anomaly map."""
     try:
         import matplotlib
@@ -29,7 +38,8 @@ def write_overlay(path: Path, image: np.ndarray, mask: np.ndarray, anomaly: np.n
     slices = top_slices(mask if mask.any() or truth is None else truth)
     cols = 2 if anomaly is not None else 1
     fig, axes = plt.subplots(len(slices), cols, figsize=(4 * cols, 4 * len(slices)), squeeze=False)
-    lo, hi = np.percentile(image, [1, 99])
+    lo, hi = display_window(image, modality)
+    peak = max(float(anomaly.max()), 1e-6) if anomaly is not None else 1.0  # maps rarely reach 1
     for row, z in zip(axes, slices):
         row[0].imshow(image[..., z].T, cmap="gray", vmin=lo, vmax=hi, origin="lower")
         row[0].imshow(np.ma.masked_where(mask[..., z].T == 0, mask[..., z].T), cmap="autumn",
@@ -39,8 +49,8 @@ def write_overlay(path: Path, image: np.ndarray, mask: np.ndarray, anomaly: np.n
         row[0].set_title(f"slice {z}: mask (red)" + (", truth (green)" if truth is not None else ""))
         if anomaly is not None:
             row[1].imshow(image[..., z].T, cmap="gray", vmin=lo, vmax=hi, origin="lower")
-            row[1].imshow(anomaly[..., z].T, cmap="magma", alpha=0.6, vmin=0, vmax=1, origin="lower")
-            row[1].set_title("anomaly map")
+            row[1].imshow(anomaly[..., z].T, cmap="magma", alpha=0.6, vmin=0, vmax=peak, origin="lower")
+            row[1].set_title(f"anomaly map (0 to {peak:.2f})")
         for ax in row:
             ax.axis("off")
     fig.suptitle(title)
