@@ -49,10 +49,14 @@ class RepositoryExecutor:
         return self.transport.infer("vae_decoder", {"latent": np.ascontiguousarray(latent, np.float32)},
                                     _names(self._stages["vae_decoder"]))["healthy"]
 
-    def score(self, image, healthy, anomaly, features, prompts: PromptSet) -> np.ndarray:
-        out = self.transport.infer("score", {
-            "image": image, "healthy": np.ascontiguousarray(healthy, np.float32),
-            "anomaly": np.ascontiguousarray(anomaly, np.float32), "features": features,
-            "prompt_embeddings": self.embeddings(prompts)[None], "abnormal": prompts.abnormal_mask[None]},
-            _names(self._ensembles["score"]))
-        return out["logits"]
+    def score(self, image, healthy, anomaly, encoded: Encoded, prompts: PromptSet) -> np.ndarray:
+        anomaly = np.ascontiguousarray(anomaly, np.float32)
+        if healthy is None:  # x_h is x: the residual head alone, on the encoder's outputs for x
+            return self.transport.infer("residual_head", {
+                "image": image, "healthy": image, "anomaly": anomaly, "healthy_anomaly": encoded.anomaly,
+                "features": encoded.features, "healthy_features": encoded.features},
+                _names(self._stages["residual_head"]))["logits"]
+        return self.transport.infer("score", {
+            "image": image, "healthy": np.ascontiguousarray(healthy, np.float32), "anomaly": anomaly,
+            "features": encoded.features, "prompt_embeddings": self.embeddings(prompts)[None],
+            "abnormal": prompts.abnormal_mask[None]}, _names(self._ensembles["score"]))["logits"]

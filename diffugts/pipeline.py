@@ -192,13 +192,14 @@ def segment_patch(executor: StageExecutor, patch: np.ndarray, prompts: PromptSet
                                preset.mask_dilation)
         if options.inpaint_also is not None:
             mask = mask | options.inpaint_also
-        healthy = image.copy()
+        healthy = None  # x_h is x until something is inpainted
         if mask.any():
             full = tuple(slice(0, n) for n in mask.shape)
             box = crop_box(mask, preset.crop_margin, preset.unet_multiple) if options.crop else full
             region = (slice(None), slice(None)) + box
             inpainted = inpaint_latent(executor, sampler, latent[region], mask[box].astype(np.float32)[None, None],
                                        options.strength or preset.strength, rng)
+            healthy = image.copy()
             healthy[pixel_region(box, preset.latent_factor)] = pseudo_healthy(executor, image, latent[region],
                                                                               inpainted, box, preset)
             if stats is not None:
@@ -207,8 +208,8 @@ def segment_patch(executor: StageExecutor, patch: np.ndarray, prompts: PromptSet
             stats["latent_voxels"] = stats.get("latent_voxels", 0) + mask.size
 
     with timings.stage("score"):
-        logits = executor.score(image, healthy, anomaly[None, None], encoded.features, prompts)
-    return {"prob": sigmoid(logits[0, 0]), "anomaly": anomaly, "healthy": healthy[0, 0]}
+        logits = executor.score(image, healthy, anomaly[None, None], encoded, prompts)
+    return {"prob": sigmoid(logits[0, 0]), "anomaly": anomaly, "healthy": patch if healthy is None else healthy[0, 0]}
 
 
 def segment_volume(executor: StageExecutor, volume: Volume, target: str, modality: str | None = None,

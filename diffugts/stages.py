@@ -104,6 +104,6 @@ def output_shapes(preset: Preset, model: str, inputs: dict) -> dict[str, tuple[i
     if model == "vae_decoder":
         b, _, *side = inputs["latent"].shape
         return {"healthy": (b, 1, *(n * preset.latent_factor for n in side))}
-    if model == "score":
+    if model in ("score", "residual_head"):
         return {"logits": inputs["image"].shape}
     raise KeyError(model)

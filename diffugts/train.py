@@ -204,9 +204,9 @@ class Recorder:
     def decode(self, latent):
         return self.inner.decode(latent)
 
-    def score(self, image, healthy, anomaly, features, prompts):
-        self.records.append((image, healthy, anomaly, features, prompts))
-        return self.inner.score(image, healthy, anomaly, features, prompts)
+    def score(self, image, healthy, anomaly, encoded, prompts):
+        self.records.append((image, image if healthy is None else healthy, anomaly, encoded.features, prompts))
+        return self.inner.score(image, healthy, anomaly, encoded, prompts)
 
 
 def train_heads(preset_name: str = "demo", work: Path = Path("train_work"), seed: int = 0,

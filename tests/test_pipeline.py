@@ -174,3 +174,18 @@ def test_ablations_skip_the_later_stages(torch_executor, phantom_dir, ablation):
         np.testing.assert_allclose(seg.probability, seg.anomaly)
     with pytest.raises(ValueError, match="unknown ablation"):
         LoopOptions(ablation="none")
+
+
+@pytest.mark.parametrize("backend", ["torch", "onnx"])
+def test_score_without_inpainting_skips_the_encoder_and_matches_the_ensemble(torch_executor, tiny_repository,
+                                                                              backend):
+    from diffugts.executors.onnx_executor import OnnxExecutor
+
+    executor = torch_executor if backend == "torch" else OnnxExecutor.from_repository(tiny_repository)
+    prompts = build_prompt_set("liver cyst", "CT")
+    image = np.random.default_rng(0).random((1, 1, 32, 32, 32), dtype=np.float32)
+    encoded = executor.encode(image, prompts)
+    refined = np.clip(encoded.anomaly * 1.5, 0, 1).astype(np.float32)
+    shortcut = executor.score(image, None, refined, encoded, prompts)  # x_h is x: residual head only
+    full = executor.score(image, image.copy(), refined, encoded, prompts)  # encoder on x_h, then the head
+    np.testing.assert_allclose(shortcut, full, rtol=1e-4, atol=1e-4)

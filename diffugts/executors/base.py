@@ -36,6 +36,8 @@ class StageExecutor(Protocol):
     def decode(self, latent: np.ndarray) -> np.ndarray:
         """(B, C, l, m, n) unscaled latents, a cropped box or the whole patch -> (B, 1, 4l, 4m, 4n) images."""
 
-    def score(self, image: np.ndarray, healthy: np.ndarray, anomaly: np.ndarray, features: np.ndarray,
+    def score(self, image: np.ndarray, healthy: np.ndarray | None, anomaly: np.ndarray, encoded: Encoded,
               prompts: PromptSet) -> np.ndarray:
-        """Residual-head logits of an image against its pseudo-healthy counterpart (the `score` ensemble)."""
+        """Residual-head logits of an image against its pseudo-healthy counterpart (the `score`
+        ensemble). `healthy=None`: nothing was inpainted, x_h is x, and the encoder's outputs for x
+        stand in for those of x_h (the residual head alone runs)."""

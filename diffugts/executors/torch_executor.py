@@ -61,7 +61,10 @@ class TorchExecutor:
         return self.stages["vae_decoder"](_t(latent)).numpy()
 
     @torch.inference_mode()
-    def score(self, image, healthy, anomaly, features, prompts: PromptSet) -> np.ndarray:
-        _, healthy_anomaly, healthy_features = self._encode(_t(healthy), prompts)
+    def score(self, image, healthy, anomaly, encoded: Encoded, prompts: PromptSet) -> np.ndarray:
+        if healthy is None:
+            healthy, healthy_anomaly, healthy_features = image, _t(encoded.anomaly), _t(encoded.features)
+        else:
+            _, healthy_anomaly, healthy_features = self._encode(_t(healthy), prompts)
         return self.stages["residual_head"](_t(image), _t(healthy), _t(anomaly), healthy_anomaly,
-                                            _t(features), healthy_features).numpy()
+                                            _t(encoded.features), healthy_features).numpy()
