@@ -190,7 +190,7 @@ def soft_dice_loss(prob: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
 
 
 class Recorder:
-    """A torch executor that keeps what the loop hands to `score` (head training data)."""
+    """A torch executor that keeps the residual head's inputs of every `score` call (head training data)."""
 
     def __init__(self, executor: TorchExecutor):
         self.inner, self.preset, self.records = executor, executor.preset, []
@@ -205,7 +205,7 @@ class Recorder:
         return self.inner.decode(latent)
 
     def score(self, image, healthy, anomaly, encoded, prompts):
-        self.records.append((image, image if healthy is None else healthy, anomaly, encoded.features, prompts))
+        self.records.append(self.inner.head_inputs(image, healthy, anomaly, encoded, prompts))
         return self.inner.score(image, healthy, anomaly, encoded, prompts)
 
 
@@ -258,10 +258,7 @@ def train_heads(preset_name: str = "demo", work: Path = Path("train_work"), seed
             lesion = inpainting_mask(case.label, preset.latent_factor, 0.5, preset.mask_dilation) if i % 2 else None
             segment_patch(recorder, case.image, prompt_sets[i], LoopOptions(seed=seed + i, inpaint_also=lesion),
                           np.random.default_rng(seed + i), Timings())
-            image, healthy, anomaly, features, prompts = (
-                torch.from_numpy(a) if isinstance(a, np.ndarray) else a for a in recorder.records.pop())
-            _, healthy_anomaly, healthy_features = executor._encode(healthy, prompts)
-            inputs.append([image, healthy, anomaly, healthy_anomaly, features, healthy_features])
+            inputs.append(recorder.records.pop())
             progress.update(task, advance=1)
     head = models.head.train()
 

@@ -113,8 +113,8 @@ def fused_group_norms(module: torch.nn.Module):
 
     MAISI normalizes one group at a time (to spare GPU memory on 512^3 volumes), which traces to
     a chain of small reductions per group; `nn.GroupNorm.forward` is the same function in one op
-    (InstanceNormalization in ONNX), 2-4x faster in ONNX Runtime here. The parity check runs
-    against the module as MONAI ships it, outside this context."""
+    (InstanceNormalization in ONNX): ~18% faster for the demo encoder and ~2% for its decoder on
+    this CPU. The parity check runs against the module as MONAI ships it, outside this context."""
     from monai.apps.generation.maisi.networks.autoencoderkl_maisi import MaisiGroupNorm3D
 
     swapped = [m for m in module.modules() if isinstance(m, MaisiGroupNorm3D) and not m.norm_float16]

@@ -61,10 +61,14 @@ class TorchExecutor:
         return self.stages["vae_decoder"](_t(latent)).numpy()
 
     @torch.inference_mode()
-    def score(self, image, healthy, anomaly, encoded: Encoded, prompts: PromptSet) -> np.ndarray:
+    def head_inputs(self, image, healthy, anomaly, encoded: Encoded, prompts: PromptSet) -> list[torch.Tensor]:
+        """The residual head's six inputs; the encoder runs on x_h only if something was inpainted."""
         if healthy is None:
             healthy, healthy_anomaly, healthy_features = image, _t(encoded.anomaly), _t(encoded.features)
         else:
             _, healthy_anomaly, healthy_features = self._encode(_t(healthy), prompts)
-        return self.stages["residual_head"](_t(image), _t(healthy), _t(anomaly), healthy_anomaly,
-                                            _t(encoded.features), healthy_features).numpy()
+        return [_t(image), _t(healthy), _t(anomaly), healthy_anomaly, _t(encoded.features), healthy_features]
+
+    @torch.inference_mode()
+    def score(self, image, healthy, anomaly, encoded: Encoded, prompts: PromptSet) -> np.ndarray:
+        return self.stages["residual_head"](*self.head_inputs(image, healthy, anomaly, encoded, prompts)).numpy()
