@@ -315,9 +315,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--vae-steps", type=int, default=1500)
     p.add_argument("--unet-steps", type=int, default=2500)
     p.add_argument("--volumes", type=int, default=64, help="healthy training volumes")
-    p.add_argument("--aova-steps", type=int, default=1200)
-    p.add_argument("--head-steps", type=int, default=800)
-    p.add_argument("--cases", type=int, default=48, help="seen-category training cases")
+    p.add_argument("--aova-steps", type=int, default=1000)
+    p.add_argument("--head-steps", type=int, default=6000)
+    p.add_argument("--cases", type=int, default=136, help="seen-category training cases")
     p.add_argument("--install", action="store_true", help="copy the result to diffugts/weights/")
     p.set_defaults(func=cmd_train)
 

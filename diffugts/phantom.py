@@ -7,7 +7,7 @@ trained on some categories can be evaluated on categories it never saw.
 from __future__ import annotations
 
 import json
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import numpy as np
@@ -137,8 +137,10 @@ def _lesion_mask(rng, grid, organ: np.ndarray, category: Category, spacing: floa
 
 
 def make_case(rng: np.random.Generator, category: Category | None, shape=(64, 64, 48),
-              spacing: float = 3.0) -> tuple[np.ndarray, np.ndarray, str]:
-    """One volume, its lesion mask (empty for a healthy case) and its modality."""
+              spacing: float = 3.0, contrast: float = 1.0) -> tuple[np.ndarray, np.ndarray, str]:
+    """One volume, its lesion mask (empty for a healthy case) and its modality.
+
+    `contrast` scales the category's intensity change (training augmentation; 1 for evaluation)."""
     modality = category.modality if category else ("CT" if rng.random() < 0.6 else "MR")
     grid = np.meshgrid(*[(np.arange(n) - (n - 1) / 2) * spacing for n in shape], indexing="ij")
     grid_shape = [n * spacing for n in shape]
@@ -149,6 +151,7 @@ def make_case(rng: np.random.Generator, category: Category | None, shape=(64, 64
         image, organs = _body_mr(rng, grid, grid_shape, region)
     label = np.zeros(shape, bool)
     if category:
+        category = replace(category, delta=category.delta * contrast)
         label = _lesion_mask(rng, grid, organs[category.organ], category, spacing)
         if category.shape == "rim":  # enhancing rim, necrotic core
             core = ndimage.binary_erosion(label, iterations=2)

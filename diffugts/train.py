@@ -24,6 +24,7 @@ from .executors.torch_executor import TorchExecutor
 from .io import Volume
 from .models import build_models
 from .models.backbone import encode_with_taps
+from .models.residual import VIEW_GROUPS
 from .models.weights import load_weights, save_weights
 from .phantom import CATEGORIES, make_case
 from .pipeline import LoopOptions, Timings, inpainting_mask, segment_patch
@@ -44,8 +45,10 @@ class Case:
     modality: str
 
 
-def make_cases(preset, n: int, seed: int, categories=None, healthy_fraction: float = 0.0) -> list[Case]:
-    """Phantoms on the preset's model grid (the same preprocessing inference applies)."""
+def make_cases(preset, n: int, seed: int, categories=None, healthy_fraction: float = 0.0,
+               contrast: tuple[float, float] = (1.0, 1.0)) -> list[Case]:
+    """Phantoms on the preset's model grid (the same preprocessing inference applies); lesion
+    contrast drawn from `contrast` times the category's own (augmentation)."""
     rng = np.random.default_rng(seed)
     spacing = preset.spacing[0]
     shape = (preset.patch, preset.patch, int(preset.patch * 0.75))
@@ -53,7 +56,8 @@ def make_cases(preset, n: int, seed: int, categories=None, healthy_fraction: flo
     for i in range(n):
         healthy = categories is None or rng.random() < healthy_fraction
         category = None if healthy else CATEGORIES[categories[i % len(categories)]]
-        image, label, modality = make_case(rng, category, shape, spacing)
+        scale = rng.uniform(*contrast) if contrast != (1.0, 1.0) else 1.0
+        image, label, modality = make_case(rng, category, shape, spacing, scale)
         affine = np.diag([spacing] * 3 + [1.0])
         model_image, grid = to_model_grid(Volume(image, affine), modality, preset.spacing, preset.patch)
         model_label, _ = to_model_grid(Volume(label.astype(np.float32) * 1000.0, affine), "CT",
@@ -184,9 +188,39 @@ def reconstruction_quality(recon: np.ndarray, truth: np.ndarray) -> dict:
     return {"psnr_db": psnr, "ssim": ssim, "volumes": len(truth)}
 
 
-def soft_dice_loss(prob: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
-    inter = (prob * target).sum((1, 2, 3, 4))
-    return (1 - (2 * inter + 1) / (prob.sum((1, 2, 3, 4)) + target.sum((1, 2, 3, 4)) + 1)).mean()
+def soft_dice_loss(prob: torch.Tensor, target: torch.Tensor, batch_dice: bool = False) -> torch.Tensor:
+    """Per volume, or over the whole batch (crops without lesion then do not count as misses)."""
+    dims = (0, 1, 2, 3, 4) if batch_dice else (1, 2, 3, 4)
+    inter = (prob * target).sum(dims)
+    return (1 - (2 * inter + 1) / (prob.sum(dims) + target.sum(dims) + 1)).mean()
+
+
+def drop_view_groups(views: torch.Tensor, groups: dict, p: float, rng: np.random.Generator) -> torch.Tensor:
+    """Zero each optional group of input channels (residuals; maps) per sample with probability p.
+
+    On seen categories the AOVA map fires and the inpainting leaves a residual on nearly every
+    lesion; on unseen ones often neither happens. Without this the head learns to need them."""
+    keep = torch.ones(views.shape[:2] + (1, 1, 1))
+    for sample in range(views.shape[0]):
+        for channels in groups.values():
+            if rng.random() < p:
+                keep[sample, list(channels)] = 0.0
+    return views * keep
+
+
+def lesion_crop(volume: torch.Tensor, label: torch.Tensor, size: int, rng: np.random.Generator,
+                foreground: float = 0.67) -> tuple[torch.Tensor, torch.Tensor]:
+    """A cube of `size` around a random lesion voxel (jittered) with probability `foreground`,
+    else anywhere (nnU-Net's oversampling)."""
+    shape = volume.shape[2:]
+    lesion = np.argwhere(label[0, 0].numpy() > 0.5)
+    if len(lesion) and rng.random() < foreground:
+        centre = lesion[rng.integers(len(lesion))] + rng.integers(-size // 4, size // 4 + 1, 3)
+    else:
+        centre = np.array([rng.integers(0, n) for n in shape])
+    start = [int(np.clip(c - size // 2, 0, n - size)) for c, n in zip(centre, shape)]
+    region = (slice(None), slice(None)) + tuple(slice(s, s + size) for s in start)
+    return volume[region], label[region]
 
 
 class Recorder:
@@ -210,15 +244,18 @@ class Recorder:
 
 
 def train_heads(preset_name: str = "demo", work: Path = Path("train_work"), seed: int = 0,
-                aova_steps: int = 1200, head_steps: int = 800, n_cases: int = 48,
-                backbone: Path | None = None) -> dict:
+                aova_steps: int = 1000, head_steps: int = 6000, n_cases: int = 136,
+                backbone: Path | None = None, contrast: tuple[float, float] = (0.35, 1.0)) -> dict:
     preset = get_preset(preset_name)
     torch.manual_seed(seed)
     rng = np.random.default_rng(seed)
     models = build_models(preset, seed)
     load_weights(models, backbone or work / "backbone.safetensors")
     preset = models.preset
-    cases = make_cases(preset, n_cases, seed + 1, list(SEEN), healthy_fraction=0.15)
+    # lesion contrast augmented down to 0.35x the category's own: seen lesions are otherwise all
+    # conspicuous, and a head trained on them only misses subtler lesions of other categories
+    cases = make_cases(preset, n_cases, seed + 1, list(SEEN), healthy_fraction=0.15, contrast=contrast)
+    head_crop = min(32, preset.patch)
     images = torch.from_numpy(np.stack([c.image for c in cases])[:, None])
     labels = torch.from_numpy(np.stack([c.label for c in cases])[:, None])
     with torch.no_grad():
@@ -261,13 +298,16 @@ def train_heads(preset_name: str = "demo", work: Path = Path("train_work"), seed
             inputs.append(recorder.records.pop())
             progress.update(task, advance=1)
     head = models.head.train()
+    with torch.no_grad():
+        views = [head.views(*record) for record in inputs]
 
     def head_loss(step):
-        i = int(rng.integers(len(cases)))
-        logits = head(*inputs[i])
-        target = labels[i:i + 1]
+        # crops around lesions (two thirds of them) and anywhere: lesions are ~0.5% of a patch
+        batch = [lesion_crop(views[i], labels[i:i + 1], head_crop, rng) for i in rng.integers(len(cases), size=4)]
+        logits = head.net(drop_view_groups(torch.cat([v for v, _ in batch]), VIEW_GROUPS, 0.6, rng))
+        target = torch.cat([t for _, t in batch])
         return F.binary_cross_entropy_with_logits(logits, target, pos_weight=torch.tensor(3.0)) + \
-            soft_dice_loss(torch.sigmoid(logits), target)
+            soft_dice_loss(torch.sigmoid(logits), target, batch_dice=True)
 
     report["head"] = run_phase("head", work, {"head": head}, list(head.parameters()), head_steps, 2e-3, head_loss)
     models.eval()

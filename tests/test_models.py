@@ -136,3 +136,21 @@ def test_bundled_demo_weights():
     metadata = load_weights(models, path)
     assert models.preset.scale_factor == pytest.approx(float(metadata["scale_factor"]))
     assert models.preset.scale_factor != 1.0
+
+
+def test_residual_head_local_contrast_is_a_gaussian_high_pass():
+    from scipy import ndimage
+
+    from diffugts.models.residual import ResidualHead
+
+    head = ResidualHead(channels=4, blur_sigma=2.0)
+    image = torch.rand(1, 1, 20, 18, 16)
+    ones = torch.ones(1, 1, 20, 18, 16)
+    features = torch.nn.functional.normalize(torch.rand(1, 8, 5, 5, 4), dim=1)
+    views = head.views(image, image, 0.1 * ones, 0.1 * ones, features, features)
+    reference = image[0, 0].numpy() - ndimage.gaussian_filter(image[0, 0].numpy(), 2.0, mode="nearest", truncate=3.0)
+    np.testing.assert_allclose(views[0, 1].numpy(), 20.0 * reference, atol=1e-4)
+    # nothing inpainted: the residual views are zero, the map's views are the map (x10) and zero
+    assert float(views[0, 2].abs().max()) == 0.0 and float(views[0, 5].abs().max()) < 1e-5
+    np.testing.assert_allclose(views[0, 3].numpy(), 1.0, atol=1e-6)
+    assert float(views[0, 4].abs().max()) == 0.0

@@ -22,3 +22,29 @@ def test_head_training_runs_on_the_loop_and_leaves_the_backbone_frozen(tmp_path)
     moved = [not torch.allclose(a, b, atol=1e-3) for a, b in
              zip(untrained.head.state_dict().values(), trained.head.state_dict().values())]
     assert any(moved)
+
+
+def test_view_dropout_zeros_whole_groups_and_never_the_image():
+    import numpy as np
+
+    from diffugts.models.residual import VIEW_GROUPS
+
+    views = torch.rand(3, 6, 4, 4, 4) + 1.0
+    dropped = train.drop_view_groups(views, VIEW_GROUPS, 1.0, np.random.default_rng(0))
+    for channels in VIEW_GROUPS.values():
+        assert float(dropped[:, list(channels)].abs().max()) == 0.0
+    torch.testing.assert_close(dropped[:, :2], views[:, :2])
+    torch.testing.assert_close(train.drop_view_groups(views, VIEW_GROUPS, 0.0, np.random.default_rng(0)), views)
+
+
+def test_lesion_crops_hold_the_lesion_when_asked():
+    import numpy as np
+
+    volume = torch.rand(1, 6, 24, 24, 24)
+    label = torch.zeros(1, 1, 24, 24, 24)
+    label[..., 18:21, 2:5, 10:12] = 1.0
+    rng = np.random.default_rng(0)
+    for _ in range(10):
+        crop, target = train.lesion_crop(volume, label, 12, rng, foreground=1.0)
+        assert crop.shape == (1, 6, 12, 12, 12) and target.shape == (1, 1, 12, 12, 12)
+        assert float(target.sum()) > 0

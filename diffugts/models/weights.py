@@ -12,9 +12,13 @@ from ..io import InputError
 from .pipeline_models import FROZEN, TRAINABLE, DiffuGTSModels
 
 
+# batch norm's step counter: training state, not a weight (files leave it out)
+COUNTER = "num_batches_tracked"
+
+
 def _load_into(module: torch.nn.Module, state: dict, path, what: str) -> None:
     own = module.state_dict()
-    missing = sorted(set(own) - set(state))
+    missing = sorted(k for k in set(own) - set(state) if not k.endswith(COUNTER))
     unexpected = sorted(set(state) - set(own))
     shapes = [k for k in own.keys() & state.keys() if tuple(own[k].shape) != tuple(state[k].shape)]
     if missing or unexpected or shapes:
@@ -28,7 +32,7 @@ def _load_into(module: torch.nn.Module, state: dict, path, what: str) -> None:
             detail.append(f"{len(shapes)} shape mismatches (e.g. {k}: file {tuple(state[k].shape)} "
                           f"vs model {tuple(own[k].shape)})")
         raise InputError(path, f"does not match the {what} of this preset: " + "; ".join(detail))
-    module.load_state_dict({k: v.to(own[k].dtype) for k, v in state.items()})
+    module.load_state_dict({k: v.to(own[k].dtype) for k, v in state.items()}, strict=False)
 
 
 def save_weights(models: DiffuGTSModels, path: str | Path, parts=TRAINABLE + FROZEN,
@@ -38,6 +42,8 @@ def save_weights(models: DiffuGTSModels, path: str | Path, parts=TRAINABLE + FRO
     tensors = {}
     for part in parts:
         for key, value in getattr(models, part).state_dict().items():
+            if key.endswith(COUNTER):
+                continue
             value = value.detach().contiguous()
             if half and value.is_floating_point():
                 value = value.half()
