@@ -7,7 +7,7 @@ STAMP  := $(VENV)/.installed
 export HF_HUB_OFFLINE := 1
 export TRANSFORMERS_OFFLINE := 1
 
-.PHONY: demo test eval bench install clean
+.PHONY: demo test eval calibrate bench install clean
 
 $(STAMP): pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -30,6 +30,12 @@ eval: $(STAMP)
 	$(VENV)/bin/diffugts phantom --out eval_data/unseen --n 16 --seed 2026 --categories "$(UNSEEN)"
 	$(VENV)/bin/diffugts evaluate eval_data/unseen --out eval_out/unseen.json --preset demo --ablation all
 	$(VENV)/bin/diffugts real-lesion --out eval_out --preset demo
+
+# The demo preset's inpainting theta and head threshold: chosen on seen categories only.
+SEEN := kidney tumor,liver tumor,lung nodule,brain tumor
+calibrate: $(STAMP)
+	$(VENV)/bin/diffugts phantom --out eval_data/seen77 --n 16 --seed 77 --categories "$(SEEN)"
+	$(VENV)/bin/diffugts calibrate eval_data/seen77 --out eval_out/calibration.json --preset demo
 
 bench: $(STAMP)
 	$(VENV)/bin/diffugts bench --preset demo --out bench_out --theta 0.05

@@ -220,6 +220,35 @@ def cmd_serve(args) -> int:
     return 0
 
 
+def _floats(text: str) -> list[float]:
+    try:
+        return [float(v) for v in text.split(",") if v.strip()]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected comma-separated numbers, got {text!r}") from None
+
+
+def cmd_calibrate(args) -> int:
+    from rich.progress import Progress
+
+    from .calibrate import calibrate
+    from .evaluate import load_manifest
+    from .executors.torch_executor import TorchExecutor
+    from .report import write_json
+
+    total = len(load_manifest(Path(args.dataset))) * len(args.thetas)
+    executor = TorchExecutor.from_preset(args.preset, args.weights)
+    with Progress(console=_console(True)) as progress:
+        task = progress.add_task("calibration runs", total=total)
+        result = calibrate(executor, args.dataset, args.thetas, args.thresholds, lambda: progress.advance(task))
+    write_json(Path(args.out), result)
+    for theta, row in result["dice"].items():
+        print(f"theta {theta:g}: " + "  ".join(f"{t:g} -> {d:.3f}" for t, d in row.items()))
+    best = result["best"]
+    print(f"best: anomaly_threshold={best['anomaly_threshold']:g} mask_threshold={best['mask_threshold']:g} "
+          f"(mean Dice {best['dice']:.3f} over {result['cases']} cases)")
+    return 0
+
+
 def cmd_train(args) -> int:
     from . import train
 
@@ -284,6 +313,15 @@ def build_parser() -> argparse.ArgumentParser:
                    help="where masks come from; `all` runs the four and writes the README's table")
     _executor_args(p)
     p.set_defaults(func=cmd_evaluate)
+
+    p = sub.add_parser("calibrate", help="choose the inpainting theta and head threshold on seen categories")
+    p.add_argument("dataset", help="MSD-layout phantoms of seen categories (diffugts phantom --categories ...)")
+    p.add_argument("--out", required=True, help="results JSON")
+    p.add_argument("--preset", default="demo")
+    p.add_argument("--weights", default=None)
+    p.add_argument("--thetas", type=_floats, default=[0.03, 0.05, 0.08, 0.15])
+    p.add_argument("--thresholds", type=_floats, default=[0.3, 0.5, 0.7, 0.8, 0.9, 0.95])
+    p.set_defaults(func=cmd_calibrate)
 
     p = sub.add_parser("export", help="export every stage to ONNX and write a Triton model repository")
     p.add_argument("--out", default="model_repository")

@@ -130,3 +130,26 @@ def test_evaluate_all_ablations_writes_a_table(phantom_dir, tmp_path, capsys):
     assert list(results) == ["full", "aova+attention", "aova", "baseline"]
     table = out.with_suffix(".md").read_text()
     assert table.count("\n") == 6 and "| baseline |" in table and "kidney tumor Dice / NSD / AUROC" in table
+
+
+def test_calibrate_sweeps_theta_and_threshold_and_keeps_the_best(phantom_dir, tmp_path, capsys):
+    out = tmp_path / "calibration.json"
+    code, printed, _ = run(capsys, "calibrate", phantom_dir, "--out", out, "--preset", "tiny",
+                           "--thetas", "0.3,0.6", "--thresholds", "0.2,0.5,0.8")
+    assert code == 0
+    result = json.loads(out.read_text())
+    grid = {(float(a), float(b)): d for a, row in result["dice"].items() for b, d in row.items()}
+    assert len(grid) == 6 and all(0.0 <= d <= 1.0 for d in grid.values())
+    best = result["best"]
+    assert grid[(best["anomaly_threshold"], best["mask_threshold"])] == max(grid.values()) == best["dice"]
+    assert result["cases"] == 4 and "best: anomaly_threshold=" in printed
+
+
+def test_calibrate_needs_lesions(tmp_path, capsys):
+    from diffugts.phantom import write_dataset
+
+    healthy = write_dataset(tmp_path / "healthy", 1, seed=1, healthy_fraction=1.0, shape=(32, 32, 32), spacing=4.0)
+    code, _, err = run(capsys, "calibrate", healthy, "--out", tmp_path / "c.json", "--preset", "tiny")
+    assert code != 0 and "no case with a lesion" in err and not (tmp_path / "c.json").exists()
+    code, _, err = run(capsys, "calibrate", tmp_path / "missing", "--out", tmp_path / "c.json", "--preset", "tiny")
+    assert code != 0 and "dataset.json" in err
