@@ -286,7 +286,7 @@ def train_heads(preset_name: str = "demo", work: Path = Path("train_work"), seed
     models.eval()
     executor = TorchExecutor(models)
     recorder = Recorder(executor)
-    inputs = []
+    views = []  # the head's input channels per case (its six raw inputs are not kept: ~6 MB each)
     progress, task = _progress(len(cases), "loop outputs")
     with torch.no_grad(), progress:
         for i, case in enumerate(cases):
@@ -295,11 +295,9 @@ def train_heads(preset_name: str = "demo", work: Path = Path("train_work"), seed
             lesion = inpainting_mask(case.label, preset.latent_factor, 0.5, preset.mask_dilation) if i % 2 else None
             segment_patch(recorder, case.image, prompt_sets[i], LoopOptions(seed=seed + i, inpaint_also=lesion),
                           np.random.default_rng(seed + i), Timings())
-            inputs.append(recorder.records.pop())
+            views.append(models.head.views(*recorder.records.pop()))
             progress.update(task, advance=1)
     head = models.head.train()
-    with torch.no_grad():
-        views = [head.views(*record) for record in inputs]
 
     def head_loss(step):
         # crops around lesions (two thirds of them) and anywhere: lesions are ~0.5% of a patch

@@ -11,12 +11,6 @@ RESIDUAL_INPUTS = 6
 VIEW_GROUPS = {"residual": (2, 5), "map": (3, 4)}
 
 
-def gaussian_kernel(sigma: float) -> torch.Tensor:
-    radius = int(3 * sigma)
-    kernel = torch.exp(-torch.arange(-radius, radius + 1, dtype=torch.float32) ** 2 / (2 * sigma**2))
-    return kernel / kernel.sum()
-
-
 class ResidualHead(nn.Module):
     """A small MONAI UNet (three levels) on fixed, scaled views of the six inputs.
 
@@ -28,15 +22,19 @@ class ResidualHead(nn.Module):
 
     def __init__(self, channels: int, groups: int = 4, blur_sigma: float = 2.0):
         super().__init__()
+        from monai.networks.layers.convutils import gaussian_1d
         from monai.networks.nets import UNet
 
-        self.register_buffer("blur_kernel", gaussian_kernel(blur_sigma), persistent=False)
+        kernel = gaussian_1d(blur_sigma, truncated=3.0, approx="sampled", normalize=True).float()
+        self.register_buffer("blur_kernel", kernel, persistent=False)
         self.net = UNet(spatial_dims=3, in_channels=RESIDUAL_INPUTS, out_channels=1,
                         channels=(channels, 2 * channels, 4 * channels), strides=(2, 2),
                         num_res_units=1, norm="batch")
 
     def blur(self, x: torch.Tensor) -> torch.Tensor:
-        """Separable Gaussian with edge padding (one 1D convolution per axis)."""
+        """Separable Gaussian with edge padding, one 1D convolution per axis. Equal to MONAI's
+        `separable_filtering(x, [kernel] * 3, mode="replicate")`, which the ONNX exporter rejects
+        ("convolution for kernel of unknown shape"): here the kernel shapes are Python constants."""
         radius = self.blur_kernel.numel() // 2
         for axis in range(3):
             shape = [1, 1, 1, 1, 1]
