@@ -37,3 +37,33 @@ def test_flop_count_of_a_known_convolution(tmp_path):
                       dynamic_axes={"x": {0: "b", 2: "d"}})
     # 2 FLOPs x output voxels (4 x 8^3) x kernel (2 x 27)
     assert graph_flops(str(path), {"x": (1, 2, 8, 8, 8)}) == 2 * 4 * 512 * 2 * 27
+
+
+def test_inpainting_check_measures_the_true_lesion_and_restores_the_preset():
+    import numpy as np
+    from scipy import ndimage
+
+    from diffugts.benchmarks.inpainting import inpainting_effect, lesion_contrast
+    from diffugts.executors.torch_executor import TorchExecutor
+    from diffugts.train import UNSEEN, make_cases
+
+    executor = TorchExecutor.from_preset("tiny")
+    preset = executor.preset
+    cases = make_cases(preset, 2, 5, list(UNSEEN))
+    result = inpainting_effect(executor, cases)
+    assert executor.preset is preset
+    assert len(result["cases"]) == 2
+    for case, row in zip(cases, result["cases"]):
+        lesion = case.label > 0.5
+        ring = ndimage.binary_dilation(lesion, iterations=2) & ~lesion
+        assert row["contrast_before"] == lesion_contrast(case.image, lesion, ring)
+        # the true lesion was inpainted, so the pseudo-healthy image differs there
+        assert row["residual_lesion"] > 0 and np.isfinite(row["contrast_after"])
+    assert result["mean"]["residual_ratio"] > 0
+
+
+def test_inpainting_check_command(tmp_path, capsys):
+    out = tmp_path / "inpainting.json"
+    assert main(["inpainting-check", "--preset", "tiny", "--n", "1", "--out", str(out)]) == 0
+    assert json.loads(out.read_text())["mean"]["contrast_removed"] <= 1.0
+    assert "residual lesion / ring" in capsys.readouterr().out
