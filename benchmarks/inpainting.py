@@ -10,6 +10,7 @@ from __future__ import annotations
 import numpy as np
 from scipy import ndimage
 
+from diffugts.executors.base import preset_changes
 from diffugts.pipeline import LoopOptions, Timings, inpainting_mask, segment_patch
 from diffugts.prompts import build_prompt_set
 
@@ -22,8 +23,7 @@ def inpainting_effect(executor, cases, seed: int = 0) -> dict:
     """Per case and on average: lesion contrast before / after, mean |x - x_h| in lesion and ring."""
     preset = executor.preset
     rows = []
-    executor.preset = preset.with_(anomaly_threshold=2.0)  # the map never adds to the mask
-    try:
+    with preset_changes(executor, anomaly_threshold=2.0):  # the map never adds to the mask
         for i, case in enumerate(cases):
             lesion = case.label > 0.5
             if not lesion.any():
@@ -39,9 +39,8 @@ def inpainting_effect(executor, cases, seed: int = 0) -> dict:
                          "contrast_removed": 1.0 - abs(after) / max(abs(before), 1e-6),
                          "residual_lesion": float(residual[lesion].mean()),
                          "residual_ring": float(residual[ring].mean())})
-    finally:
-        executor.preset = preset
-    mean = {k: float(np.mean([r[k] for r in rows])) for k in rows[0] if k != "prompt"} if rows else {}
-    if mean:
-        mean["residual_ratio"] = mean["residual_lesion"] / max(mean["residual_ring"], 1e-9)
+    if not rows:
+        raise ValueError("no case with a lesion to inpaint")
+    mean = {k: float(np.mean([r[k] for r in rows])) for k in rows[0] if k != "prompt"}
+    mean["residual_ratio"] = mean["residual_lesion"] / max(mean["residual_ring"], 1e-9)
     return {"cases": rows, "mean": mean}

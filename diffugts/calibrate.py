@@ -8,6 +8,7 @@ from pathlib import Path
 import numpy as np
 
 from .evaluate import load_manifest
+from .executors.base import preset_changes
 from .io import InputError, read_volume
 from .metrics import dice
 from .pipeline import LoopOptions, segment_volume
@@ -25,20 +26,17 @@ def calibrate(executor, dataset_dir: str | Path, thetas, thresholds, on_case=Non
     if not cases:
         raise InputError(dataset_dir, "no case with a lesion to calibrate on")
     base, grid = executor.preset, {}
-    try:
-        for theta in thetas:
-            executor.preset = base.with_(anomaly_threshold=float(theta))
-            probabilities = []
+    for theta in thetas:
+        probabilities = []
+        with preset_changes(executor, anomaly_threshold=float(theta)):
             for volume, label, entry in cases:
                 seg = segment_volume(executor, volume, entry["prompt"], entry.get("modality"), LoopOptions())
                 probabilities.append((seg.probability, label, volume.spacing))
                 if on_case:
                     on_case()
-            grid[float(theta)] = {float(t): float(np.mean([
-                dice(probability_to_mask(p, spacing, t, base.min_component_mm3, base.top_k_components), label)
-                for p, label, spacing in probabilities])) for t in thresholds}
-    finally:
-        executor.preset = base
+        grid[float(theta)] = {float(t): float(np.mean([
+            dice(probability_to_mask(p, spacing, t, base.min_component_mm3, base.top_k_components), label)
+            for p, label, spacing in probabilities])) for t in thresholds}
     theta, threshold = max(((a, b) for a in grid for b in grid[a]), key=lambda k: grid[k[0]][k[1]])
     return {"dataset": dataset_dir.name, "preset": base.name, "cases": len(cases), "dice": grid,
             "best": {"anomaly_threshold": theta, "mask_threshold": threshold, "dice": grid[theta][threshold]}}

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Protocol
 
@@ -41,3 +43,14 @@ class StageExecutor(Protocol):
         """Residual-head logits of an image against its pseudo-healthy counterpart (the `score`
         ensemble). `healthy=None`: nothing was inpainted, x_h is x, and the encoder's outputs for x
         stand in for those of x_h (the residual head alone runs)."""
+
+
+@contextmanager
+def preset_changes(executor: StageExecutor, **changes) -> Iterator[None]:
+    """Run an in-process executor's loop with some preset fields changed, then put it back."""
+    base = executor.preset
+    executor.preset = base.with_(**changes)
+    try:
+        yield
+    finally:
+        executor.preset = base
