@@ -288,6 +288,9 @@ def cmd_inpainting_check(args) -> int:
     from .report import write_json
     from .train import UNSEEN, make_cases
 
+    if args.n < 1:
+        fail("--n must be at least 1")
+        return 2
     executor = TorchExecutor.from_preset(args.preset, args.weights)
     cases = make_cases(executor.preset, args.n, args.seed, list(UNSEEN))
     result = inpainting_effect(executor, cases, args.seed)

@@ -67,3 +67,9 @@ def test_inpainting_check_command(tmp_path, capsys):
     assert main(["inpainting-check", "--preset", "tiny", "--n", "1", "--out", str(out)]) == 0
     assert json.loads(out.read_text())["mean"]["contrast_removed"] <= 1.0
     assert "residual lesion / ring" in capsys.readouterr().out
+
+
+def test_inpainting_check_rejects_no_cases_and_writes_nothing(tmp_path, capsys):
+    out = tmp_path / "inpainting.json"
+    assert main(["inpainting-check", "--preset", "tiny", "--n", "0", "--out", str(out)]) == 2
+    assert "--n must be at least 1" in capsys.readouterr().err and not out.exists()
