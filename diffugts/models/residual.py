@@ -20,7 +20,7 @@ class ResidualHead(nn.Module):
     blur), the residuals and maps scaled up. Batch norm, not instance norm: the head is trained on
     crops around lesions and runs on whole patches, and per-crop statistics would differ."""
 
-    def __init__(self, channels: int, groups: int = 4, blur_sigma: float = 2.0):
+    def __init__(self, channels: int, blur_sigma: float = 2.0):
         super().__init__()
         from monai.networks.layers.convutils import gaussian_1d
         from monai.networks.nets import UNet
