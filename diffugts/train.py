@@ -76,12 +76,13 @@ def _progress(total: int, description: str):
 
 
 class Checkpoint:
-    """Resumable state of one training phase."""
+    """Resumable state of one training phase, random generators included: a resumed run draws
+    the same crops and noise as an uninterrupted one."""
 
     def __init__(self, path: Path):
         self.path = path
 
-    def load(self, modules: dict, optimizer) -> int:
+    def load(self, modules: dict, optimizer, rng: np.random.Generator | None = None) -> int:
         if not self.path.exists():
             return 0
         state = torch.load(self.path, map_location="cpu", weights_only=False)
@@ -89,22 +90,30 @@ class Checkpoint:
             module.load_state_dict(state["modules"][name])
         optimizer.load_state_dict(state["optimizer"])
         torch.set_rng_state(state["torch_rng"])
+        if rng is not None and "numpy_rng" in state:
+            rng.bit_generator.state = state["numpy_rng"]
         return int(state["step"])
 
-    def save(self, modules: dict, optimizer, step: int) -> None:
+    def save(self, modules: dict, optimizer, step: int, rng: np.random.Generator | None = None) -> None:
         tmp = self.path.with_suffix(".tmp")
         torch.save({"modules": {k: m.state_dict() for k, m in modules.items()}, "optimizer": optimizer.state_dict(),
-                    "step": step, "torch_rng": torch.get_rng_state()}, tmp)
+                    "step": step, "torch_rng": torch.get_rng_state(),
+                    "numpy_rng": rng.bit_generator.state if rng is not None else None}, tmp)
         tmp.replace(self.path)
 
 
 def run_phase(name: str, work: Path, modules: dict, params, steps: int, lr: float, loss_fn,
-              every: int = 100) -> dict:
-    """A generic resumable loop: `loss_fn(step)` returns a scalar loss."""
+              rng: np.random.Generator | None = None, warmup: int = 0, every: int = 100) -> dict:
+    """A generic resumable loop: `loss_fn(step)` returns a scalar loss; `rng` is the generator
+    it draws from (checkpointed with the weights); lr warms up linearly, then decays by cosine."""
     optimizer = torch.optim.AdamW(params, lr=lr, weight_decay=1e-4)
     checkpoint = Checkpoint(work / f"{name}.pt")
-    start = checkpoint.load(modules, optimizer)
-    schedule = lambda s: 0.5 * (1 + math.cos(math.pi * s / steps))  # noqa: E731 - cosine decay
+    start = checkpoint.load(modules, optimizer, rng)
+
+    def schedule(s):  # linear warmup, then cosine decay
+        warm = min(1.0, (s + 1) / warmup) if warmup else 1.0
+        return warm * 0.5 * (1 + math.cos(math.pi * s / steps))
+
     progress, task = _progress(steps, name)
     losses, began = [], time.time()
     with progress:
@@ -120,7 +129,7 @@ def run_phase(name: str, work: Path, modules: dict, params, steps: int, lr: floa
             losses.append(float(loss.detach()))
             progress.update(task, advance=1, loss=f"loss {np.mean(losses[-20:]):.4f}")
             if (step + 1) % every == 0 or step + 1 == steps:
-                checkpoint.save(modules, optimizer, step + 1)
+                checkpoint.save(modules, optimizer, step + 1, rng)
     return {"steps": steps, "final_loss": float(np.mean(losses[-50:])) if losses else None,
             "seconds": time.time() - began}
 
@@ -147,7 +156,8 @@ def train_backbone(preset_name: str = "demo", work: Path = Path("train_work"), s
         kl = 0.5 * (mu**2 + sigma**2 - torch.log(sigma**2 + 1e-8) - 1).mean()
         return F.l1_loss(recon, batch) + 1e-4 * kl
 
-    report = {"vae": run_phase("vae", work, {"vae": vae}, list(vae.parameters()), vae_steps, 2e-3, vae_loss)}
+    report = {"vae": run_phase("vae", work, {"vae": vae}, list(vae.parameters()), vae_steps, 2e-3, vae_loss,
+                               rng)}
     vae.eval()
     with torch.no_grad():
         latents = torch.cat([vae.encode(volumes[i:i + 4])[0] for i in range(0, len(volumes), 4)])
@@ -170,7 +180,8 @@ def train_backbone(preset_name: str = "demo", work: Path = Path("train_work"), s
         prediction = unet(noisy, t.float())
         return F.mse_loss(prediction, noise)
 
-    report["unet"] = run_phase("unet", work, {"unet": unet}, list(unet.parameters()), unet_steps, 1e-3, unet_loss)
+    report["unet"] = run_phase("unet", work, {"unet": unet}, list(unet.parameters()), unet_steps, 1e-3, unet_loss,
+                               rng)
     models.eval()
     save_weights(models, work / "backbone.safetensors", parts=("vae", "unet"),
                  metadata={"scale_factor": scale})
@@ -282,7 +293,8 @@ def train_heads(preset_name: str = "demo", work: Path = Path("train_work"), seed
         return loss / len(projected)
 
     report = {"aova": run_phase("aova", work, {"aova": aova, "projection": projection},
-                                list(aova.parameters()) + list(projection.parameters()), aova_steps, 3e-3, aova_loss)}
+                                list(aova.parameters()) + list(projection.parameters()), aova_steps, 3e-3, aova_loss,
+                                rng)}
     models.eval()
     executor = TorchExecutor(models)
     recorder = Recorder(executor)
@@ -307,7 +319,8 @@ def train_heads(preset_name: str = "demo", work: Path = Path("train_work"), seed
         return F.binary_cross_entropy_with_logits(logits, target, pos_weight=torch.tensor(3.0)) + \
             soft_dice_loss(torch.sigmoid(logits), target, batch_dice=True)
 
-    report["head"] = run_phase("head", work, {"head": head}, list(head.parameters()), head_steps, 2e-3, head_loss)
+    report["head"] = run_phase("head", work, {"head": head}, list(head.parameters()), head_steps, 2e-3, head_loss,
+                               rng)
     models.eval()
     report["seen_categories"], report["unseen_categories"] = list(SEEN), list(UNSEEN)
     save_weights(models, work / "demo.safetensors", half=True, metadata={"scale_factor": preset.scale_factor})

@@ -48,3 +48,32 @@ def test_lesion_crops_hold_the_lesion_when_asked():
         crop, target = train.lesion_crop(volume, label, 12, rng, foreground=1.0)
         assert crop.shape == (1, 6, 12, 12, 12) and target.shape == (1, 1, 12, 12, 12)
         assert float(target.sum()) > 0
+
+
+def test_a_resumed_phase_ends_where_an_uninterrupted_one_does(tmp_path):
+    """The numpy generator the loss draws from is checkpointed with the weights and the torch generator."""
+    import numpy as np
+
+    def run(work, stop_at=None):
+        torch.manual_seed(0)
+        module, rng = torch.nn.Linear(3, 2), np.random.default_rng(0)
+
+        def loss(step):
+            if step == stop_at:
+                raise KeyboardInterrupt
+            x = torch.from_numpy(rng.normal(size=(4, 3))).float() + torch.randn(4, 3)
+            return module(x).pow(2).mean()
+
+        train.run_phase("toy", work, {"toy": module}, list(module.parameters()), 6, 0.1, loss, rng,
+                        warmup=2, every=1)
+        return module
+
+    (tmp_path / "a").mkdir(), (tmp_path / "b").mkdir()
+    whole = run(tmp_path / "a")
+    try:
+        run(tmp_path / "b", stop_at=3)
+    except KeyboardInterrupt:
+        pass
+    resumed = run(tmp_path / "b")
+    for a, b in zip(whole.state_dict().values(), resumed.state_dict().values()):
+        torch.testing.assert_close(a, b)
