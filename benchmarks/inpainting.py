@@ -3,6 +3,9 @@
 The best case for the stage: the mask is the ground truth, not the AOVA map. A healing model
 removes the lesion's contrast against its surroundings (contrast_removed near 1) and changes
 the lesion far more than the healthy tissue around it (residual lesion / ring well above 1).
+The lesion's contrast in the VAE's own reconstruction D(E(x)) says whether the latent holds the
+lesion at all (contrast_kept_by_vae near 1): what the latent does not hold, no inpainting in
+latent space can remove, since x_h = x + D(z_h) - D(z).
 """
 
 from __future__ import annotations
@@ -17,6 +20,13 @@ from diffugts.prompts import build_prompt_set
 
 def lesion_contrast(image: np.ndarray, lesion: np.ndarray, ring: np.ndarray) -> float:
     return float(image[lesion].mean() - image[ring].mean())
+
+
+def vae_reconstruction(executor, case) -> np.ndarray:
+    """D(E(x)) of the case's patch (the encoder's latent mean, unscaled)."""
+    image = case.image[None, None].astype(np.float32)
+    encoded = executor.encode(image, build_prompt_set(case.prompt, case.modality))
+    return executor.decode(encoded.latent)[0, 0]
 
 
 def inpainting_effect(executor, cases, seed: int = 0) -> dict:
@@ -35,8 +45,11 @@ def inpainting_effect(executor, cases, seed: int = 0) -> dict:
                                 Timings())
             residual = np.abs(case.image - out["healthy"])
             before, after = lesion_contrast(case.image, lesion, ring), lesion_contrast(out["healthy"], lesion, ring)
+            reconstructed = lesion_contrast(vae_reconstruction(executor, case), lesion, ring)
             rows.append({"prompt": case.prompt, "contrast_before": before, "contrast_after": after,
                          "contrast_removed": 1.0 - abs(after) / max(abs(before), 1e-6),
+                         "contrast_reconstructed": reconstructed,
+                         "contrast_kept_by_vae": reconstructed / before if before else 0.0,
                          "residual_lesion": float(residual[lesion].mean()),
                          "residual_ring": float(residual[ring].mean())})
     if not rows:

@@ -296,10 +296,12 @@ def cmd_inpainting_check(args) -> int:
     result = inpainting_effect(executor, cases, args.seed)
     write_json(Path(args.out), result)
     for row in result["cases"]:
-        print(f"{row['prompt']:18s} contrast {row['contrast_before']:+.4f} -> {row['contrast_after']:+.4f}  "
+        print(f"{row['prompt']:18s} contrast {row['contrast_before']:+.4f} -> {row['contrast_after']:+.4f} "
+              f"(in D(E(x)) {row['contrast_reconstructed']:+.4f})  "
               f"|x - x_h| lesion {row['residual_lesion']:.4f} ring {row['residual_ring']:.4f}")
     mean = result["mean"]
-    print(f"mean: contrast removed {mean['contrast_removed']:.2f}, residual lesion / ring {mean['residual_ratio']:.2f}")
+    print(f"mean: contrast removed {mean['contrast_removed']:.2f}, residual lesion / ring {mean['residual_ratio']:.2f}, "
+          f"contrast kept by the VAE {mean['contrast_kept_by_vae']:.2f}")
     return 0
 
 

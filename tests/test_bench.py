@@ -41,6 +41,7 @@ def test_flop_count_of_a_known_convolution(tmp_path):
 
 def test_inpainting_check_measures_the_true_lesion_and_restores_the_preset():
     import numpy as np
+    import torch
     from scipy import ndimage
 
     from diffugts.benchmarks.inpainting import inpainting_effect, lesion_contrast
@@ -57,6 +58,11 @@ def test_inpainting_check_measures_the_true_lesion_and_restores_the_preset():
         lesion = case.label > 0.5
         ring = ndimage.binary_dilation(lesion, iterations=2) & ~lesion
         assert row["contrast_before"] == lesion_contrast(case.image, lesion, ring)
+        with torch.no_grad():  # the VAE's reconstruction (clamped to [0, 1] as the decoder stage does)
+            vae = executor.models.vae
+            recon = vae.decode(vae.encode(torch.from_numpy(case.image)[None, None])[0]).clamp(0, 1)[0, 0].numpy()
+        assert abs(row["contrast_reconstructed"] - lesion_contrast(recon, lesion, ring)) < 1e-5
+        assert row["contrast_kept_by_vae"] == row["contrast_reconstructed"] / row["contrast_before"]
         # the true lesion was inpainted, so the pseudo-healthy image differs there
         assert row["residual_lesion"] > 0 and np.isfinite(row["contrast_after"])
     assert result["mean"]["residual_ratio"] > 0
