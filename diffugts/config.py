@@ -98,7 +98,7 @@ PRESETS: dict[str, Preset] = {
         # calibrated on seen-category phantoms (seed 77) with the bundled weights: the map's
         # threshold on the aova+attention ablation's Dice; the inpainting theta and the head's
         # threshold jointly on the full pipeline's Dice (`make calibrate`: theta 0.03-0.15 x head 0.3-0.95)
-        mask_threshold=0.95, map_threshold=0.15, anomaly_threshold=0.08,
+        mask_threshold=0.9, map_threshold=0.03, anomaly_threshold=0.15,
         # drops 2-4 voxel specks at 3 mm (the smallest phantom lesion is ~500 mm^3); seen Dice unchanged
         min_component_mm3=200.0,
         weights="demo.safetensors",
