@@ -22,10 +22,9 @@ def lesion_contrast(image: np.ndarray, lesion: np.ndarray, ring: np.ndarray) -> 
     return float(image[lesion].mean() - image[ring].mean())
 
 
-def vae_reconstruction(executor, case) -> np.ndarray:
-    """D(E(x)) of the case's patch (the encoder's latent mean, unscaled)."""
-    image = case.image[None, None].astype(np.float32)
-    encoded = executor.encode(image, build_prompt_set(case.prompt, case.modality))
+def vae_reconstruction(executor, patch: np.ndarray, prompts) -> np.ndarray:
+    """D(E(x)) of a patch (the encoder's latent mean, unscaled)."""
+    encoded = executor.encode(patch[None, None].astype(np.float32), prompts)
     return executor.decode(encoded.latent)[0, 0]
 
 
@@ -40,12 +39,13 @@ def inpainting_effect(executor, cases, seed: int = 0) -> dict:
                 continue
             ring = ndimage.binary_dilation(lesion, iterations=2) & ~lesion
             mask = inpainting_mask(case.label, preset.latent_factor, 0.5, preset.mask_dilation)
-            out = segment_patch(executor, case.image, build_prompt_set(case.prompt, case.modality),
+            prompts = build_prompt_set(case.prompt, case.modality)
+            out = segment_patch(executor, case.image, prompts,
                                 LoopOptions(seed=seed + i, inpaint_also=mask), np.random.default_rng(seed + i),
                                 Timings())
             residual = np.abs(case.image - out["healthy"])
             before, after = lesion_contrast(case.image, lesion, ring), lesion_contrast(out["healthy"], lesion, ring)
-            reconstructed = lesion_contrast(vae_reconstruction(executor, case), lesion, ring)
+            reconstructed = lesion_contrast(vae_reconstruction(executor, case.image, prompts), lesion, ring)
             rows.append({"prompt": case.prompt, "contrast_before": before, "contrast_after": after,
                          "contrast_removed": 1.0 - abs(after) / max(abs(before), 1e-6),
                          "contrast_reconstructed": reconstructed,

@@ -83,7 +83,7 @@ class Checkpoint:
     def __init__(self, path: Path):
         self.path = path
 
-    def load(self, modules: dict, optimizer, rng: np.random.Generator | None = None) -> int:
+    def load(self, modules: dict, optimizer, rng: np.random.Generator) -> int:
         if not self.path.exists():
             return 0
         state = torch.load(self.path, map_location="cpu", weights_only=False)
@@ -91,20 +91,20 @@ class Checkpoint:
             module.load_state_dict(state["modules"][name])
         optimizer.load_state_dict(state["optimizer"])
         torch.set_rng_state(state["torch_rng"])
-        if rng is not None and "numpy_rng" in state:
+        if "numpy_rng" in state:  # checkpoints written before it was kept lack it
             rng.bit_generator.state = state["numpy_rng"]
         return int(state["step"])
 
-    def save(self, modules: dict, optimizer, step: int, rng: np.random.Generator | None = None) -> None:
+    def save(self, modules: dict, optimizer, step: int, rng: np.random.Generator) -> None:
         tmp = self.path.with_suffix(".tmp")
         torch.save({"modules": {k: m.state_dict() for k, m in modules.items()}, "optimizer": optimizer.state_dict(),
                     "step": step, "torch_rng": torch.get_rng_state(),
-                    "numpy_rng": rng.bit_generator.state if rng is not None else None}, tmp)
+                    "numpy_rng": rng.bit_generator.state}, tmp)
         tmp.replace(self.path)
 
 
 def run_phase(name: str, work: Path, modules: dict, params, steps: int, lr: float, loss_fn,
-              rng: np.random.Generator | None = None, warmup: int = 0, every: int = 100) -> dict:
+              rng: np.random.Generator, warmup: int = 0, every: int = 100) -> dict:
     """A generic resumable loop: `loss_fn(step)` returns a scalar loss; `rng` is the generator
     it draws from (checkpointed with the weights); lr warms up linearly, then decays by cosine."""
     optimizer = torch.optim.AdamW(params, lr=lr, weight_decay=1e-4)
