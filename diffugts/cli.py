@@ -253,13 +253,41 @@ def cmd_train(args) -> int:
     from . import train
 
     work = Path(args.work)
-    if args.phase == "backbone":
-        report = train.train_backbone(args.preset, work, args.seed, args.vae_steps, args.unet_steps, args.volumes)
-    else:
-        report = train.train_heads(args.preset, work, args.seed, args.aova_steps, args.head_steps, args.cases)
+    sources = train.Sources(Path(args.corpus) if args.corpus else None, Path(args.dataset) if args.dataset else None,
+                            args.anatomy_volumes, args.device, args.amp)
+    try:
+        if args.phase == "backbone":
+            report = train.train_backbone(args.preset, work, args.seed, args.vae_steps, args.unet_steps, args.volumes,
+                                          sources, Path(args.init) if args.init else None)
+        else:
+            report = train.train_heads(args.preset, work, args.seed, args.aova_steps, args.head_steps, args.cases,
+                                       Path(args.backbone) if args.backbone else None, sources=sources)
+    except (ValueError, InputError) as exc:
+        fail(str(exc))
+        return 2
         if args.install:
             print(f"installed {train.install_weights(work)}")
     print(json.dumps(report, indent=2))
+    return 0
+
+
+def cmd_lesions(args) -> int:
+    from rich.progress import Progress
+
+    from .config import get_preset
+    from .lesions import UNSEEN_KINDS
+    from .training_data import write_anatomy_lesions
+
+    kinds = [k.strip() for k in args.kinds.split(",")] if args.kinds else list(UNSEEN_KINDS)
+    try:
+        with Progress(console=_console(True)) as progress:
+            task = progress.add_task("lesions", total=args.n)
+            out = write_anatomy_lesions(args.corpus, args.out, get_preset(args.preset), args.n, args.seed, kinds,
+                                        progress=lambda: progress.update(task, advance=1))
+    except (ValueError, InputError, OSError) as exc:
+        fail(str(exc))
+        return 2
+    print(f"wrote {args.n} cases to {out}")
     return 0
 
 
@@ -381,7 +409,24 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--head-steps", type=int, default=6000)
     p.add_argument("--cases", type=int, default=136, help="seen-category training cases")
     p.add_argument("--install", action="store_true", help="copy the result to diffugts/weights/")
+    p.add_argument("--corpus", default=None, help="real-anatomy corpus (`diffugts corpus`): randomized, with lesions")
+    p.add_argument("--dataset", default=None,
+                   help="your MSD dataset: healthy images (backbone); images + labels + prompt (heads)")
+    p.add_argument("--anatomy-volumes", type=int, default=96, help="randomized corpus patches / lesion cases")
+    p.add_argument("--init", default=None, help="backbone: start from these weights when no checkpoint exists")
+    p.add_argument("--backbone", default=None, help="heads: backbone weights (default WORK/backbone.safetensors)")
+    p.add_argument("--device", default="cpu", help="cpu (default) or cuda")
+    p.add_argument("--amp", action="store_true", help="bfloat16 autocast (mixed precision) on the device")
     p.set_defaults(func=cmd_train)
+
+    p = sub.add_parser("lesions", help="real anatomy with synthesized lesions, as an MSD test set (evaluation)")
+    p.add_argument("--corpus", required=True, help="a corpus written by `diffugts corpus`")
+    p.add_argument("--out", required=True)
+    p.add_argument("--n", type=int, default=16)
+    p.add_argument("--seed", type=int, default=2026)
+    p.add_argument("--kinds", default=None, help="comma-separated lesion kinds (default: the unseen ones)")
+    p.add_argument("--preset", default="demo")
+    p.set_defaults(func=cmd_lesions)
 
     p = sub.add_parser("bench", help="latency and throughput of every executor, side by side")
     p.add_argument("--quick", action="store_true", help="tiny preset, one repeat: checks the harness only")

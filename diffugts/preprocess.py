@@ -56,14 +56,31 @@ class ModelGrid:
         return nio.apply_orientation(back, nio.ornt_transform(nio.axcodes2ornt("RAS"), self.ornt))
 
 
-def to_model_grid(volume: Volume, modality: str, spacing, patch: int,
-                  multiple: int = 4) -> tuple[np.ndarray, ModelGrid]:
+def _canonical(volume: Volume, spacing) -> tuple[np.ndarray, np.ndarray, tuple[int, ...]]:
+    """RAS-oriented array, the orientation transform, and the shape at the model spacing."""
     ornt = nio.io_orientation(volume.affine)
     canonical = nio.apply_orientation(volume.array, ornt)
     in_spacing = volume.spacing[np.argsort(ornt[:, 0])]  # spacing along RAS axes
     shape = tuple(max(int(round(n * s / t)), 1) for n, s, t in zip(canonical.shape, in_spacing, spacing))
-    resampled = resample(scale_intensity(canonical, modality), shape)
+    return canonical, ornt, shape
+
+
+def _padding(shape, patch: int, multiple: int) -> tuple[tuple[int, int], ...]:
     target = [max(patch, -(-n // multiple) * multiple) for n in shape]
-    pad = tuple(((t - n) // 2, t - n - (t - n) // 2) for n, t in zip(shape, target))
+    return tuple(((t - n) // 2, t - n - (t - n) // 2) for n, t in zip(shape, target))
+
+
+def to_model_grid(volume: Volume, modality: str, spacing, patch: int,
+                  multiple: int = 4) -> tuple[np.ndarray, ModelGrid]:
+    canonical, ornt, shape = _canonical(volume, spacing)
+    resampled = resample(scale_intensity(canonical, modality), shape)
+    pad = _padding(shape, patch, multiple)
     grid = ModelGrid(ornt, canonical.shape, shape, pad)
     return np.pad(resampled, pad, mode="constant", constant_values=0.0), grid
+
+
+def labels_to_model_grid(volume: Volume, spacing, patch: int, multiple: int = 4) -> np.ndarray:
+    """An integer label map onto the same grid `to_model_grid` gives its image (nearest neighbour)."""
+    canonical, _, shape = _canonical(volume, spacing)
+    resampled = resample(canonical.astype(np.float32), shape, order=0)
+    return np.pad(np.rint(resampled).astype(np.int16), _padding(shape, patch, multiple), mode="constant")

@@ -22,50 +22,16 @@ import torch.nn.functional as F
 
 from .config import WEIGHTS_DIR, get_preset
 from .executors.torch_executor import TorchExecutor
-from .io import Volume
 from .models import build_models
 from .models.backbone import encode_with_taps
 from .models.residual import VIEW_GROUPS
 from .models.weights import load_weights, save_weights
-from .phantom import CATEGORIES, make_case
 from .pipeline import LoopOptions, Timings, inpainting_mask, segment_patch
-from .preprocess import to_model_grid
 from .prompts import build_prompt_set
 from .schedulers import scaled_linear_alphas_cumprod
 from .tokenizer import tokenize
+from .training_data import SEEN, UNSEEN, Case, make_cases  # noqa: F401 - re-exported
 
-SEEN = ("kidney tumor", "liver tumor", "lung nodule", "brain tumor")
-UNSEEN = ("liver cyst", "pancreas tumor", "spleen lesion", "liver metastasis")
-
-
-@dataclass
-class Case:
-    image: np.ndarray  # model grid, [0, 1]
-    label: np.ndarray  # model grid, {0, 1}
-    prompt: str
-    modality: str
-
-
-def make_cases(preset, n: int, seed: int, categories=None, healthy_fraction: float = 0.0,
-               contrast: tuple[float, float] = (1.0, 1.0)) -> list[Case]:
-    """Phantoms on the preset's model grid (the same preprocessing inference applies); lesion
-    contrast drawn from `contrast` times the category's own (augmentation)."""
-    rng = np.random.default_rng(seed)
-    spacing = preset.spacing[0]
-    shape = (preset.patch, preset.patch, int(preset.patch * 0.75))
-    cases = []
-    for i in range(n):
-        healthy = categories is None or rng.random() < healthy_fraction
-        category = None if healthy else CATEGORIES[categories[i % len(categories)]]
-        scale = rng.uniform(*contrast) if contrast != (1.0, 1.0) else 1.0
-        image, label, modality = make_case(rng, category, shape, spacing, scale)
-        affine = np.diag([spacing] * 3 + [1.0])
-        model_image, grid = to_model_grid(Volume(image, affine), modality, preset.spacing, preset.patch)
-        model_label, _ = to_model_grid(Volume(label.astype(np.float32) * 1000.0, affine), "CT",
-                                       preset.spacing, preset.patch)
-        prompt = category.prompt if category else str(rng.choice(SEEN))
-        cases.append(Case(model_image, (model_label > 0.75).astype(np.float32), prompt, modality))
-    return cases
 
 
 def _progress(total: int, description: str):
@@ -104,9 +70,11 @@ class Checkpoint:
 
 
 def run_phase(name: str, work: Path, modules: dict, params, steps: int, lr: float, loss_fn,
-              rng: np.random.Generator, warmup: int = 0, every: int = 100) -> dict:
+              rng: np.random.Generator, warmup: int = 0, every: int = 100, amp: str | None = None) -> dict:
     """A generic resumable loop: `loss_fn(step)` returns a scalar loss; `rng` is the generator
-    it draws from (checkpointed with the weights); lr warms up linearly, then decays by cosine."""
+    it draws from (checkpointed with the weights); lr warms up linearly, then decays by cosine.
+    Resuming with more `steps` than a checkpoint holds continues it (training accumulates across runs).
+    `amp`: the device type to autocast to bfloat16 on (no loss scaling needed), or None for fp32."""
     optimizer = torch.optim.AdamW(params, lr=lr, weight_decay=1e-4)
     checkpoint = Checkpoint(work / f"{name}.pt")
     start = checkpoint.load(modules, optimizer, rng)
@@ -122,7 +90,8 @@ def run_phase(name: str, work: Path, modules: dict, params, steps: int, lr: floa
         for step in range(start, steps):
             for group in optimizer.param_groups:
                 group["lr"] = lr * schedule(step)
-            loss = loss_fn(step)
+            with torch.autocast(amp or "cpu", dtype=torch.bfloat16, enabled=amp is not None):
+                loss = loss_fn(step)
             optimizer.zero_grad()
             loss.backward()
             torch.nn.utils.clip_grad_norm_(params, 1.0)
@@ -131,7 +100,7 @@ def run_phase(name: str, work: Path, modules: dict, params, steps: int, lr: floa
             progress.update(task, advance=1, loss=f"loss {np.mean(losses[-20:]):.4f}")
             if (step + 1) % every == 0 or step + 1 == steps:
                 checkpoint.save(modules, optimizer, step + 1, rng)
-    return {"steps": steps, "final_loss": float(np.mean(losses[-50:])) if losses else None,
+    return {"steps": steps, "resumed_at": start, "final_loss": float(np.mean(losses[-50:])) if losses else None,
             "seconds": time.time() - began}
 
 
@@ -140,34 +109,89 @@ def _crop(batch: torch.Tensor, size: int, rng: np.random.Generator) -> torch.Ten
     return batch[:, :, starts[0]:starts[0] + size, starts[1]:starts[1] + size, starts[2]:starts[2] + size]
 
 
+@dataclass
+class Sources:
+    """Where training volumes come from, besides the phantoms: the real-anatomy corpus
+    (`diffugts corpus`) and a user's MSD-layout dataset."""
+
+    corpus: Path | None = None
+    dataset: Path | None = None
+    anatomy_volumes: int = 96  # randomized corpus patches (backbone) / lesion cases (heads)
+    device: str = "cpu"
+    amp: bool = False  # bfloat16 autocast on the device
+
+    @property
+    def autocast(self) -> str | None:
+        return torch.device(self.device).type if self.amp else None
+
+
+def _device(name: str) -> torch.device:
+    device = torch.device(name)
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise ValueError("--device cuda: this torch has no CUDA device (the CPU wheel, or no GPU here)")
+    return device
+
+
+def _stack(cases) -> torch.Tensor:
+    return torch.from_numpy(np.stack([c.image for c in cases])[:, None])
+
+
+def backbone_volumes(preset, n_phantoms: int, seed: int, sources: Sources) -> tuple[torch.Tensor, dict]:
+    """Healthy training patches and the held-out sets their reconstruction is measured on."""
+    from .training_data import anatomy_cases, anatomy_on_model_grid, dataset_cases
+
+    train = make_cases(preset, n_phantoms, seed) if n_phantoms else []
+    held_out = {"phantoms": _stack(make_cases(preset, 8, seed + 1000))}
+    if sources.corpus:
+        anatomies = anatomy_on_model_grid(sources.corpus, preset)
+        progress, task = _progress(sources.anatomy_volumes + 8, "randomized anatomy")
+        with progress:
+            tick = lambda: progress.update(task, advance=1)  # noqa: E731
+            train += anatomy_cases(anatomies, preset, sources.anatomy_volumes, seed, progress=tick)
+            held_out["anatomy"] = _stack(anatomy_cases(anatomies, preset, 8, seed + 1000, progress=tick))
+    if sources.dataset:
+        train += dataset_cases(sources.dataset, preset, need_labels=False, rng=np.random.default_rng(seed))
+    if not train:
+        raise ValueError("no training volumes: give phantoms (--volumes), --corpus or --dataset")
+    return _stack(train), held_out
+
+
 def train_backbone(preset_name: str = "demo", work: Path = Path("train_work"), seed: int = 0,
-                   vae_steps: int = 1500, unet_steps: int = 2500, n_volumes: int = 64) -> dict:
+                   vae_steps: int = 1500, unet_steps: int = 2500, n_volumes: int = 64,
+                   sources: Sources = Sources(), init: Path | None = None) -> dict:
+    """`init`: start from these weights (e.g. the shipped ones) where no checkpoint exists yet."""
     preset = get_preset(preset_name)
+    device = _device(sources.device)
     work.mkdir(parents=True, exist_ok=True)
     torch.manual_seed(seed)
     rng = np.random.default_rng(seed)
     models = build_models(preset, seed)
-    volumes = torch.from_numpy(np.stack([c.image for c in make_cases(preset, n_volumes, seed)])[:, None])
-    held_out = torch.from_numpy(np.stack([c.image for c in make_cases(preset, 8, seed + 1000)])[:, None])
+    if init:
+        load_weights(models, init)
+    volumes, held_out = backbone_volumes(preset, n_volumes, seed, sources)
     vae = models.vae.train()
 
     def vae_loss(step):
-        batch = _crop(volumes[torch.from_numpy(rng.integers(0, len(volumes), 2))], preset.patch // 2, rng)
+        batch = _crop(volumes[torch.from_numpy(rng.integers(0, len(volumes), 2))], preset.patch // 2, rng).to(device)
         # decode the posterior mean, as inference does: decoding a sample (sigma ~1 against a
         # latent std ~3) cost ~2.5 dB of held-out PSNR at the same steps
         mu, sigma = vae.encode(batch)
         kl = 0.5 * (mu**2 + sigma**2 - torch.log(sigma**2 + 1e-8) - 1).mean()
-        return F.l1_loss(vae.decode(mu), batch) + 1e-4 * kl
+        return F.l1_loss(vae.decode(mu).float(), batch) + 1e-4 * kl.float()
 
+    vae.to(device)
     report = {"vae": run_phase("vae", work, {"vae": vae}, list(vae.parameters()), vae_steps, 1e-3, vae_loss,
-                               rng, warmup=50)}
-    vae.eval()
+                               rng, warmup=50, amp=sources.autocast)}
+    vae.eval().cpu()
     with torch.no_grad():
         latents = torch.cat([vae.encode(volumes[i:i + 4])[0] for i in range(0, len(volumes), 4)])
-        recon = torch.cat([vae.decode(vae.encode(held_out[i:i + 2])[0]) for i in range(0, len(held_out), 2)])
+        report["reconstruction"] = {}
+        for name, held in held_out.items():
+            recon = torch.cat([vae.decode(vae.encode(held[i:i + 2])[0]) for i in range(0, len(held), 2)])
+            report["reconstruction"][name] = reconstruction_quality(recon.clamp(0, 1).numpy(), held.numpy())
     scale = float(1.0 / latents.std())
     report["scale_factor"] = scale
-    report["reconstruction"] = reconstruction_quality(recon.clamp(0, 1).numpy(), held_out.numpy())
+    report["training_volumes"] = len(volumes)
     latents = latents * scale
     acp = torch.from_numpy(scaled_linear_alphas_cumprod(preset.num_train_timesteps))
     unet = models.unet.train()
@@ -180,12 +204,13 @@ def train_backbone(preset_name: str = "demo", work: Path = Path("train_work"), s
         noise = torch.randn_like(x0)
         a = acp[t].view(-1, 1, 1, 1, 1)
         noisy = a.sqrt() * x0 + (1 - a).sqrt() * noise
-        prediction = unet(noisy, t.float())
-        return F.mse_loss(prediction, noise)
+        prediction = unet(noisy.to(device), t.float().to(device))
+        return F.mse_loss(prediction.float(), noise.to(device))
 
+    unet.to(device)
     report["unet"] = run_phase("unet", work, {"unet": unet}, list(unet.parameters()), unet_steps, 1e-3, unet_loss,
-                               rng)
-    models.eval()
+                               rng, amp=sources.autocast)
+    models.eval().cpu()
     save_weights(models, work / "backbone.safetensors", parts=("vae", "unet"),
                  metadata={"scale_factor": scale})
     (work / "backbone.json").write_text(json.dumps(report, indent=2))
@@ -257,18 +282,40 @@ class Recorder:
         return self.inner.score(image, healthy, anomaly, encoded, prompts)
 
 
+def head_cases(preset, n_phantoms: int, seed: int, sources: Sources, contrast=(0.35, 1.0)) -> list:
+    """Seen-category lesions: phantoms, real anatomy with seen lesion kinds, and a user's labelled data."""
+    from .lesions import SEEN_KINDS
+    from .training_data import anatomy_cases, anatomy_on_model_grid, dataset_cases
+
+    # lesion contrast augmented down to 0.35x the category's own: seen lesions are otherwise all
+    # conspicuous, and a head trained on them only misses subtler lesions of other categories
+    cases = make_cases(preset, n_phantoms, seed + 1, list(SEEN), healthy_fraction=0.15, contrast=contrast) \
+        if n_phantoms else []
+    if sources.corpus:
+        anatomies = anatomy_on_model_grid(sources.corpus, preset)
+        progress, task = _progress(sources.anatomy_volumes, "anatomy lesions")
+        with progress:
+            cases += anatomy_cases(anatomies, preset, sources.anatomy_volumes, seed + 2, list(SEEN_KINDS),
+                                   healthy_fraction=0.1, progress=lambda: progress.update(task, advance=1))
+    if sources.dataset:
+        cases += dataset_cases(sources.dataset, preset, need_labels=True, rng=np.random.default_rng(seed + 3))
+    if not cases:
+        raise ValueError("no training cases: give phantoms (--cases), --corpus or --dataset")
+    return cases
+
+
 def train_heads(preset_name: str = "demo", work: Path = Path("train_work"), seed: int = 0,
                 aova_steps: int = 1000, head_steps: int = 6000, n_cases: int = 136,
-                backbone: Path | None = None, contrast: tuple[float, float] = (0.35, 1.0)) -> dict:
+                backbone: Path | None = None, contrast: tuple[float, float] = (0.35, 1.0),
+                sources: Sources = Sources()) -> dict:
     preset = get_preset(preset_name)
+    device = _device(sources.device)
     torch.manual_seed(seed)
     rng = np.random.default_rng(seed)
     models = build_models(preset, seed)
     load_weights(models, backbone or work / "backbone.safetensors")
     preset = models.preset
-    # lesion contrast augmented down to 0.35x the category's own: seen lesions are otherwise all
-    # conspicuous, and a head trained on them only misses subtler lesions of other categories
-    cases = make_cases(preset, n_cases, seed + 1, list(SEEN), healthy_fraction=0.15, contrast=contrast)
+    cases = head_cases(preset, n_cases, seed, sources, contrast)
     head_crop = min(32, preset.patch)
     images = torch.from_numpy(np.stack([c.image for c in cases])[:, None])
     labels = torch.from_numpy(np.stack([c.label for c in cases])[:, None])
@@ -283,22 +330,25 @@ def train_heads(preset_name: str = "demo", work: Path = Path("train_work"), seed
     def aova_loss(step):
         i = int(rng.integers(len(cases)))
         prompts = prompt_sets[i]
-        emb = projection(torch.stack([sentence[t] for t in prompts.texts]))[None]
-        abnormal = torch.from_numpy(prompts.abnormal_mask)[None]
-        projected = aova.project(taps[i])
+        emb = projection(torch.stack([sentence[t] for t in prompts.texts]).to(device))[None]
+        abnormal = torch.from_numpy(prompts.abnormal_mask)[None].to(device)
+        projected = aova.project([tap.to(device) for tap in taps[i]])
         loss = 0.0
         for level, p in enumerate(projected):  # supervise every scale at its own resolution
             log_abnormal, log_normal = aova.log_masses(p, emb, abnormal)  # no dead clamp gradients
-            target = F.avg_pool3d(labels[i:i + 1], 2**level) if level else labels[i:i + 1]
+            target = (F.avg_pool3d(labels[i:i + 1], 2**level) if level else labels[i:i + 1]).to(device)
+            log_abnormal, log_normal = log_abnormal.float(), log_normal.float()
             weight = 1.0 + 9.0 * target  # lesions are small
             bce = -(weight * (target * log_abnormal + (1 - target) * log_normal)).mean()
             loss = loss + bce + soft_dice_loss(log_abnormal.exp(), target)
         return loss / len(projected)
 
+    aova.to(device), projection.to(device)
     report = {"aova": run_phase("aova", work, {"aova": aova, "projection": projection},
                                 list(aova.parameters()) + list(projection.parameters()), aova_steps, 3e-3, aova_loss,
-                                rng)}
-    models.eval()
+                                rng, amp=sources.autocast)}
+    report["training_cases"] = len(cases)
+    models.eval().cpu()  # the loop outputs come from the torch executor, on the CPU
     executor = TorchExecutor(models)
     recorder = Recorder(executor)
     views = []  # the head's input channels per case (its six raw inputs are not kept: ~6 MB each)
@@ -312,19 +362,20 @@ def train_heads(preset_name: str = "demo", work: Path = Path("train_work"), seed
                           np.random.default_rng(seed + i), Timings())
             views.append(models.head.views(*recorder.records.pop()))
             progress.update(task, advance=1)
-    head = models.head.train()
+    head = models.head.train().to(device)
 
     def head_loss(step):
         # crops around lesions (two thirds of them) and anywhere: lesions are ~0.5% of a patch
         batch = [lesion_crop(views[i], labels[i:i + 1], head_crop, rng) for i in rng.integers(len(cases), size=4)]
-        logits = head.net(drop_view_groups(torch.cat([v for v, _ in batch]), VIEW_GROUPS, 0.6, rng))
-        target = torch.cat([t for _, t in batch])
-        return F.binary_cross_entropy_with_logits(logits, target, pos_weight=torch.tensor(3.0)) + \
+        logits = head.net(drop_view_groups(torch.cat([v for v, _ in batch]), VIEW_GROUPS, 0.6, rng).to(device))
+        target = torch.cat([t for _, t in batch]).to(device)
+        logits = logits.float()
+        return F.binary_cross_entropy_with_logits(logits, target, pos_weight=torch.tensor(3.0, device=device)) + \
             soft_dice_loss(torch.sigmoid(logits), target, batch_dice=True)
 
     report["head"] = run_phase("head", work, {"head": head}, list(head.parameters()), head_steps, 2e-3, head_loss,
-                               rng)
-    models.eval()
+                               rng, amp=sources.autocast)
+    models.eval().cpu()
     report["seen_categories"], report["unseen_categories"] = list(SEEN), list(UNSEEN)
     save_weights(models, work / "demo.safetensors", half=True, metadata={"scale_factor": preset.scale_factor})
     (work / "heads.json").write_text(json.dumps(report, indent=2))

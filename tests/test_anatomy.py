@@ -1,0 +1,174 @@
+"""Lesion synthesis, domain randomization and training on a user's own MSD dataset."""
+
+import json
+
+import nibabel as nib
+import numpy as np
+import pytest
+import torch
+from scipy import ndimage
+
+from diffugts import train
+from diffugts.augment import Anatomy, randomize_anatomy, random_crop, scanner_effects, synthesized_contrast
+from diffugts.config import get_preset
+from diffugts.io import Volume
+from diffugts.lesions import KINDS, SEEN_KINDS, UNSEEN_KINDS, LesionKind, draw_lesion
+from diffugts.preprocess import labels_to_model_grid, to_model_grid
+
+
+def _head(size=48):
+    """A sphere of 'brain' (label 2, organ 1) inside a shell of 'skull' (label 1), air outside."""
+    r = np.sqrt(((np.indices((size,) * 3) - (size - 1) / 2) ** 2).sum(0))
+    labels = (r < 0.45 * size).astype(np.int16) + (r < 0.38 * size)
+    image = np.where(labels == 2, 0.5, np.where(labels == 1, 0.15, 0.0)).astype(np.float32)
+    return Anatomy(image, labels, (labels == 2).astype(np.uint8), {1: "brain"}, "MR")
+
+
+def test_seen_and_unseen_kinds_are_disjoint_and_cover_both_polarities_and_sizes():
+    assert not set(SEEN_KINDS) & set(UNSEEN_KINDS)
+    assert set(SEEN_KINDS) | set(UNSEEN_KINDS) == set(KINDS)
+    seen = [KINDS[k] for k in SEEN_KINDS]
+    assert {-1, 1} <= {p for k in seen for p in k.polarity}
+    lo, hi = min(k.diameter_mm[0] for k in KINDS.values()), max(k.diameter_mm[1] for k in KINDS.values())
+    assert lo <= 8 and hi >= 60 and lo >= 5
+
+
+@pytest.mark.parametrize("prompt", list(KINDS))
+def test_a_lesion_lies_in_its_organ_with_its_polarity_and_size(prompt):
+    kind, anatomy = KINDS[prompt], _head()
+    organ = anatomy.organs == 1
+    image, label, _ = draw_lesion(anatomy.image, organ, kind, 3.0, np.random.default_rng(3))
+    assert label.any() and image.dtype == np.float32 and 0 <= image.min() and image.max() <= 1
+    assert not (label.astype(bool) & ~ndimage.binary_dilation(organ, iterations=2)).any()
+    # equivalent diameter within the kind's range, widened by the boundary's irregularity
+    diameter = 2 * (3 * label.sum() / (4 * np.pi)) ** (1 / 3) * 3.0
+    assert kind.diameter_mm[0] * 0.3 <= diameter <= kind.diameter_mm[1] * (1.3 + kind.irregularity) * 1.3
+    if kind.rim == 0 and kind.necrotic_core == 0 and len(kind.polarity) == 1:
+        inner = ndimage.binary_erosion(label, iterations=1) if label.sum() > 30 else label.astype(bool)
+        change = float(image[inner].mean()) - 0.5
+        assert np.sign(change) == kind.polarity[0] and abs(change) >= 0.5 * kind.contrast[0]
+
+
+def test_lesions_are_reproducible_and_mass_effect_moves_the_other_maps():
+    kind = LesionKind("test mass", "brain", (30, 30), (0.2, 0.2), polarity=(1,), mass_effect_mm=(6, 6))
+    anatomy = _head()
+    a = draw_lesion(anatomy.image, anatomy.organs == 1, kind, 3.0, np.random.default_rng(0), [anatomy.labels])
+    b = draw_lesion(anatomy.image, anatomy.organs == 1, kind, 3.0, np.random.default_rng(0), [anatomy.labels])
+    np.testing.assert_array_equal(a[0], b[0])
+    moved = a[2][0]
+    assert moved.dtype == anatomy.labels.dtype and set(np.unique(moved)) <= {0, 1, 2}
+    assert (moved != anatomy.labels).sum() > 20  # the skull/brain boundary was pushed
+
+
+def test_no_room_for_a_lesion_is_a_clear_error():
+    with pytest.raises(ValueError, match="no room for a 'glioma'"):
+        draw_lesion(np.zeros((16,) * 3, np.float32), np.zeros((16,) * 3, bool), KINDS["glioma"], 3.0,
+                    np.random.default_rng(0))
+
+
+def test_randomization_is_seeded_and_keeps_label_values():
+    anatomy = _head()
+    a = randomize_anatomy(anatomy, np.random.default_rng(5), 3.0, synth_probability=1.0)
+    b = randomize_anatomy(anatomy, np.random.default_rng(5), 3.0, synth_probability=1.0)
+    c = randomize_anatomy(anatomy, np.random.default_rng(6), 3.0, synth_probability=1.0)
+    np.testing.assert_array_equal(a.image, b.image)
+    assert np.abs(a.image - c.image).max() > 0.01
+    assert set(np.unique(a.labels)) <= {0, 1, 2} and a.organs.max() == 1
+    assert a.image.min() >= 0 and a.image.max() <= 1
+    before = torch.get_rng_state()
+    scanner_effects(a.image, np.random.default_rng(1), 3.0)
+    assert torch.equal(before, torch.get_rng_state())  # training's own torch generator untouched
+
+
+def test_synthesized_contrast_draws_one_intensity_per_label():
+    import torchio as tio
+
+    anatomy = _head()
+    subject = tio.Subject(image=tio.ScalarImage(tensor=torch.from_numpy(anatomy.image[None])),
+                          labels=tio.LabelMap(tensor=torch.from_numpy(anatomy.labels[None])))
+    torch.manual_seed(0)
+    image = synthesized_contrast(anatomy.labels)(subject)["image"].data[0].numpy()
+    means = [image[anatomy.labels == v].mean() for v in (0, 1, 2)]
+    spreads = [image[anatomy.labels == v].std() for v in (0, 1, 2)]
+    assert means[0] <= 0.06 + 0.03  # air stays dark
+    assert max(spreads) < 0.06 and abs(means[1] - means[2]) > 0  # flat within a label, distinct between
+
+
+def test_crops_have_the_patch_size_and_centre_on_the_organ():
+    anatomy = _head(40)
+    crop = random_crop(anatomy, 32, np.random.default_rng(0), organ_fraction=1.0)
+    assert crop.image.shape == crop.labels.shape == crop.organs.shape == (32, 32, 32)
+    assert crop.organs.any()
+    small = random_crop(_head(20), 32, np.random.default_rng(0))
+    assert small.image.shape == (32, 32, 32)
+
+
+def test_label_maps_land_on_the_image_grid():
+    labels = np.zeros((30, 20, 10), np.float32)
+    labels[10:20, 5:15, 2:8] = 3
+    affine = np.diag([2.0, -2.0, 3.0, 1.0])
+    image, grid = to_model_grid(Volume(labels * 100, affine), "MR", (4.0, 4.0, 4.0), 16)
+    mapped = labels_to_model_grid(Volume(labels, affine), (4.0, 4.0, 4.0), 16)
+    assert mapped.shape == image.shape and mapped.dtype == np.int16
+    assert set(np.unique(mapped)) == {0, 3}
+    np.testing.assert_array_equal(mapped > 0, image > 0.5)
+
+
+def _write_dataset(root, n=3, size=40):
+    (root / "imagesTr").mkdir(parents=True)
+    (root / "labelsTr").mkdir()
+    rng = np.random.default_rng(0)
+    entries = []
+    for i in range(n):
+        image = rng.normal(100, 5, (size,) * 3).astype(np.float32)
+        label = np.zeros((size,) * 3, np.uint8)
+        label[15:21, 12:18, 18:24] = 1
+        image[label > 0] += 60
+        affine = np.diag([4.0, 4.0, 4.0, 1.0])
+        nib.save(nib.Nifti1Image(image, affine), str(root / "imagesTr" / f"c{i}.nii.gz"))
+        nib.save(nib.Nifti1Image(label, affine), str(root / "labelsTr" / f"c{i}.nii.gz"))
+        entries.append({"image": f"./imagesTr/c{i}.nii.gz", "label": f"./labelsTr/c{i}.nii.gz", "modality": "MR",
+                        "prompt": "adrenal tumor"})
+    (root / "dataset.json").write_text(json.dumps({"training": entries}))
+    return root
+
+
+def test_a_users_msd_dataset_trains_backbone_and_heads(tmp_path):
+    from diffugts.training_data import dataset_cases
+
+    data = _write_dataset(tmp_path / "data")
+    cases = dataset_cases(data, get_preset("tiny"), need_labels=True, rng=np.random.default_rng(0))
+    assert len(cases) == 3 and all(c.image.shape == (32, 32, 32) and c.label.sum() > 0 for c in cases)
+    assert {c.prompt for c in cases} == {"adrenal tumor"}
+
+    sources = train.Sources(dataset=data)
+    report = train.train_backbone("tiny", tmp_path / "w", vae_steps=2, unet_steps=2, n_volumes=0, sources=sources)
+    assert report["training_volumes"] == 3
+    report = train.train_heads("tiny", tmp_path / "w", aova_steps=2, head_steps=2, n_cases=0, sources=sources)
+    assert report["training_cases"] == 3 and (tmp_path / "w" / "demo.safetensors").exists()
+
+
+def test_a_dataset_without_labels_cannot_train_heads(tmp_path):
+    root = tmp_path / "data"
+    root.mkdir()
+    (root / "dataset.json").write_text(json.dumps({"training": [{"image": "./x.nii.gz"}]}))
+    from diffugts.io import InputError
+
+    with pytest.raises(InputError, match="needs 'image' and 'label'"):
+        train.head_cases(get_preset("tiny"), 0, 0, train.Sources(dataset=root))
+
+
+def test_cuda_without_a_gpu_is_a_one_line_error_and_amp_runs_on_cpu(tmp_path):
+    if not torch.cuda.is_available():
+        with pytest.raises(ValueError, match="no CUDA device"):
+            train.train_backbone("tiny", tmp_path, vae_steps=1, unet_steps=1, n_volumes=2,
+                                 sources=train.Sources(device="cuda"))
+    report = train.train_backbone("tiny", tmp_path / "amp", vae_steps=2, unet_steps=2, n_volumes=2,
+                                  sources=train.Sources(amp=True))
+    assert np.isfinite(report["vae"]["final_loss"]) and np.isfinite(report["unet"]["final_loss"])
+
+
+def test_training_accumulates_when_resumed_with_more_steps(tmp_path):
+    first = train.train_backbone("tiny", tmp_path, vae_steps=2, unet_steps=2, n_volumes=2)
+    more = train.train_backbone("tiny", tmp_path, vae_steps=4, unet_steps=3, n_volumes=2)
+    assert first["vae"]["resumed_at"] == 0 and more["vae"]["resumed_at"] == 2 and more["unet"]["resumed_at"] == 2
