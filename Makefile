@@ -21,8 +21,23 @@ install: $(STAMP)
 demo: $(STAMP)
 	$(VENV)/bin/diffugts demo --out demo_out
 
-test: $(STAMP)
+test: $(STAMP) corpus-sources
 	$(PY) -m pytest
+
+# Debian packages the training corpus reads (`diffugts corpus`), installed when missing; without
+# apt-get or root the corpus skips those sources with a warning.
+CORPUS_DEBS := mricron-data invesalius-examples
+.PHONY: corpus-sources corpus
+corpus-sources:
+	@missing=$$(for p in $(CORPUS_DEBS); do dpkg -s $$p >/dev/null 2>&1 || echo $$p; done); \
+	if [ -n "$$missing" ]; then \
+	  if command -v apt-get >/dev/null && [ "$$(id -u)" = 0 ]; then \
+	    apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -q $$missing; \
+	  else echo "corpus-sources: cannot install $$missing (needs apt-get as root); the corpus skips them"; fi; \
+	fi
+
+corpus: $(STAMP) corpus-sources
+	$(VENV)/bin/diffugts corpus --out corpus
 
 # Zero-shot evaluation of the README's ablation table: categories the demo weights never saw.
 UNSEEN := liver cyst,pancreas tumor,spleen lesion,liver metastasis

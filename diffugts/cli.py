@@ -333,6 +333,12 @@ def cmd_inpainting_check(args) -> int:
     return 0
 
 
+def cmd_corpus(args) -> int:
+    from .corpus import build_corpus_cli
+
+    return build_corpus_cli(args.out, args.sources, args.phantoms, args.seed, fail)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="diffugts", description="DiffuGTS zero-shot tumor segmentation")
     sub = parser.add_subparsers(dest="command", required=True)
@@ -347,6 +353,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--spacing", type=float, default=3.0)
     p.add_argument("--healthy-fraction", type=float, default=0.0)
     p.set_defaults(func=cmd_phantom)
+
+    p = sub.add_parser("corpus", help="write the training corpus of real anatomy (templates, head CT, phantoms)")
+    p.add_argument("--out", required=True)
+    p.add_argument("--sources", default=None, help="comma-separated (default: all installed)")
+    p.add_argument("--phantoms", type=int, default=6, help="healthy phantoms")
+    p.add_argument("--seed", type=int, default=0)
+    p.set_defaults(func=cmd_corpus)
 
     p = sub.add_parser("segment", help="segment volumes for an open-vocabulary target")
     p.add_argument("inputs", nargs="+", help="NIfTI / NRRD / MHA files or DICOM series folders")

@@ -137,10 +137,12 @@ def _lesion_mask(rng, grid, organ: np.ndarray, category: Category, spacing: floa
 
 
 def make_case(rng: np.random.Generator, category: Category | None, shape=(64, 64, 48),
-              spacing: float = 3.0, contrast: float = 1.0) -> tuple[np.ndarray, np.ndarray, str]:
+              spacing: float = 3.0, contrast: float = 1.0, return_anatomy: bool = False):
     """One volume, its lesion mask (empty for a healthy case) and its modality.
 
-    `contrast` scales the category's intensity change (training augmentation; 1 for evaluation)."""
+    `contrast` scales the category's intensity change (training augmentation; 1 for evaluation).
+    `return_anatomy` adds a fourth item: {"organs": {name: mask}, "tissue": the noise-free image
+    before any lesion (each tissue has its own TISSUE value), "region"} for the training corpus."""
     modality = category.modality if category else ("CT" if rng.random() < 0.6 else "MR")
     grid = np.meshgrid(*[(np.arange(n) - (n - 1) / 2) * spacing for n in shape], indexing="ij")
     grid_shape = [n * spacing for n in shape]
@@ -150,6 +152,7 @@ def make_case(rng: np.random.Generator, category: Category | None, shape=(64, 64
     else:
         image, organs = _body_mr(rng, grid, grid_shape, region)
     label = np.zeros(shape, bool)
+    anatomy = {"organs": organs, "tissue": image.copy(), "region": region} if return_anatomy else None
     if category:
         category = replace(category, delta=category.delta * contrast)
         label = _lesion_mask(rng, grid, organs[category.organ], category, spacing)
@@ -169,6 +172,8 @@ def make_case(rng: np.random.Generator, category: Category | None, shape=(64, 64
         bias = 1.0 + 0.15 * _smooth_noise(rng, shape, 12.0)  # MR bias field
         image = (image * bias + 0.03 * texture + rng.normal(0, 0.02, shape)) * 1000.0
         image = np.clip(image, 0, None)
+    if return_anatomy:
+        return image.astype(np.float32), label.astype(np.uint8), modality, anatomy
     return image.astype(np.float32), label.astype(np.uint8), modality
 
 
