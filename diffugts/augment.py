@@ -39,13 +39,23 @@ def spatial(degrees: float = 10.0, scales: float = 0.12, displacement_mm: float 
     ])
 
 
-def synthesized_contrast(labels: np.ndarray) -> tio.Transform:
-    """SynthSeg: a random mean and spread per label; air stays dark as both CT and MR show it."""
-    used = [int(v) for v in np.unique(labels)]
-    means = [(0.0, 0.06) if v == 0 else (0.05, 0.95) for v in used]
-    stds = [(0.0, 0.01) if v == 0 else (0.005, 0.05) for v in used]
-    return tio.RandomLabelsToImage(label_key="labels", used_labels=used, mean=means, std=stds,
+def synthesized_contrast(count: int) -> tio.Transform:
+    """SynthSeg: a random mean and spread per label of a map holding labels 0..count-1; air (0)
+    stays dark, as both CT and MR show it."""
+    means = [(0.0, 0.06)] + [(0.05, 0.95)] * (count - 1)
+    stds = [(0.0, 0.01)] + [(0.005, 0.05)] * (count - 1)
+    return tio.RandomLabelsToImage(label_key="consecutive", used_labels=list(range(count)), mean=means, std=stds,
                                    image_key="image")
+
+
+def _with_synthesized_contrast(subject: tio.Subject) -> tio.Subject:
+    # TorchIO indexes its ranges by label value: atlas ids (up to ~450) are renumbered 0..n-1 first
+    values, consecutive = np.unique(subject["labels"].data.numpy(), return_inverse=True)
+    subject.add_image(tio.LabelMap(tensor=torch.from_numpy(consecutive.reshape(subject["labels"].shape).astype(np.int16)),
+                                   affine=subject["labels"].affine), "consecutive")
+    subject = synthesized_contrast(len(values))(subject)
+    subject.remove_image("consecutive")
+    return subject
 
 
 def intensity() -> tio.Compose:
@@ -83,7 +93,7 @@ def randomize_anatomy(anatomy: Anatomy, rng: np.random.Generator, spacing: float
     with _seeded(rng):
         subject = spatial()(_subject(anatomy, spacing))
         if synth:
-            subject = synthesized_contrast(subject["labels"].data.numpy())(subject)
+            subject = _with_synthesized_contrast(subject)
     return replace(anatomy, image=np.clip(subject["image"].data[0].numpy(), 0, 1).astype(np.float32),
                    labels=subject["labels"].data[0].numpy().astype(np.int16),
                    organs=subject["organs"].data[0].numpy().astype(np.uint8))

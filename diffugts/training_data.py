@@ -179,6 +179,7 @@ def write_anatomy_lesions(corpus_dir, out, preset, n: int, seed: int, kinds, pro
         raise ValueError(f"unknown lesion kinds {unknown}; known: {', '.join(KINDS)}")
     if n < 1:
         raise ValueError("--n must be at least 1")
-    anatomies = anatomy_on_model_grid(corpus_dir, preset)
+    # the phantoms in a corpus are for training; this set is real anatomy only
+    anatomies = [a for a in anatomy_on_model_grid(corpus_dir, preset) if a.source != "phantom"]
     cases = anatomy_cases(anatomies, preset, n, seed, list(kinds), synth_probability=0.0, progress=progress)
     return write_cases(cases, out, preset.spacing[0], f"real anatomy, lesion kinds {', '.join(kinds)}, seed {seed}")

@@ -9,7 +9,7 @@ import torch
 from scipy import ndimage
 
 from diffugts import train
-from diffugts.augment import Anatomy, randomize_anatomy, random_crop, scanner_effects, synthesized_contrast
+from diffugts.augment import Anatomy, randomize_anatomy, random_crop, scanner_effects
 from diffugts.config import get_preset
 from diffugts.io import Volume
 from diffugts.lesions import KINDS, SEEN_KINDS, UNSEEN_KINDS, LesionKind, draw_lesion
@@ -19,9 +19,9 @@ from diffugts.preprocess import labels_to_model_grid, to_model_grid
 def _head(size=48):
     """A sphere of 'brain' (label 2, organ 1) inside a shell of 'skull' (label 1), air outside."""
     r = np.sqrt(((np.indices((size,) * 3) - (size - 1) / 2) ** 2).sum(0))
-    labels = (r < 0.45 * size).astype(np.int16) + (r < 0.38 * size)
-    image = np.where(labels == 2, 0.5, np.where(labels == 1, 0.15, 0.0)).astype(np.float32)
-    return Anatomy(image, labels, (labels == 2).astype(np.uint8), {1: "brain"}, "MR")
+    labels = (r < 0.45 * size).astype(np.int16) + 6 * (r < 0.38 * size)  # values need not be 0..n
+    image = np.where(labels == 7, 0.5, np.where(labels == 1, 0.15, 0.0)).astype(np.float32)
+    return Anatomy(image, labels, (labels == 7).astype(np.uint8), {1: "brain"}, "MR")
 
 
 def test_seen_and_unseen_kinds_are_disjoint_and_cover_both_polarities_and_sizes():
@@ -56,7 +56,7 @@ def test_lesions_are_reproducible_and_mass_effect_moves_the_other_maps():
     b = draw_lesion(anatomy.image, anatomy.organs == 1, kind, 3.0, np.random.default_rng(0), [anatomy.labels])
     np.testing.assert_array_equal(a[0], b[0])
     moved = a[2][0]
-    assert moved.dtype == anatomy.labels.dtype and set(np.unique(moved)) <= {0, 1, 2}
+    assert moved.dtype == anatomy.labels.dtype and set(np.unique(moved)) <= {0, 1, 7}
     assert (moved != anatomy.labels).sum() > 20  # the skull/brain boundary was pushed
 
 
@@ -73,7 +73,7 @@ def test_randomization_is_seeded_and_keeps_label_values():
     c = randomize_anatomy(anatomy, np.random.default_rng(6), 3.0, synth_probability=1.0)
     np.testing.assert_array_equal(a.image, b.image)
     assert np.abs(a.image - c.image).max() > 0.01
-    assert set(np.unique(a.labels)) <= {0, 1, 2} and a.organs.max() == 1
+    assert set(np.unique(a.labels)) <= {0, 1, 7} and a.organs.max() == 1
     assert a.image.min() >= 0 and a.image.max() <= 1
     before = torch.get_rng_state()
     scanner_effects(a.image, np.random.default_rng(1), 3.0)
@@ -83,13 +83,17 @@ def test_randomization_is_seeded_and_keeps_label_values():
 def test_synthesized_contrast_draws_one_intensity_per_label():
     import torchio as tio
 
+    from diffugts.augment import _with_synthesized_contrast
+
     anatomy = _head()
     subject = tio.Subject(image=tio.ScalarImage(tensor=torch.from_numpy(anatomy.image[None])),
                           labels=tio.LabelMap(tensor=torch.from_numpy(anatomy.labels[None])))
     torch.manual_seed(0)
-    image = synthesized_contrast(anatomy.labels)(subject)["image"].data[0].numpy()
-    means = [image[anatomy.labels == v].mean() for v in (0, 1, 2)]
-    spreads = [image[anatomy.labels == v].std() for v in (0, 1, 2)]
+    out = _with_synthesized_contrast(subject)
+    assert set(out.keys()) == {"image", "labels"}
+    image = out["image"].data[0].numpy()
+    means = [image[anatomy.labels == v].mean() for v in (0, 1, 7)]
+    spreads = [image[anatomy.labels == v].std() for v in (0, 1, 7)]
     assert means[0] <= 0.06 + 0.03  # air stays dark
     assert max(spreads) < 0.06 and abs(means[1] - means[2]) > 0  # flat within a label, distinct between
 
