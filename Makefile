@@ -7,7 +7,7 @@ STAMP  := $(VENV)/.installed
 export HF_HUB_OFFLINE := 1
 export TRANSFORMERS_OFFLINE := 1
 
-.PHONY: demo test eval calibrate bench install clean
+.PHONY: demo test eval calibrate bench install clean train
 
 $(STAMP): pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -39,18 +39,33 @@ corpus-sources:
 corpus: $(STAMP) corpus-sources
 	$(VENV)/bin/diffugts corpus --out corpus
 
-# Zero-shot evaluation of the README's ablation table: categories the demo weights never saw.
+# Zero-shot evaluation of the README's ablation tables: lesions the demo weights never saw, on the
+# phantoms and on real anatomy (the corpus's installed scans, lesion kinds kept out of training).
 UNSEEN := liver cyst,pancreas tumor,spleen lesion,liver metastasis
-eval: $(STAMP)
+UNSEEN_KINDS := brain metastasis,intracranial hemorrhage,brain abscess
+eval: $(STAMP) corpus-sources
 	$(VENV)/bin/diffugts phantom --out eval_data/unseen --n 16 --seed 2026 --categories "$(UNSEEN)"
 	$(VENV)/bin/diffugts evaluate eval_data/unseen --out eval_out/unseen.json --preset demo --ablation all
+	$(VENV)/bin/diffugts corpus --out eval_data/corpus
+	$(VENV)/bin/diffugts lesions --corpus eval_data/corpus --out eval_data/anatomy_unseen --n 18 --seed 2026 --kinds "$(UNSEEN_KINDS)"
+	$(VENV)/bin/diffugts evaluate eval_data/anatomy_unseen --out eval_out/anatomy_unseen.json --preset demo --ablation all
 	$(VENV)/bin/diffugts real-lesion --out eval_out --preset demo
 
 # The demo preset's inpainting theta and head threshold: chosen on seen categories only.
 SEEN := kidney tumor,liver tumor,lung nodule,brain tumor
-calibrate: $(STAMP)
+SEEN_KINDS := brain tumor,glioma,brain cyst
+calibrate: $(STAMP) corpus-sources
 	$(VENV)/bin/diffugts phantom --out eval_data/seen77 --n 16 --seed 77 --categories "$(SEEN)"
-	$(VENV)/bin/diffugts calibrate eval_data/seen77 --out eval_out/calibration.json --preset demo
+	$(VENV)/bin/diffugts corpus --out eval_data/corpus
+	$(VENV)/bin/diffugts lesions --corpus eval_data/corpus --out eval_data/anatomy_seen77 --n 12 --seed 77 --kinds "$(SEEN_KINDS)"
+	$(VENV)/bin/diffugts calibrate eval_data/seen77 eval_data/anatomy_seen77 --out eval_out/calibration.json --preset demo
+
+# Retrain the demo weights on the corpus (resumable: rerun with more steps to continue).
+train: $(STAMP) corpus-sources
+	$(VENV)/bin/diffugts corpus --out train_work/corpus
+	$(VENV)/bin/diffugts train backbone --work train_work/v7 --corpus train_work/corpus --init diffugts/weights/demo.safetensors \
+	  --volumes 64 --anatomy-volumes 128 --vae-steps 300 --unet-steps 600
+	$(VENV)/bin/diffugts train heads --work train_work/v7 --corpus train_work/corpus --anatomy-volumes 136
 
 bench: $(STAMP)
 	$(VENV)/bin/diffugts bench --preset demo --out bench_out --theta 0.05

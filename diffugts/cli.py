@@ -235,7 +235,7 @@ def cmd_calibrate(args) -> int:
     from .executors.torch_executor import TorchExecutor
     from .report import write_json
 
-    total = len(load_manifest(Path(args.dataset))) * len(args.thetas)
+    total = sum(len(load_manifest(Path(d))) for d in args.dataset) * len(args.thetas)
     executor = TorchExecutor.from_preset(args.preset, args.weights)
     with Progress(console=_console(True)) as progress:
         task = progress.add_task("calibration runs", total=total)
@@ -380,7 +380,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_evaluate)
 
     p = sub.add_parser("calibrate", help="choose the inpainting theta and head threshold on seen categories")
-    p.add_argument("dataset", help="MSD-layout phantoms of seen categories (diffugts phantom --categories ...)")
+    p.add_argument("dataset", nargs="+",
+                   help="MSD-layout sets of seen categories (diffugts phantom --categories / diffugts lesions --kinds)")
     p.add_argument("--out", required=True, help="results JSON")
     p.add_argument("--preset", default="demo")
     p.add_argument("--weights", default=None)

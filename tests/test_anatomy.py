@@ -176,3 +176,45 @@ def test_training_accumulates_when_resumed_with_more_steps(tmp_path):
     first = train.train_backbone("tiny", tmp_path, vae_steps=2, unet_steps=2, n_volumes=2)
     more = train.train_backbone("tiny", tmp_path, vae_steps=4, unet_steps=3, n_volumes=2)
     assert first["vae"]["resumed_at"] == 0 and more["vae"]["resumed_at"] == 2 and more["unet"]["resumed_at"] == 2
+
+
+@pytest.fixture(scope="module")
+def mni_corpus(tmp_path_factory):
+    from diffugts.corpus import build_corpus
+
+    out = tmp_path_factory.mktemp("corpus")
+    build_corpus(out, sources=["nilearn-mni152", "phantom"], n_phantoms=3)
+    return out
+
+
+def test_real_anatomy_lesion_sets_are_deterministic_and_hold_real_anatomy_only(mni_corpus, tmp_path):
+    from diffugts.evaluate import load_manifest
+    from diffugts.io import read_volume
+    from diffugts.training_data import write_anatomy_lesions
+
+    preset = get_preset("tiny")
+    a = write_anatomy_lesions(mni_corpus, tmp_path / "a", preset, 3, 11, list(UNSEEN_KINDS))
+    b = write_anatomy_lesions(mni_corpus, tmp_path / "b", preset, 3, 11, list(UNSEEN_KINDS))
+    entries = load_manifest(a)
+    assert [e["prompt"] for e in entries] == list(UNSEEN_KINDS) and {e["modality"] for e in entries} == {"MR"}
+    for entry in entries:
+        image_a, image_b = read_volume(a / entry["image"]).array, read_volume(b / entry["image"]).array
+        label = read_volume(a / entry["label"]).array
+        np.testing.assert_array_equal(image_a, image_b)
+        assert label.sum() > 0 and image_a.shape == (32, 32, 32)
+        assert image_a.max() > 100  # written back in scanner units (MR x1000), not [0, 1]
+    with pytest.raises(ValueError, match="unknown lesion kinds"):
+        write_anatomy_lesions(mni_corpus, tmp_path / "c", preset, 1, 0, ["not a kind"])
+
+
+def test_training_cases_mix_randomized_anatomy_and_phantoms(mni_corpus):
+    from diffugts.training_data import anatomy_cases, anatomy_on_model_grid
+
+    preset = get_preset("tiny")
+    anatomies = anatomy_on_model_grid(mni_corpus, preset)
+    assert {a.source for a in anatomies} == {"nilearn-mni152", "phantom"}
+    cases = anatomy_cases(anatomies, preset, 4, 0, list(SEEN_KINDS), synth_probability=1.0)
+    assert all(c.image.shape == (32, 32, 32) and c.label.sum() > 0 for c in cases)
+    assert [c.prompt for c in cases] == [*SEEN_KINDS, SEEN_KINDS[0]]
+    healthy = anatomy_cases(anatomies, preset, 2, 0)
+    assert all(c.label.sum() == 0 for c in healthy)
