@@ -253,7 +253,7 @@ def _colin27() -> list[Entry]:
         brain = _resample_to(bet, image.shape, img.affine, 0) > 0
         brain = ndimage.binary_fill_holes(_largest_component(ndimage.binary_opening(brain, iterations=1)))
         head_threshold = _otsu_thresholds(image[image > 0], 2)[0] * 0.5
-        head = _head_mask(image, head_threshold) | brain
+        head = ndimage.binary_fill_holes(_head_mask(image, head_threshold) | brain)
         labels = _head_classes(image, head, brain)
         labels[brain] = _brain_classes(image, brain)[brain]
         if cortical is None:
@@ -424,26 +424,34 @@ def _label_names() -> dict[str, str]:
     return names
 
 
-def build_corpus(out: str | Path, sources: list[str] | None = None, n_phantoms: int = 6, seed: int = 0,
-                 progress: Callable[[str], None] | None = None) -> Path:
-    """Write the corpus; returns the dataset.json path. Missing sources are skipped with a warning."""
-    nib = _nib()
-    names = list(sources) if sources else list(BUILDERS)
+def _check_sources(names: list[str]) -> list[str]:
     unknown = [s for s in names if s not in BUILDERS]
     if unknown:
         raise ValueError(f"unknown corpus sources {unknown}; known: {', '.join(BUILDERS)}")
+    return names
+
+
+def build_corpus(out: str | Path, sources: list[str] | None = None, n_phantoms: int = 6, seed: int = 0,
+                 progress: Callable[[str, bool], None] | None = None) -> Path:
+    """Write the corpus; returns the dataset.json path. Missing sources are skipped with a warning.
+
+    `progress(source, finished)` is called as each source starts and ends."""
+    nib = _nib()
+    names = _check_sources(list(sources) if sources else list(BUILDERS))
     out = Path(out)
     for sub in ("images", "labels", "organs"):
         (out / sub).mkdir(parents=True, exist_ok=True)
     training, used, skipped = [], {}, {}
     for source in names:
+        if progress:
+            progress(source, False)
         try:
             entries = _phantoms(n_phantoms, seed) if source == "phantom" else BUILDERS[source]()
         except SourceMissing as exc:
             warnings.warn(f"corpus: skipping {source}: {exc}", stacklevel=2)
             skipped[source] = str(exc)
             if progress:
-                progress(source)
+                progress(source, True)
             continue
         used[source] = SOURCES[source]
         for entry in entries:
@@ -465,13 +473,21 @@ def build_corpus(out: str | Path, sources: list[str] | None = None, n_phantoms: 
                 "notes": entry.notes,
             })
         if progress:
-            progress(source)
+            progress(source, True)
     manifest = {"name": "diffugts-anatomy",
                 "description": "healthy real anatomy and phantoms for backbone training and lesion synthesis",
                 "sources": used, "skipped": skipped, "labels": {"0": "background (air)", **_label_names()},
                 "numTraining": len(training), "training": training}
+    # a rebuild into the same folder leaves no volume that dataset.json does not list
+    written = {f"{e['id']}.nii.gz" for e in training}
+    for sub in ("images", "labels", "organs"):
+        for stale in (out / sub).glob("*.nii.gz"):
+            if stale.name not in written:
+                stale.unlink()
     path = out / "dataset.json"
-    path.write_text(json.dumps(manifest, indent=2))
+    partial = out / ".dataset.json.partial"
+    partial.write_text(json.dumps(manifest, indent=2))
+    partial.replace(path)  # dataset.json appears only once every volume is written
     return path
 
 
@@ -504,18 +520,21 @@ def build_corpus_cli(out: str, sources: str | None, n_phantoms: int, seed: int, 
     from rich.console import Console
     from rich.progress import Progress
 
-    names = [s.strip() for s in sources.split(",") if s.strip()] if sources else list(BUILDERS)
+    try:
+        names = _check_sources([s.strip() for s in sources.split(",") if s.strip()] if sources else list(BUILDERS))
+        if n_phantoms < 0:
+            raise ValueError("--phantoms must be 0 or more")
+    except ValueError as exc:
+        fail(str(exc))
+        return 2
     console = Console(stderr=True, highlight=False)
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
-        try:
-            with Progress(console=console) as progress:
-                task = progress.add_task("corpus", total=len(names))
-                path = build_corpus(out, names, n_phantoms, seed,
-                                    progress=lambda source: progress.update(task, advance=1, description=source))
-        except ValueError as exc:
-            fail(str(exc))
-            return 2
+        with Progress(console=console) as progress:
+            task = progress.add_task("corpus", total=len(names))
+            path = build_corpus(out, names, n_phantoms, seed,
+                                progress=lambda source, finished: progress.update(
+                                    task, advance=int(finished), description=source))
     for warning in caught:
         if str(warning.message).startswith("corpus:"):
             console.print(f"warning: {warning.message}")
