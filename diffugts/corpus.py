@@ -41,33 +41,36 @@ ATLAS_OFFSETS = {"aal": 100, "harvard_oxford": 300, "jhu": 400}
 MRICRON_TEMPLATES = Path("/usr/share/mricron/templates")
 INVESALIUS_CRANIUM = Path("/usr/share/doc/invesalius-examples/examples/Cranium.inv3")
 
+# Licences as the packages' own files state them (Debian copyright files, wheel metadata, nilearn's
+# dataset descriptions); the model card quotes the same.
 SOURCES = {
     "nilearn-mni152": {
-        "package": "nilearn (PyPI; the ICBM 2009a symmetric templates bundled in nilearn/datasets/data)",
-        "licence": "nilearn: BSD-3-Clause. MNI ICBM 2009a templates: Copyright (C) 1993-2009 Louis Collins, "
-                   "McConnell Brain Imaging Centre, Montreal Neurological Institute, McGill University; "
-                   "free use, copy and distribution with the copyright notice kept",
-        "citation": "Fonov et al., NeuroImage 54(1) 2011; Fonov et al., NeuroImage 47 S102 2009",
+        "package": "nilearn (PyPI): the ICBM152 2009a T1 and GM/WM templates bundled in nilearn/datasets/data",
+        "licence": "nilearn code: BSD-3-Clause (Copyright (c) The nilearn developers). The ICBM152 2009 "
+                   "templates: nilearn's description (datasets/description/icbm152_2009.rst) lists the "
+                   "licence as 'unknown' and points to the McConnell Brain Imaging Centre's release page",
+        "citation": "Collins et al. 1999; Fonov et al., NeuroImage 47 S102 2009; Fonov et al., NeuroImage 54(1) 2011",
     },
     "mricron-colin27": {
         "package": "mricron-data (Debian): /usr/share/mricron/templates ch2, ch2better, ch2bet, aal, "
                    "HarvardOxford-cort-maxprob-thr0-1mm, JHU-WhiteMatter-labels-1mm",
-        "licence": "Debian copyright file: MRIcron, Copyright 2006-2010 Chris Rorden, BSD-3-clause (Files: *)",
+        "licence": "Debian copyright file (Files: *): Copyright 2006-2010 Chris Rorden, BSD-3-clause; it states "
+                   "no separate terms for the templates. nilearn's descriptions: HarvardOxford under the FSL "
+                   "licence, AAL 'unknown'",
         "citation": "Holmes et al., J Comput Assist Tomogr 22(2) 1998 (Colin27); Tzourio-Mazoyer et al., "
                     "NeuroImage 15 2002 (AAL); Desikan et al., NeuroImage 31 2006 (HarvardOxford); "
                     "Mori et al., NeuroImage 40 2008 (JHU white matter)",
     },
     "invesalius-cranium": {
         "package": "invesalius-examples (Debian): /usr/share/doc/invesalius-examples/examples/Cranium.inv3",
-        "licence": "Debian copyright file: InVesalius, (c) 2008-2021 Centro de Tecnologia da Informacao "
-                   "Renato Archer and authors, GPL-2 (Files: *)",
-        "citation": "Amorim et al., InVesalius: an interactive rendering framework for health care support, "
-                    "ISVC 2015",
+        "licence": "Debian copyright file (Files: *): (c) 2008-2021 Centro de Tecnologia da Informacao Renato "
+                   "Archer, P. H. J. Amorim, T. F. de Moraes, T. Al-Chueyr Pereira Martins; GPL-2",
+        "citation": "InVesalius (https://github.com/invesalius/invesalius3), example project Cranium.inv3",
     },
     "pydicom-data": {
         "package": "pydicom-data (PyPI): data_store/data/emri_small.dcm",
-        "licence": "MIT (pydicom-data's package metadata)",
-        "citation": "pydicom contributors, pydicom-data test files",
+        "licence": "MIT (the wheel's LICENSE: Copyright (c) 2020 Dicom in Python)",
+        "citation": "pydicom-data, https://github.com/pydicom/pydicom-data",
     },
     "phantom": {
         "package": "diffugts.phantom (this project)",
@@ -229,7 +232,8 @@ def _mni152() -> list[Entry]:
     except SourceMissing:
         atlases = []  # the tissue classes alone still partition the brain
     return [Entry("mni152_t1", image, labels, brain.astype(np.uint8), t1.affine, "MR", "head",
-                  {"1": "brain"}, "nilearn-mni152", {"atlases": atlases, "skull_stripped": True})]
+                  {"1": "brain"}, "nilearn-mni152", {"atlases": atlases, "skull_stripped": True,
+                                                     "intensity": "nilearn's loader rescales the template to 0..1"})]
 
 
 def _colin27() -> list[Entry]:
