@@ -384,6 +384,9 @@ def _phantoms(n: int = 6, seed: int = 0) -> list[Entry]:
             for k, name in enumerate(PHANTOM_ORGAN_LABELS, start=1):
                 organ_map[labels == PHANTOM_ORGAN_LABELS[name]] = k
                 names[str(k)] = name
+        # the phantom draws the liver at -x and the spine at +y: turned 180 degrees about z, the
+        # liver lies on the patient's right and the spine behind, as in RAS
+        image, labels, organ_map = (np.ascontiguousarray(a[::-1, ::-1]) for a in (image, labels, organ_map))
         affine = np.diag([spacing, spacing, spacing, 1.0])
         affine[:3, 3] = -np.asarray(shape) * spacing / 2
         entries.append(Entry(f"phantom_{i:02d}_{modality.lower()}_{'head' if region == 'brain' else 'body'}",

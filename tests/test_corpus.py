@@ -183,3 +183,19 @@ def test_unknown_source_is_one_line_error(tmp_path, capsys):
     err = capsys.readouterr().err.strip().splitlines()
     assert err == ["diffugts: error: unknown corpus sources ['colin']; known: " + ", ".join(corpus.BUILDERS)]
     assert not (tmp_path / "e").exists()
+
+
+def test_phantom_bodies_are_in_ras(built):
+    """Liver on the patient's right, spleen on the left, spine behind, lungs on top (world mm)."""
+    _, manifest, cases = built
+    body = next(cases[e["id"]] for e in manifest["training"] if e["source"] == "phantom" and e["region"] == "body")
+    ids = {name: int(k) for k, name in body["organ_names"].items()}
+
+    def centre(mask):
+        return body["affine"][:3, :3] @ np.argwhere(mask).mean(0) + body["affine"][:3, 3]
+
+    liver, spleen, lung = (centre(body["organs"] == ids[n]) for n in ("liver", "spleen", "lung"))
+    spine = centre(body["labels"] == corpus.BONE)
+    assert liver[0] > 0 > spleen[0]
+    assert spine[1] < liver[1]
+    assert lung[2] > liver[2]
