@@ -41,33 +41,36 @@ ATLAS_OFFSETS = {"aal": 100, "harvard_oxford": 300, "jhu": 400}
 MRICRON_TEMPLATES = Path("/usr/share/mricron/templates")
 INVESALIUS_CRANIUM = Path("/usr/share/doc/invesalius-examples/examples/Cranium.inv3")
 
+# Licences as the packages' own files state them (Debian copyright files, wheel metadata, nilearn's
+# dataset descriptions); the model card quotes the same.
 SOURCES = {
     "nilearn-mni152": {
-        "package": "nilearn (PyPI; the ICBM 2009a symmetric templates bundled in nilearn/datasets/data)",
-        "licence": "nilearn: BSD-3-Clause. MNI ICBM 2009a templates: Copyright (C) 1993-2009 Louis Collins, "
-                   "McConnell Brain Imaging Centre, Montreal Neurological Institute, McGill University; "
-                   "free use, copy and distribution with the copyright notice kept",
-        "citation": "Fonov et al., NeuroImage 54(1) 2011; Fonov et al., NeuroImage 47 S102 2009",
+        "package": "nilearn (PyPI): the ICBM152 2009a T1 and GM/WM templates bundled in nilearn/datasets/data",
+        "licence": "nilearn code: BSD-3-Clause (Copyright (c) The nilearn developers). The ICBM152 2009 "
+                   "templates: nilearn's description (datasets/description/icbm152_2009.rst) lists the "
+                   "licence as 'unknown' and points to the McConnell Brain Imaging Centre's release page",
+        "citation": "Collins et al. 1999; Fonov et al., NeuroImage 47 S102 2009; Fonov et al., NeuroImage 54(1) 2011",
     },
     "mricron-colin27": {
         "package": "mricron-data (Debian): /usr/share/mricron/templates ch2, ch2better, ch2bet, aal, "
                    "HarvardOxford-cort-maxprob-thr0-1mm, JHU-WhiteMatter-labels-1mm",
-        "licence": "Debian copyright file: MRIcron, Copyright 2006-2010 Chris Rorden, BSD-3-clause (Files: *)",
+        "licence": "Debian copyright file (Files: *): Copyright 2006-2010 Chris Rorden, BSD-3-clause; it states "
+                   "no separate terms for the templates. nilearn's descriptions: HarvardOxford under the FSL "
+                   "licence, AAL 'unknown'",
         "citation": "Holmes et al., J Comput Assist Tomogr 22(2) 1998 (Colin27); Tzourio-Mazoyer et al., "
                     "NeuroImage 15 2002 (AAL); Desikan et al., NeuroImage 31 2006 (HarvardOxford); "
                     "Mori et al., NeuroImage 40 2008 (JHU white matter)",
     },
     "invesalius-cranium": {
         "package": "invesalius-examples (Debian): /usr/share/doc/invesalius-examples/examples/Cranium.inv3",
-        "licence": "Debian copyright file: InVesalius, (c) 2008-2021 Centro de Tecnologia da Informacao "
-                   "Renato Archer and authors, GPL-2 (Files: *)",
-        "citation": "Amorim et al., InVesalius: an interactive rendering framework for health care support, "
-                    "ISVC 2015",
+        "licence": "Debian copyright file (Files: *): (c) 2008-2021 Centro de Tecnologia da Informacao Renato "
+                   "Archer, P. H. J. Amorim, T. F. de Moraes, T. Al-Chueyr Pereira Martins; GPL-2",
+        "citation": "InVesalius (https://github.com/invesalius/invesalius3), example project Cranium.inv3",
     },
     "pydicom-data": {
         "package": "pydicom-data (PyPI): data_store/data/emri_small.dcm",
-        "licence": "MIT (pydicom-data's package metadata)",
-        "citation": "pydicom contributors, pydicom-data test files",
+        "licence": "MIT (the wheel's LICENSE: Copyright (c) 2020 Dicom in Python)",
+        "citation": "pydicom-data, https://github.com/pydicom/pydicom-data",
     },
     "phantom": {
         "package": "diffugts.phantom (this project)",
@@ -229,7 +232,8 @@ def _mni152() -> list[Entry]:
     except SourceMissing:
         atlases = []  # the tissue classes alone still partition the brain
     return [Entry("mni152_t1", image, labels, brain.astype(np.uint8), t1.affine, "MR", "head",
-                  {"1": "brain"}, "nilearn-mni152", {"atlases": atlases, "skull_stripped": True})]
+                  {"1": "brain"}, "nilearn-mni152", {"atlases": atlases, "skull_stripped": True,
+                                                     "intensity": "nilearn's loader rescales the template to 0..1"})]
 
 
 def _colin27() -> list[Entry]:
@@ -253,7 +257,7 @@ def _colin27() -> list[Entry]:
         brain = _resample_to(bet, image.shape, img.affine, 0) > 0
         brain = ndimage.binary_fill_holes(_largest_component(ndimage.binary_opening(brain, iterations=1)))
         head_threshold = _otsu_thresholds(image[image > 0], 2)[0] * 0.5
-        head = _head_mask(image, head_threshold) | brain
+        head = ndimage.binary_fill_holes(_head_mask(image, head_threshold) | brain)
         labels = _head_classes(image, head, brain)
         labels[brain] = _brain_classes(image, brain)[brain]
         if cortical is None:
@@ -380,6 +384,9 @@ def _phantoms(n: int = 6, seed: int = 0) -> list[Entry]:
             for k, name in enumerate(PHANTOM_ORGAN_LABELS, start=1):
                 organ_map[labels == PHANTOM_ORGAN_LABELS[name]] = k
                 names[str(k)] = name
+        # the phantom draws the liver at -x and the spine at +y: turned 180 degrees about z, the
+        # liver lies on the patient's right and the spine behind, as in RAS
+        image, labels, organ_map = (np.ascontiguousarray(a[::-1, ::-1]) for a in (image, labels, organ_map))
         affine = np.diag([spacing, spacing, spacing, 1.0])
         affine[:3, 3] = -np.asarray(shape) * spacing / 2
         entries.append(Entry(f"phantom_{i:02d}_{modality.lower()}_{'head' if region == 'brain' else 'body'}",
@@ -424,26 +431,34 @@ def _label_names() -> dict[str, str]:
     return names
 
 
-def build_corpus(out: str | Path, sources: list[str] | None = None, n_phantoms: int = 6, seed: int = 0,
-                 progress: Callable[[str], None] | None = None) -> Path:
-    """Write the corpus; returns the dataset.json path. Missing sources are skipped with a warning."""
-    nib = _nib()
-    names = list(sources) if sources else list(BUILDERS)
+def _check_sources(names: list[str]) -> list[str]:
     unknown = [s for s in names if s not in BUILDERS]
     if unknown:
         raise ValueError(f"unknown corpus sources {unknown}; known: {', '.join(BUILDERS)}")
+    return names
+
+
+def build_corpus(out: str | Path, sources: list[str] | None = None, n_phantoms: int = 6, seed: int = 0,
+                 progress: Callable[[str, bool], None] | None = None) -> Path:
+    """Write the corpus; returns the dataset.json path. Missing sources are skipped with a warning.
+
+    `progress(source, finished)` is called as each source starts and ends."""
+    nib = _nib()
+    names = _check_sources(list(sources) if sources else list(BUILDERS))
     out = Path(out)
     for sub in ("images", "labels", "organs"):
         (out / sub).mkdir(parents=True, exist_ok=True)
     training, used, skipped = [], {}, {}
     for source in names:
+        if progress:
+            progress(source, False)
         try:
             entries = _phantoms(n_phantoms, seed) if source == "phantom" else BUILDERS[source]()
         except SourceMissing as exc:
             warnings.warn(f"corpus: skipping {source}: {exc}", stacklevel=2)
             skipped[source] = str(exc)
             if progress:
-                progress(source)
+                progress(source, True)
             continue
         used[source] = SOURCES[source]
         for entry in entries:
@@ -465,13 +480,21 @@ def build_corpus(out: str | Path, sources: list[str] | None = None, n_phantoms: 
                 "notes": entry.notes,
             })
         if progress:
-            progress(source)
+            progress(source, True)
     manifest = {"name": "diffugts-anatomy",
                 "description": "healthy real anatomy and phantoms for backbone training and lesion synthesis",
                 "sources": used, "skipped": skipped, "labels": {"0": "background (air)", **_label_names()},
                 "numTraining": len(training), "training": training}
+    # a rebuild into the same folder leaves no volume that dataset.json does not list
+    written = {f"{e['id']}.nii.gz" for e in training}
+    for sub in ("images", "labels", "organs"):
+        for stale in (out / sub).glob("*.nii.gz"):
+            if stale.name not in written:
+                stale.unlink()
     path = out / "dataset.json"
-    path.write_text(json.dumps(manifest, indent=2))
+    partial = out / ".dataset.json.partial"
+    partial.write_text(json.dumps(manifest, indent=2))
+    partial.replace(path)  # dataset.json appears only once every volume is written
     return path
 
 
@@ -504,18 +527,21 @@ def build_corpus_cli(out: str, sources: str | None, n_phantoms: int, seed: int, 
     from rich.console import Console
     from rich.progress import Progress
 
-    names = [s.strip() for s in sources.split(",") if s.strip()] if sources else list(BUILDERS)
+    try:
+        names = _check_sources([s.strip() for s in sources.split(",") if s.strip()] if sources else list(BUILDERS))
+        if n_phantoms < 0:
+            raise ValueError("--phantoms must be 0 or more")
+    except ValueError as exc:
+        fail(str(exc))
+        return 2
     console = Console(stderr=True, highlight=False)
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
-        try:
-            with Progress(console=console) as progress:
-                task = progress.add_task("corpus", total=len(names))
-                path = build_corpus(out, names, n_phantoms, seed,
-                                    progress=lambda source: progress.update(task, advance=1, description=source))
-        except ValueError as exc:
-            fail(str(exc))
-            return 2
+        with Progress(console=console) as progress:
+            task = progress.add_task("corpus", total=len(names))
+            path = build_corpus(out, names, n_phantoms, seed,
+                                progress=lambda source, finished: progress.update(
+                                    task, advance=int(finished), description=source))
     for warning in caught:
         if str(warning.message).startswith("corpus:"):
             console.print(f"warning: {warning.message}")
