@@ -58,15 +58,17 @@ def _with_synthesized_contrast(subject: tio.Subject) -> tio.Subject:
     return subject
 
 
-def intensity() -> tio.Compose:
-    """Scanner effects, each with its own probability (MR-like and CT-like alike)."""
-    return tio.Compose([
-        tio.RandomBiasField(coefficients=0.35, p=0.5),
-        tio.RandomGamma(log_gamma=(-0.35, 0.35), p=0.5),
+def intensity(ct: bool = False) -> tio.Compose:
+    """Scanner effects, each with its own probability. Training applies all of them to every
+    image (domain randomization); `ct=True` leaves out what a CT scanner does not do (a bias
+    field, a gamma curve on HU), for evaluation images that should look like real CT."""
+    contrast = [] if ct else [tio.RandomBiasField(coefficients=0.35, p=0.5),
+                              tio.RandomGamma(log_gamma=(-0.35, 0.35), p=0.5)]
+    return tio.Compose(contrast + [
         tio.RandomAnisotropy(downsampling=(1.5, 3.0), p=0.2),
         tio.RandomMotion(degrees=4, translation=4, num_transforms=2, p=0.15),
         tio.RandomBlur(std=(0.0, 1.5), p=0.3),
-        tio.RandomNoise(std=(0.0, 0.025), p=0.6),
+        tio.RandomNoise(std=(0.0, 0.005 if ct else 0.025), p=0.6),  # CT: up to ~10 HU, as scanners show
     ])
 
 
@@ -99,12 +101,12 @@ def randomize_anatomy(anatomy: Anatomy, rng: np.random.Generator, spacing: float
                    organs=subject["organs"].data[0].numpy().astype(np.uint8))
 
 
-def scanner_effects(image: np.ndarray, rng: np.random.Generator, spacing: float) -> np.ndarray:
+def scanner_effects(image: np.ndarray, rng: np.random.Generator, spacing: float, ct: bool = False) -> np.ndarray:
     """The intensity half: applied after a lesion is drawn, so the lesion carries the same artefacts."""
     tensor = tio.ScalarImage(tensor=torch.from_numpy(image[None].astype(np.float32)),
                              affine=np.diag([spacing, spacing, spacing, 1.0]))
     with _seeded(rng):
-        out = intensity()(tensor).data[0].numpy()
+        out = intensity(ct)(tensor).data[0].numpy()
     return np.clip(out, 0.0, 1.0).astype(np.float32)
 
 

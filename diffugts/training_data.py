@@ -79,9 +79,11 @@ def _organ_id(anatomy: Anatomy, organ: str) -> int | None:
 
 
 def anatomy_cases(anatomies: list[Anatomy], preset, n: int, seed: int, kinds=None, healthy_fraction: float = 0.0,
-                  synth_probability: float = 0.5, randomize: bool = True, progress=None) -> list[Case]:
+                  synth_probability: float = 0.5, randomize: bool = True, realistic: bool = False,
+                  progress=None) -> list[Case]:
     """`n` patches of real anatomy, randomized, each with one lesion of `kinds` (round robin) unless
-    healthy. Anatomies without the kind's organ are passed over for that case."""
+    healthy. Anatomies without the kind's organ are passed over for that case. `realistic`: only
+    the scanner effects the modality has (no bias field or gamma on CT), for evaluation."""
     rng = np.random.default_rng(seed)
     spacing = preset.spacing[0]
     cases = []
@@ -99,7 +101,7 @@ def anatomy_cases(anatomies: list[Anatomy], preset, n: int, seed: int, kinds=Non
         if kind is not None and (anatomy.organs == organ).sum() >= 8:
             image, label, _ = draw_lesion(image, anatomy.organs == organ, kind, spacing, rng)
         if randomize:
-            image = scanner_effects(image, rng, spacing)
+            image = scanner_effects(image, rng, spacing, ct=realistic and anatomy.modality == "CT")
         prompt = kind.prompt if kind is not None and label.any() else "brain tumor"
         cases.append(Case(image, label.astype(np.float32), prompt, anatomy.modality))
         if progress:
@@ -171,6 +173,14 @@ def _guess(volume: Volume) -> str:
     return guess_modality(volume.array)
 
 
+MIN_EXTENT_MM = 60.0  # a volume thinner than this along any axis is a slab, not a scan of a head
+
+
+def _extent_mm(mask: np.ndarray, spacing: float) -> np.ndarray:
+    nonzero = np.argwhere(mask)
+    return (nonzero.max(0) - nonzero.min(0) + 1) * spacing if len(nonzero) else np.zeros(3)
+
+
 def write_anatomy_lesions(corpus_dir, out, preset, n: int, seed: int, kinds, progress=None) -> Path:
     """A deterministic evaluation set: real anatomy with scanner-like randomization (no synthesized
     contrasts: evaluation images look like scans) and one lesion of `kinds` each."""
@@ -179,7 +189,10 @@ def write_anatomy_lesions(corpus_dir, out, preset, n: int, seed: int, kinds, pro
         raise ValueError(f"unknown lesion kinds {unknown}; known: {', '.join(KINDS)}")
     if n < 1:
         raise ValueError("--n must be at least 1")
-    # the phantoms in a corpus are for training; this set is real anatomy only
-    anatomies = [a for a in anatomy_on_model_grid(corpus_dir, preset) if a.source != "phantom"]
-    cases = anatomy_cases(anatomies, preset, n, seed, list(kinds), synth_probability=0.0, progress=progress)
+    # the phantoms in a corpus are for training, and so are slabs (pydicom-data's 12 mm brain patch):
+    # this set is real anatomy, whole heads, only
+    anatomies = [a for a in anatomy_on_model_grid(corpus_dir, preset)
+                 if a.source != "phantom" and _extent_mm(a.labels > 0, preset.spacing[0]).min() >= MIN_EXTENT_MM]
+    cases = anatomy_cases(anatomies, preset, n, seed, list(kinds), synth_probability=0.0, realistic=True,
+                          progress=progress)
     return write_cases(cases, out, preset.spacing[0], f"real anatomy, lesion kinds {', '.join(kinds)}, seed {seed}")
