@@ -256,7 +256,9 @@ def cmd_train(args) -> int:
     sources = train.Sources(Path(args.corpus) if args.corpus else None, Path(args.dataset) if args.dataset else None,
                             args.anatomy_volumes, args.device, args.amp)
     try:
-        if args.phase == "backbone":
+        if args.phase == "snapshot":
+            report = train.weights_from_checkpoints(args.preset, work, Path(args.backbone) if args.backbone else None)
+        elif args.phase == "backbone":
             report = train.train_backbone(args.preset, work, args.seed, args.vae_steps, args.unet_steps, args.volumes,
                                           sources, Path(args.init) if args.init else None)
         else:
@@ -265,8 +267,8 @@ def cmd_train(args) -> int:
     except (ValueError, InputError) as exc:
         fail(str(exc))
         return 2
-        if args.install:
-            print(f"installed {train.install_weights(work)}")
+    if args.install and args.phase != "backbone":
+        print(f"installed {train.install_weights(work)}")
     print(json.dumps(report, indent=2))
     return 0
 
@@ -412,7 +414,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_serve)
 
     p = sub.add_parser("train", help="train the demo preset: `backbone` (VAE + UNet), then `heads`")
-    p.add_argument("phase", choices=("backbone", "heads"))
+    p.add_argument("phase", choices=("backbone", "heads", "snapshot"),
+                   help="snapshot: weights from the checkpoints of an unfinished `heads` run")
     p.add_argument("--preset", default="demo")
     p.add_argument("--work", default="train_work", help="checkpoints (resumable) and outputs")
     p.add_argument("--seed", type=int, default=0)

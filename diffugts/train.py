@@ -387,3 +387,25 @@ def install_weights(work: Path, name: str = "demo.safetensors") -> Path:
     target.parent.mkdir(parents=True, exist_ok=True)
     target.write_bytes((work / name).read_bytes())
     return target
+
+
+def weights_from_checkpoints(preset_name: str, work: Path, backbone: Path | None = None) -> dict:
+    """`work/demo.safetensors` from the last checkpoints of an unfinished `train heads` run: a phase
+    stopped early (Ctrl-C, the end of a sitting) still gives usable weights, and the run can resume
+    later from the same checkpoints. Says which step each phase had reached."""
+    for phase in ("aova", "head"):
+        if not (work / f"{phase}.pt").exists():
+            raise ValueError(f"{work / f'{phase}.pt'}: no checkpoint; run `diffugts train heads` first")
+    preset = get_preset(preset_name)
+    models = build_models(preset, 0)
+    load_weights(models, backbone or work / "backbone.safetensors")
+    steps = {}
+    for phase, parts in (("aova", ("aova", "projection")), ("head", ("head",))):
+        path = work / f"{phase}.pt"
+        state = torch.load(path, map_location="cpu", weights_only=False)
+        for part in parts:
+            getattr(models, part).load_state_dict(state["modules"][part])
+        steps[phase] = int(state["step"])
+    models.eval()
+    save_weights(models, work / "demo.safetensors", half=True, metadata={"scale_factor": models.preset.scale_factor})
+    return {"checkpoint_steps": steps, "weights": str(work / "demo.safetensors")}

@@ -218,3 +218,22 @@ def test_training_cases_mix_randomized_anatomy_and_phantoms(mni_corpus):
     assert [c.prompt for c in cases] == [*SEEN_KINDS, SEEN_KINDS[0]]
     healthy = anatomy_cases(anatomies, preset, 2, 0)
     assert all(c.label.sum() == 0 for c in healthy)
+
+
+def test_an_unfinished_heads_run_still_gives_weights_from_its_checkpoints(tmp_path):
+    from diffugts.models import build_models
+    from diffugts.models.weights import load_weights
+
+    train.train_backbone("tiny", tmp_path, vae_steps=1, unet_steps=1, n_volumes=2)
+    train.train_heads("tiny", tmp_path, aova_steps=2, head_steps=3, n_cases=3)
+    finished = build_models(get_preset("tiny"))
+    load_weights(finished, tmp_path / "demo.safetensors")
+    (tmp_path / "demo.safetensors").unlink()
+    report = train.weights_from_checkpoints("tiny", tmp_path)
+    assert report["checkpoint_steps"] == {"aova": 2, "head": 3}
+    snapshot = build_models(get_preset("tiny"))
+    load_weights(snapshot, tmp_path / "demo.safetensors")
+    for a, b in zip(finished.head.state_dict().values(), snapshot.head.state_dict().values()):
+        torch.testing.assert_close(a, b)
+    with pytest.raises(ValueError, match="no checkpoint"):
+        train.weights_from_checkpoints("tiny", tmp_path / "nothing")
