@@ -70,7 +70,9 @@ def cmd_phantom(args) -> int:
 def cmd_segment(args) -> int:
     from rich.progress import Progress
 
-    from .io import read_volume, stem_of, write_nifti_atomic
+    from .dicom_seg import algorithm_identity
+    from .io import read_volume, stem_of
+    from .outputs import check_format, save_outputs
     from .pipeline import run_segmentation
     from .prompts import normalize_target
     from .report import write_json, write_overlay
@@ -81,6 +83,7 @@ def cmd_segment(args) -> int:
         fail(str(exc))
         return 2
     executor = _make_executor(args)
+    identity = algorithm_identity(executor.preset, args.weights, args.backend)
     out = Path(args.out)
     failures = 0
     with Progress(console=_console(True), transient=False) as progress:
@@ -88,18 +91,23 @@ def cmd_segment(args) -> int:
         for path in args.inputs:
             stage = progress.add_task(f"  {Path(path).name}", total=None)
             try:
-                volume = read_volume(path)
+                volume = read_volume(path, args.series_uid)
+                if volume.dicom is not None:
+                    progress.console.print(f"{path}: {volume.dicom.choice}")
+                check_format(volume, args.format)
                 seg = run_segmentation(executor, volume, args.prompt, args.modality, _options(args),
                                      on_stage=lambda _: progress.advance(stage))
                 stem = stem_of(path)
-                write_nifti_atomic({out / f"{stem}_mask.nii.gz": seg.mask,
-                                    out / f"{stem}_anomaly.nii.gz": seg.anomaly.astype("float32")}, volume.affine)
+                written = save_outputs(out, stem, volume, seg, args.prompt, args.format, identity,
+                                       args.anomaly_map_dicom)
                 write_overlay(out / f"{stem}_overlay.png", volume.array, seg.mask, seg.anomaly,
-                              title=f"{stem}: {args.prompt} ({seg.modality})", modality=seg.modality)
+                              title=f"{stem}: {args.prompt} ({seg.modality})", modality=seg.modality,
+                              affine=volume.affine)
                 write_json(out / f"{stem}_timings.json", {"backend": args.backend, "preset": executor.preset.name,
                                                           "seconds": seg.timings,
                                                           "mask_voxels": int(seg.mask.sum())})
-                progress.console.print(f"{path}: {int(seg.mask.sum())} mask voxels -> {out / (stem + '_mask.nii.gz')}")
+                progress.console.print(f"{path}: {int(seg.mask.sum())} mask voxels -> "
+                                       + ", ".join(str(p) for p in written.values()))
             except InputError as exc:
                 failures += 1
                 progress.console.print(f"[red]diffugts: error: {exc}[/red]")
@@ -325,6 +333,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--prompt", required=True, help="target, e.g. 'kidney tumor'")
     p.add_argument("--out", required=True)
     p.add_argument("--modality", type=str.upper, choices=("CT", "MR"), default=None, help="default: guessed")
+    p.add_argument("--format", choices=("nifti", "dicom-seg", "both"), default="nifti",
+                   help="dicom-seg (DICOM series input only): <name>_seg.dcm; both: SEG and NIfTI")
+    p.add_argument("--series-uid", default=None, help="DICOM folder with several series: the one to segment "
+                   "(default: the largest)")
+    p.add_argument("--anomaly-map-dicom", action="store_true",
+                   help="with dicom-seg: also the anomaly map as a DICOM Parametric Map")
     _executor_args(p)
     p.set_defaults(func=cmd_segment)
 
