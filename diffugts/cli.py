@@ -93,7 +93,7 @@ def cmd_segment(args) -> int:
             try:
                 volume = read_volume(path, args.series_uid)
                 if volume.dicom is not None:
-                    progress.console.print(f"{path}: {volume.dicom.choice}")
+                    progress.console.print(f"{path}: {volume.dicom.choice}", soft_wrap=True)
                 check_format(volume, args.format)
                 seg = run_segmentation(executor, volume, args.prompt, args.modality, _options(args),
                                      on_stage=lambda _: progress.advance(stage))
@@ -110,7 +110,7 @@ def cmd_segment(args) -> int:
                                        + ", ".join(str(p) for p in written.values()))
             except InputError as exc:
                 failures += 1
-                progress.console.print(f"[red]diffugts: error: {exc}[/red]")
+                progress.console.print(f"[red]diffugts: error: {exc}[/red]", soft_wrap=True)  # one line
             progress.remove_task(stage)
             progress.advance(volumes)
     return 1 if failures else 0

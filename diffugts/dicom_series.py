@@ -24,6 +24,10 @@ SPACING_TOLERANCE = 0.01
 TILT_TOLERANCE_DEGREES = 0.5
 
 
+class SeriesError(ValueError):
+    """A folder or series we will not segment, and why (one line)."""
+
+
 @dataclass
 class DicomSeries:
     """One image series: its files and headers in slice order (the volume's last axis)."""
@@ -68,32 +72,33 @@ def scan_folder(folder: Path) -> tuple[dict[str, list[tuple[Path, object]]], Cou
             ds = pydicom.dcmread(path, stop_before_pixels=True)
         except Exception:  # not DICOM (README, thumbnails): not ours to judge
             continue
+        modality = str(ds.get("Modality", "")).upper()
         if "SOPClassUID" not in ds:
             skipped["DICOMDIR" if "DirectoryRecordSequence" in ds else "other"] += 1
-        elif int(ds.get("NumberOfFrames", 1) or 1) > 1 and "ImagePositionPatient" not in ds:
-            multiframe += 1
-            skipped[str(ds.get("Modality", "other"))] += 1
+        elif modality not in NOT_IMAGES and int(ds.get("NumberOfFrames", 1) or 1) > 1:
+            multiframe += 1  # enhanced CT/MR: positions live in per-frame groups
+            skipped[f"multi-frame {modality}"] += 1
         elif _is_single_frame_image(ds):
             series[str(ds.SeriesInstanceUID)].append((path, ds))
         else:
-            skipped[str(ds.get("Modality", "other")) or "other"] += 1
+            skipped[modality or "other"] += 1
     return dict(series), skipped, multiframe
 
 
 def select_series(folder: str | Path, series_uid: str | None = None) -> DicomSeries:
-    """The series to segment, ordered by GDCM, with its geometry checked; ValueError otherwise."""
+    """The series to segment, ordered by GDCM, with its geometry checked; SeriesError otherwise."""
     import SimpleITK as sitk
 
     folder = Path(folder)
     found, skipped, multiframe = scan_folder(folder)
     if not found:
         if multiframe:
-            raise ValueError("enhanced multi-frame images are not supported: export the series as single-frame images")
+            raise SeriesError("enhanced multi-frame images are not supported: export the series as single-frame images")
         extra = f" (only {', '.join(f'{n} {m}' for m, n in sorted(skipped.items()))})" if skipped else ""
-        raise ValueError(f"no DICOM image series in this folder{extra}")
+        raise SeriesError(f"no DICOM image series in this folder{extra}")
     if series_uid is not None:
         if series_uid not in found:
-            raise ValueError(f"no image series with UID {series_uid} here (found: {', '.join(sorted(found))})")
+            raise SeriesError(f"no image series with UID {series_uid} here (found: {', '.join(sorted(found))})")
         uid, why = series_uid, "as asked"
     else:
         uid = max(sorted(found), key=lambda u: len(found[u]))
@@ -120,31 +125,31 @@ def _vector(ds, key) -> np.ndarray:
 
 
 def check_geometry(series: DicomSeries) -> None:
-    """A regular, unsheared stack of equal slices, or a one-line ValueError saying what is wrong."""
+    """A regular, unsheared stack of equal slices, or a one-line SeriesError saying what is wrong."""
     headers = series.headers
     if len(headers) < 2:
-        raise ValueError(f"series {series.series_uid} has {len(headers)} slice: a volume needs at least 2")
+        raise SeriesError(f"series {series.series_uid} has {len(headers)} slice: a volume needs at least 2")
     sizes = Counter((int(ds.Rows), int(ds.Columns)) for ds in headers)
     if len(sizes) > 1:
-        raise ValueError("mixed image sizes in one series: " + ", ".join(f"{n} of {r}x{c}" for (r, c), n in sizes.items()))
+        raise SeriesError("mixed image sizes in one series: " + ", ".join(f"{n} of {r}x{c}" for (r, c), n in sizes.items()))
     orientation = _vector(headers[0], "ImageOrientationPatient")
     if any(not np.allclose(_vector(ds, "ImageOrientationPatient"), orientation, atol=1e-4) for ds in headers):
-        raise ValueError("mixed image orientations in one series")
+        raise SeriesError("mixed image orientations in one series")
     spacing = [tuple(float(v) for v in ds.get("PixelSpacing", [1.0, 1.0])) for ds in headers]
     if len(set(spacing)) > 1:
-        raise ValueError(f"mixed pixel spacings in one series: {sorted(set(spacing))}")
+        raise SeriesError(f"mixed pixel spacings in one series: {sorted(set(spacing))}")
     normal = np.cross(orientation[:3], orientation[3:])
     positions = np.stack([_vector(ds, "ImagePositionPatient") for ds in headers])
     steps = np.diff(positions, axis=0)
     along = steps @ normal
     if np.any(np.abs(along) < 1e-3):
-        raise ValueError("two slices share one position (duplicate or multi-echo images in one series)")
+        raise SeriesError("two slices share one position (duplicate or multi-echo images in one series)")
     if not (np.all(along > 0) or np.all(along < 0)):
-        raise ValueError("slice positions do not go one way along the slice normal")
+        raise SeriesError("slice positions do not go one way along the slice normal")
     across = np.linalg.norm(steps - along[:, None] * normal, axis=1)
     tilt = float(np.degrees(np.arctan2(across, np.abs(along))).max())
     if tilt > TILT_TOLERANCE_DEGREES:
-        raise ValueError(f"gantry tilt: slices are sheared by {tilt:.1f} degrees; resample the series to an "
+        raise SeriesError(f"gantry tilt: slices are sheared by {tilt:.1f} degrees; resample the series to an "
                          "unsheared grid first")
     gaps = np.abs(along)
     step = float(np.min(gaps))
@@ -154,9 +159,9 @@ def check_geometry(series: DicomSeries) -> None:
         if np.allclose(multiples, np.round(multiples), atol=0.05):
             missing = int(np.round(multiples).sum() - len(gaps))
             where = int(np.argmax(uneven))
-            raise ValueError(f"{missing} missing slice(s): a gap of {gaps[where]:.2f} mm after slice {where + 1} "
+            raise SeriesError(f"{missing} missing slice(s): a gap of {gaps[where]:.2f} mm after slice {where + 1} "
                              f"where the spacing is {step:.2f} mm")
-        raise ValueError(f"uneven slice spacing: {gaps.min():.2f} to {gaps.max():.2f} mm")
+        raise SeriesError(f"uneven slice spacing: {gaps.min():.2f} to {gaps.max():.2f} mm")
 
 
 def read_series(folder: str | Path, series_uid: str | None = None) -> tuple[np.ndarray, np.ndarray, DicomSeries]:
@@ -174,7 +179,7 @@ def read_series(folder: str | Path, series_uid: str | None = None) -> tuple[np.n
     for k in (0, len(series.headers) - 1):
         expected = _vector(series.headers[k], "ImagePositionPatient")
         if not np.allclose((lps @ [0, 0, k, 1])[:3], expected, atol=0.05):
-            raise ValueError(f"slice {k} is not where its header puts it; the series cannot be stacked")
+            raise SeriesError(f"slice {k} is not where its header puts it; the series cannot be stacked")
     return array, affine, series
 
 

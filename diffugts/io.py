@@ -83,10 +83,10 @@ def read_volume(path: str | Path, series_uid: str | None = None) -> Volume:
     if not path.exists():
         raise InputError(path, "no such file or folder")
     dicom = None
+    from .dicom_series import SeriesError, read_series
+
     try:
         if path.is_dir():
-            from .dicom_series import read_series
-
             array, affine, dicom = read_series(path, series_uid)
         elif name.endswith(NIFTI_SUFFIXES):
             array, affine = _read_nifti(path)
@@ -97,6 +97,8 @@ def read_volume(path: str | Path, series_uid: str | None = None) -> Volume:
         array = np.asarray(array)
     except InputError:
         raise
+    except SeriesError as exc:  # our own checks already say it in one line
+        raise InputError(path, str(exc)) from None
     except Exception as exc:  # every reader fails differently; the user needs one line
         problem = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
         raise InputError(path, f"cannot read: {problem}") from None
