@@ -116,6 +116,12 @@ def cmd_segment(args) -> int:
     return 1 if failures else 0
 
 
+def cmd_listen(args) -> int:
+    from .listen import run
+
+    return run(args, _make_executor(args), _options(args))
+
+
 def cmd_evaluate(args) -> int:
     from rich.progress import Progress
 
@@ -341,6 +347,23 @@ def build_parser() -> argparse.ArgumentParser:
                    help="with dicom-seg: also the anomaly map as a DICOM Parametric Map")
     _executor_args(p)
     p.set_defaults(func=cmd_segment)
+
+    p = sub.add_parser("listen", help="DICOM receiver: segment each CT/MR series pushed by C-STORE, return a SEG")
+    p.add_argument("--ae-title", default="DIFFUGTS")
+    p.add_argument("--host", default="127.0.0.1")
+    p.add_argument("--port", type=int, default=11112, help="0 takes a free port")
+    p.add_argument("--prompt", default=None, help="default prompt when no --rule matches (none: skip the series)")
+    p.add_argument("--rule", action="append", metavar="PATTERN=PROMPT",
+                   help="series description (regex, case-insensitive) -> prompt; the first match wins")
+    p.add_argument("--out", default=None, help="folder for the SEGs")
+    p.add_argument("--send", default=None, metavar="AE@HOST:PORT", help="C-STORE each SEG to this destination")
+    p.add_argument("--spool", default="listen_spool", help="received instances, one folder per series")
+    p.add_argument("--idle-timeout", type=float, default=30.0,
+                   help="seconds without a new instance after which a series counts as complete")
+    p.add_argument("--format", choices=("dicom-seg", "both"), default="dicom-seg",
+                   help="both: NIfTI mask and anomaly map beside the SEG in --out")
+    _executor_args(p)
+    p.set_defaults(func=cmd_listen)
 
     p = sub.add_parser("evaluate", help="Dice, NSD, AUROC, FPR95 on an MSD-layout dataset")
     p.add_argument("dataset")
