@@ -14,7 +14,8 @@ import pytest
 
 from diffugts.dicom_series import write_series
 
-pytest.importorskip("monai.deploy.core", reason="the `deploy` extra (monai-deploy-app-sdk) is in `dev`")
+# `make test-deploy` runs this in .venv-deploy (the `deploy` extra); the SDK stays out of .venv
+pytest.importorskip("monai.deploy.core", reason="needs the `deploy` extra: run `make test-deploy`")
 APP = Path(__file__).resolve().parents[1] / "apps" / "monai_deploy" / "app.py"
 
 
