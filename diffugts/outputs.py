@@ -33,10 +33,14 @@ def save_outputs(out: Path, stem: str, volume: Volume, seg, prompt: str, output_
     if output_format in ("dicom-seg", "both"):
         from .dicom_seg import build_parametric_map, build_seg
 
-        objects = {"seg": (out / f"{stem}_seg.dcm", build_seg(volume.dicom, seg.mask, prompt, identity))}
-        if anomaly_map_dicom:
-            objects["anomaly_map"] = (out / f"{stem}_anomaly_pm.dcm",
-                                      build_parametric_map(volume.dicom, seg.anomaly, prompt, identity))
+        try:
+            objects = {"seg": (out / f"{stem}_seg.dcm", build_seg(volume.dicom, seg.mask, prompt, identity))}
+            if anomaly_map_dicom:
+                objects["anomaly_map"] = (out / f"{stem}_anomaly_pm.dcm",
+                                          build_parametric_map(volume.dicom, seg.anomaly, prompt, identity))
+        except Exception as exc:  # source headers highdicom cannot derive from (missing attributes...)
+            problem = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+            raise InputError(volume.path, f"cannot write a DICOM SEG from this series: {problem}") from None
         for key, (path, dataset) in objects.items():
             written[key] = path
             targets[path] = lambda tmp, ds=dataset: ds.save_as(tmp, enforce_file_format=True)

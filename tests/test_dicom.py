@@ -289,3 +289,17 @@ def test_broken_series_get_one_line_errors_and_nothing_written(tmp_path, capsys,
     errors = [line for line in (out + err).splitlines() if "error" in line]
     assert len(errors) == 1 and message in errors[0]
     assert not (tmp_path / "out").exists() or not any((tmp_path / "out").iterdir())
+
+
+def test_series_highdicom_cannot_derive_from_is_one_line_and_writes_nothing(tmp_path, capsys):
+    files = small_series(tmp_path / "series", depth=4)
+    for f in files:  # a frame of reference is Type 1 for a SEG's source
+        ds = pydicom.dcmread(f)
+        del ds.FrameOfReferenceUID
+        ds.save_as(f)
+    volume = read_volume(tmp_path / "series")
+    with pytest.raises(InputError, match="cannot write a DICOM SEG from this series"):
+        save_outputs(tmp_path / "out", "x", volume, SimpleNamespace(
+            mask=np.zeros(volume.array.shape, np.uint8), anomaly=np.zeros(volume.array.shape, np.float32)),
+            "lesion", "both", IDENTITY)
+    assert not (tmp_path / "out").exists() or not any((tmp_path / "out").iterdir())
