@@ -7,7 +7,7 @@ STAMP  := $(VENV)/.installed
 export HF_HUB_OFFLINE := 1
 export TRANSFORMERS_OFFLINE := 1
 
-.PHONY: demo test eval calibrate bench install clean train
+.PHONY: demo test test-deploy eval calibrate bench install clean train
 
 $(STAMP): pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -38,6 +38,15 @@ corpus-sources:
 
 corpus: $(STAMP) corpus-sources
 	$(VENV)/bin/diffugts corpus --out corpus
+
+# The MONAI Deploy app (apps/monai_deploy) in a venv of its own: installed next to monai, the SDK
+# (monai.deploy) makes every `import monai` load Holoscan, so it stays out of .venv.
+DEPLOY_VENV ?= .venv-deploy
+test-deploy:
+	test -x $(DEPLOY_VENV)/bin/python || $(PYTHON) -m venv $(DEPLOY_VENV)
+	$(DEPLOY_VENV)/bin/python -m pip install -q --upgrade pip
+	$(DEPLOY_VENV)/bin/python -m pip install -q -e ".[dev,deploy]"
+	$(DEPLOY_VENV)/bin/python -m pytest tests/test_monai_deploy.py
 
 # Zero-shot evaluation of the README's ablation tables: lesions the demo weights never saw, on the
 # phantoms and on real anatomy (the corpus's installed scans, lesion kinds kept out of training).
@@ -71,4 +80,4 @@ bench: $(STAMP)
 	$(VENV)/bin/diffugts bench --preset demo --out bench_out --theta 0.05
 
 clean:
-	rm -rf $(VENV) demo_out eval_data eval_out bench_out build *.egg-info
+	rm -rf $(VENV) $(DEPLOY_VENV) demo_out eval_data eval_out bench_out build *.egg-info

@@ -52,5 +52,6 @@ def run_real_lesion(executor, out: Path, prompt: str = "liver lesion") -> dict:
               "mask_pixels_center_slice": int(seg.mask[..., z].sum()), "truth_pixels": int(truth[..., z].sum())}
     write_json(out / "real_lesion.json", result)
     write_overlay(out / "real_lesion_overlay.png", volume.array, seg.mask, seg.anomaly, truth,
-                  title=f"{DICOM_NAME}: '{prompt}', Dice {result['dice_center_slice']:.3f}", modality="MR")
+                  title=f"{DICOM_NAME}: '{prompt}', Dice {result['dice_center_slice']:.3f}", modality="MR",
+                  affine=volume.affine)
     return result

@@ -70,7 +70,9 @@ def cmd_phantom(args) -> int:
 def cmd_segment(args) -> int:
     from rich.progress import Progress
 
-    from .io import read_volume, stem_of, write_nifti_atomic
+    from .dicom_seg import algorithm_identity
+    from .io import read_volume, stem_of
+    from .outputs import check_format, save_outputs
     from .pipeline import run_segmentation
     from .prompts import normalize_target
     from .report import write_json, write_overlay
@@ -81,6 +83,7 @@ def cmd_segment(args) -> int:
         fail(str(exc))
         return 2
     executor = _make_executor(args)
+    identity = algorithm_identity(executor.preset, args.weights, args.backend)
     out = Path(args.out)
     failures = 0
     with Progress(console=_console(True), transient=False) as progress:
@@ -88,24 +91,35 @@ def cmd_segment(args) -> int:
         for path in args.inputs:
             stage = progress.add_task(f"  {Path(path).name}", total=None)
             try:
-                volume = read_volume(path)
+                volume = read_volume(path, args.series_uid)
+                if volume.dicom is not None:
+                    progress.console.print(f"{path}: {volume.dicom.choice}", soft_wrap=True)
+                check_format(volume, args.format)
                 seg = run_segmentation(executor, volume, args.prompt, args.modality, _options(args),
                                      on_stage=lambda _: progress.advance(stage))
                 stem = stem_of(path)
-                write_nifti_atomic({out / f"{stem}_mask.nii.gz": seg.mask,
-                                    out / f"{stem}_anomaly.nii.gz": seg.anomaly.astype("float32")}, volume.affine)
+                written = save_outputs(out, stem, volume, seg, args.prompt, args.format, identity,
+                                       args.anomaly_map_dicom)
                 write_overlay(out / f"{stem}_overlay.png", volume.array, seg.mask, seg.anomaly,
-                              title=f"{stem}: {args.prompt} ({seg.modality})", modality=seg.modality)
+                              title=f"{stem}: {args.prompt} ({seg.modality})", modality=seg.modality,
+                              affine=volume.affine)
                 write_json(out / f"{stem}_timings.json", {"backend": args.backend, "preset": executor.preset.name,
                                                           "seconds": seg.timings,
                                                           "mask_voxels": int(seg.mask.sum())})
-                progress.console.print(f"{path}: {int(seg.mask.sum())} mask voxels -> {out / (stem + '_mask.nii.gz')}")
+                progress.console.print(f"{path}: {int(seg.mask.sum())} mask voxels -> "
+                                       + ", ".join(str(p) for p in written.values()))
             except InputError as exc:
                 failures += 1
-                progress.console.print(f"[red]diffugts: error: {exc}[/red]")
+                progress.console.print(f"[red]diffugts: error: {exc}[/red]", soft_wrap=True)  # one line
             progress.remove_task(stage)
             progress.advance(volumes)
     return 1 if failures else 0
+
+
+def cmd_listen(args) -> int:
+    from .listen import run
+
+    return run(args, _make_executor(args), _options(args))
 
 
 def cmd_evaluate(args) -> int:
@@ -368,8 +382,31 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--prompt", required=True, help="target, e.g. 'kidney tumor'")
     p.add_argument("--out", required=True)
     p.add_argument("--modality", type=str.upper, choices=("CT", "MR"), default=None, help="default: guessed")
+    p.add_argument("--format", choices=("nifti", "dicom-seg", "both"), default="nifti",
+                   help="dicom-seg (DICOM series input only): <name>_seg.dcm; both: SEG and NIfTI")
+    p.add_argument("--series-uid", default=None, help="DICOM folder with several series: the one to segment "
+                   "(default: the largest)")
+    p.add_argument("--anomaly-map-dicom", action="store_true",
+                   help="with dicom-seg: also the anomaly map as a DICOM Parametric Map")
     _executor_args(p)
     p.set_defaults(func=cmd_segment)
+
+    p = sub.add_parser("listen", help="DICOM receiver: segment each CT/MR series pushed by C-STORE, return a SEG")
+    p.add_argument("--ae-title", default="DIFFUGTS")
+    p.add_argument("--host", default="127.0.0.1")
+    p.add_argument("--port", type=int, default=11112, help="0 takes a free port")
+    p.add_argument("--prompt", default=None, help="default prompt when no --rule matches (none: skip the series)")
+    p.add_argument("--rule", action="append", metavar="PATTERN=PROMPT",
+                   help="series description (regex, case-insensitive) -> prompt; the first match wins")
+    p.add_argument("--out", default=None, help="folder for the SEGs")
+    p.add_argument("--send", default=None, metavar="AE@HOST:PORT", help="C-STORE each SEG to this destination")
+    p.add_argument("--spool", default="listen_spool", help="received instances, one folder per series")
+    p.add_argument("--idle-timeout", type=float, default=30.0,
+                   help="seconds without a new instance after which a series counts as complete")
+    p.add_argument("--format", choices=("dicom-seg", "both"), default="dicom-seg",
+                   help="both: NIfTI mask and anomaly map beside the SEG in --out")
+    _executor_args(p)
+    p.set_defaults(func=cmd_listen)
 
     p = sub.add_parser("evaluate", help="Dice, NSD, AUROC, FPR95 on an MSD-layout dataset")
     p.add_argument("dataset")

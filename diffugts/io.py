@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import os
 import tempfile
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -32,6 +33,7 @@ class Volume:
     array: np.ndarray  # (X, Y, Z) float32
     affine: np.ndarray  # (4, 4) voxel -> RAS mm
     path: str = ""
+    dicom: object = None  # dicom_series.DicomSeries when read from a DICOM series (slice k = header k)
 
     @property
     def spacing(self) -> np.ndarray:
@@ -74,25 +76,18 @@ def _read_itk(path: Path) -> tuple[np.ndarray, np.ndarray]:
     return _itk_to_array(sitk.ReadImage(str(path)))
 
 
-def _read_dicom_series(path: Path) -> tuple[np.ndarray, np.ndarray]:
-    import SimpleITK as sitk
-
-    reader = sitk.ImageSeriesReader()
-    series = reader.GetGDCMSeriesIDs(str(path))
-    if not series:
-        raise ValueError("no DICOM series in this folder")
-    reader.SetFileNames(reader.GetGDCMSeriesFileNames(str(path), series[0]))
-    return _itk_to_array(reader.Execute())
-
-
-def read_volume(path: str | Path) -> Volume:
+def read_volume(path: str | Path, series_uid: str | None = None) -> Volume:
+    """Read a scan; for a DICOM folder `series_uid` picks the series (default: the largest)."""
     path = Path(path)
     name = path.name.lower()
     if not path.exists():
         raise InputError(path, "no such file or folder")
+    dicom = None
+    from .dicom_series import SeriesError, read_series
+
     try:
         if path.is_dir():
-            array, affine = _read_dicom_series(path)
+            array, affine, dicom = read_series(path, series_uid)
         elif name.endswith(NIFTI_SUFFIXES):
             array, affine = _read_nifti(path)
         elif name.endswith(ITK_SUFFIXES) or name.endswith(".dcm"):
@@ -102,10 +97,12 @@ def read_volume(path: str | Path) -> Volume:
         array = np.asarray(array)
     except InputError:
         raise
+    except SeriesError as exc:  # our own checks already say it in one line
+        raise InputError(path, str(exc)) from None
     except Exception as exc:  # every reader fails differently; the user needs one line
         problem = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
         raise InputError(path, f"cannot read: {problem}") from None
-    return Volume(validate_array(path, array), validate_affine(path, affine), str(path))
+    return Volume(validate_array(path, array), validate_affine(path, affine), str(path), dicom)
 
 
 def validate_array(path, array: np.ndarray) -> np.ndarray:
@@ -133,21 +130,32 @@ def validate_affine(path, affine: np.ndarray) -> np.ndarray:
     return affine
 
 
-def write_nifti_atomic(targets: dict[Path, np.ndarray], affine: np.ndarray) -> None:
-    """Write several NIfTI files so that either all appear or none: temp names, then rename."""
-    import nibabel as nib
-
+def write_files_atomic(targets: dict[Path, Callable[[str], None]]) -> None:
+    """Write several files so that either all appear or none: each writer fills a temp name in
+    the target's folder, then every temp file is renamed into place."""
     staged: list[tuple[str, Path]] = []
     try:
-        for target, array in targets.items():
+        for target, write in targets.items():
             target.parent.mkdir(parents=True, exist_ok=True)
-            fd, tmp = tempfile.mkstemp(prefix=".partial-", suffix=".nii.gz", dir=target.parent)
+            suffix = ".nii.gz" if target.name.endswith(".nii.gz") else target.suffix
+            fd, tmp = tempfile.mkstemp(prefix=".partial-", suffix=suffix, dir=target.parent)
             os.close(fd)
             staged.append((tmp, target))
-            nib.save(nib.Nifti1Image(array, affine), tmp)
+            write(tmp)
         for tmp, target in staged:
             os.replace(tmp, target)
     finally:
         for tmp, _ in staged:
             if os.path.exists(tmp):
                 os.unlink(tmp)
+
+
+def nifti_writer(array: np.ndarray, affine: np.ndarray) -> Callable[[str], None]:
+    import nibabel as nib
+
+    return lambda tmp: nib.save(nib.Nifti1Image(array, affine), tmp)
+
+
+def write_nifti_atomic(targets: dict[Path, np.ndarray], affine: np.ndarray) -> None:
+    """Write several NIfTI files so that either all appear or none: temp names, then rename."""
+    write_files_atomic({target: nifti_writer(array, affine) for target, array in targets.items()})

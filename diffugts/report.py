@@ -1,4 +1,5 @@
-"""Pictures and JSON next to a mask: overlay PNG of the slices with most lesion, timings."""
+"""Pictures and JSON next to a mask: overlay PNG of the slices with most lesion (radiological
+convention), timings."""
 
 from __future__ import annotations
 
@@ -25,9 +26,31 @@ def display_window(image: np.ndarray, modality: str | None = None) -> tuple[floa
     return float(lo), float(hi)
 
 
+def radiological(affine: np.ndarray | None, *volumes: np.ndarray) -> list[np.ndarray]:
+    """Volumes (X, Y, Z on `affine`) turned so that `v[..., z].T` drawn with origin='upper' is an
+    axial slice in radiological convention: anterior up, the patient's right on the image's left.
+
+    nibabel reorients to the closest RAS axes (i -> right, j -> anterior, k -> superior); flipping
+    i and j then puts the patient's right at column 0 and anterior at row 0. `affine` None: the
+    arrays are already RAS-aligned.
+    """
+    from nibabel.orientations import apply_orientation, io_orientation
+
+    ornt = io_orientation(np.eye(4) if affine is None else affine)
+    return [np.ascontiguousarray(apply_orientation(v, ornt)[::-1, ::-1, :]) for v in volumes]
+
+
+def _orientation_letters(ax) -> None:
+    for x, y, letter in ((0.5, 0.98, "A"), (0.5, 0.02, "P"), (0.02, 0.5, "R"), (0.98, 0.5, "L")):
+        ax.text(x, y, letter, transform=ax.transAxes, color="yellow", fontsize=9,
+                ha="center", va="center")
+
+
 def write_overlay(path: Path, image: np.ndarray, mask: np.ndarray, anomaly: np.ndarray | None = None,
-                  truth: np.ndarray | None = None, title: str = "", modality: str | None = None) -> bool:
-    """PNG: per slice the scan with the mask (red), truth contour (green) and anomaly map."""
+                  truth: np.ndarray | None = None, title: str = "", modality: str | None = None,
+                  affine: np.ndarray | None = None) -> bool:
+    """PNG: axial slices with most lesion, radiological convention (anterior up, patient's right on
+    the left), the mask (red), truth contour (green) and anomaly map."""
     try:
         import matplotlib
 
@@ -35,24 +58,28 @@ def write_overlay(path: Path, image: np.ndarray, mask: np.ndarray, anomaly: np.n
         import matplotlib.pyplot as plt
     except ImportError:
         return False
+    given = [v for v in (image, mask, anomaly, truth) if v is not None]
+    turned = iter(radiological(affine, *given))
+    image, mask, anomaly, truth = (next(turned) if v is not None else None for v in (image, mask, anomaly, truth))
     slices = top_slices(mask if mask.any() or truth is None else truth)
     cols = 2 if anomaly is not None else 1
     fig, axes = plt.subplots(len(slices), cols, figsize=(4 * cols, 4 * len(slices)), squeeze=False)
     lo, hi = display_window(image, modality)
     peak = max(float(anomaly.max()), 1e-6) if anomaly is not None else 1.0  # maps rarely reach 1
     for row, z in zip(axes, slices):
-        row[0].imshow(image[..., z].T, cmap="gray", vmin=lo, vmax=hi, origin="lower")
+        row[0].imshow(image[..., z].T, cmap="gray", vmin=lo, vmax=hi, origin="upper")
         row[0].imshow(np.ma.masked_where(mask[..., z].T == 0, mask[..., z].T), cmap="autumn",
-                      alpha=0.5, origin="lower")
+                      alpha=0.5, origin="upper")
         if truth is not None and truth[..., z].any():
-            row[0].contour(truth[..., z].T, levels=[0.5], colors="lime", linewidths=1)
-        row[0].set_title(f"slice {z}: mask (red)" + (", truth (green)" if truth is not None else ""))
+            row[0].contour(truth[..., z].T, levels=[0.5], colors="lime", linewidths=1, origin="upper")
+        row[0].set_title(f"axial {z}: mask (red)" + (", truth (green)" if truth is not None else ""))
         if anomaly is not None:
-            row[1].imshow(image[..., z].T, cmap="gray", vmin=lo, vmax=hi, origin="lower")
-            row[1].imshow(anomaly[..., z].T, cmap="magma", alpha=0.6, vmin=0, vmax=peak, origin="lower")
+            row[1].imshow(image[..., z].T, cmap="gray", vmin=lo, vmax=hi, origin="upper")
+            row[1].imshow(anomaly[..., z].T, cmap="magma", alpha=0.6, vmin=0, vmax=peak, origin="upper")
             row[1].set_title(f"anomaly map (0 to {peak:.2f})")
         for ax in row:
             ax.axis("off")
+            _orientation_letters(ax)
     fig.suptitle(title)
     fig.tight_layout()
     path.parent.mkdir(parents=True, exist_ok=True)

@@ -1,0 +1,4 @@
+from app import DiffugtsApp
+
+if __name__ == "__main__":
+    DiffugtsApp().run()
