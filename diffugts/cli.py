@@ -27,7 +27,8 @@ def _executor_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--backend", choices=BACKENDS, default="torch")
     p.add_argument("--preset", default=None, help="tiny, demo (default) or maisi")
     p.add_argument("--weights", default=None, help="a diffugts safetensors file (overrides the preset's)")
-    p.add_argument("--url", default="127.0.0.1:8001", help="Triton gRPC address for triton backends")
+    p.add_argument("--url", action="append", default=None,
+                   help="Triton gRPC address for triton backends (default 127.0.0.1:8001; segment: repeatable)")
     p.add_argument("--repository", default=None, help="exported repository for the onnx backend")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--no-crop", action="store_true", help="inpaint the whole latent, not its bounding box")
@@ -40,13 +41,8 @@ def _make_executor(args):
     from .executors import make_executor
 
     preset = args.preset or "demo"
-    return make_executor(args.backend, preset, args.weights, args.url, args.repository, args.shared_memory)
-
-
-def _options(args):
-    from .pipeline import LoopOptions
-
-    return LoopOptions(crop=not args.no_crop, seed=args.seed, steps=args.steps)
+    url = args.url[0] if args.url else None
+    return make_executor(args.backend, preset, args.weights, url, args.repository, args.shared_memory)
 
 
 def cmd_phantom(args) -> int:
@@ -68,44 +64,9 @@ def cmd_phantom(args) -> int:
 
 
 def cmd_segment(args) -> int:
-    from rich.progress import Progress
+    from .batch import segment_command
 
-    from .io import read_volume, stem_of, write_nifti_atomic
-    from .pipeline import run_segmentation
-    from .prompts import normalize_target
-    from .report import write_json, write_overlay
-
-    try:
-        normalize_target(args.prompt)
-    except ValueError as exc:
-        fail(str(exc))
-        return 2
-    executor = _make_executor(args)
-    out = Path(args.out)
-    failures = 0
-    with Progress(console=_console(True), transient=False) as progress:
-        volumes = progress.add_task("volumes", total=len(args.inputs))
-        for path in args.inputs:
-            stage = progress.add_task(f"  {Path(path).name}", total=None)
-            try:
-                volume = read_volume(path)
-                seg = run_segmentation(executor, volume, args.prompt, args.modality, _options(args),
-                                     on_stage=lambda _: progress.advance(stage))
-                stem = stem_of(path)
-                write_nifti_atomic({out / f"{stem}_mask.nii.gz": seg.mask,
-                                    out / f"{stem}_anomaly.nii.gz": seg.anomaly.astype("float32")}, volume.affine)
-                write_overlay(out / f"{stem}_overlay.png", volume.array, seg.mask, seg.anomaly,
-                              title=f"{stem}: {args.prompt} ({seg.modality})", modality=seg.modality)
-                write_json(out / f"{stem}_timings.json", {"backend": args.backend, "preset": executor.preset.name,
-                                                          "seconds": seg.timings,
-                                                          "mask_voxels": int(seg.mask.sum())})
-                progress.console.print(f"{path}: {int(seg.mask.sum())} mask voxels -> {out / (stem + '_mask.nii.gz')}")
-            except InputError as exc:
-                failures += 1
-                progress.console.print(f"[red]diffugts: error: {exc}[/red]")
-            progress.remove_task(stage)
-            progress.advance(volumes)
-    return 1 if failures else 0
+    return segment_command(args)
 
 
 def cmd_evaluate(args) -> int:
@@ -320,12 +281,19 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--healthy-fraction", type=float, default=0.0)
     p.set_defaults(func=cmd_phantom)
 
-    p = sub.add_parser("segment", help="segment volumes for an open-vocabulary target")
-    p.add_argument("inputs", nargs="+", help="NIfTI / NRRD / MHA files or DICOM series folders")
-    p.add_argument("--prompt", required=True, help="target, e.g. 'kidney tumor'")
+    p = sub.add_parser("segment", help="segment volumes for an open-vocabulary target (a resumable batch)")
+    p.add_argument("inputs", nargs="+", help="NIfTI / NRRD / MHA files, folders of them or of DICOM series, "
+                   "globs, an MSD dataset.json, a CSV manifest (path,prompt,modality)")
+    p.add_argument("--prompt", default=None, help="target, e.g. 'kidney tumor' (for inputs without their own)")
     p.add_argument("--out", required=True)
     p.add_argument("--modality", type=str.upper, choices=("CT", "MR"), default=None, help="default: guessed")
     _executor_args(p)
+    p.add_argument("--workers", type=int, default=1, help="volumes in flight")
+    p.add_argument("--resume", action="store_true", help="skip volumes OUT/run.json shows finished and unchanged")
+    p.add_argument("--retries", type=int, default=3, help="per volume, on UNAVAILABLE / DEADLINE_EXCEEDED")
+    p.add_argument("--timeout", type=float, default=300.0, help="seconds, per gRPC call")
+    p.add_argument("--token-file", default=None, help="file holding the servers' diffugts token")
+    p.add_argument("--tls-ca", default=None, help="PEM CA certificate: talk gRPC over TLS")
     p.set_defaults(func=cmd_segment)
 
     p = sub.add_parser("evaluate", help="Dice, NSD, AUROC, FPR95 on an MSD-layout dataset")
