@@ -65,7 +65,10 @@ class GrpcTransport:
         try:
             return fn(*args, **kwargs)
         except InferenceServerException as exc:
-            status = exc.status() or ""
+            status, message = exc.status() or "", exc.message() or ""
+            if "protocol is restricted" in message:  # Triton answers UNAVAILABLE: not worth a retry
+                raise TritonError(f"Triton at {self.url} refused {what}: it needs the diffugts token "
+                                  f"(--token-file), and this one is missing or wrong") from None
             if "UNAVAILABLE" in status or "DEADLINE" in status:
                 raise TritonError(f"Triton at {self.url} is unreachable or stopped during {what}: "
                                   f"{exc.message().splitlines()[0] if exc.message() else status}",

@@ -305,46 +305,67 @@ def _close(executor) -> None:
 
 
 class NoEndpoint(RuntimeError):
-    pass
+    """No endpoint can take work: all retired, or all down for longer than the retry budget."""
+
+
+class EndpointDown(RuntimeError):
+    """The chosen endpoint failed its readiness probe: counts as one failed attempt."""
 
 
 class EndpointPool:
-    """Least outstanding work among the endpoints not cooling down after a failure."""
+    """Least outstanding work among the endpoints not cooling down after a failure.
+
+    An endpoint that fails cools down (0.5 s, doubling to 30 s) and is probed before its next
+    volume. When every endpoint has been down for longer than `give_up_s`, `acquire` stops waiting:
+    the remaining volumes fail fast (and a later `--resume` picks them up)."""
 
     def __init__(self, endpoints: list[Endpoint], probe: Callable[[Endpoint], bool] | None = None,
-                 base_cooldown_s: float = 0.5):
+                 base_cooldown_s: float = 0.5, give_up_s: float = 7.5):
         self.endpoints = endpoints
         self.probe = probe
-        self.base_cooldown_s = base_cooldown_s
+        self.base_cooldown_s, self.give_up_s = base_cooldown_s, give_up_s
+        self.all_down_since: float | None = None
         self.transports: list = []  # readiness probes, closed with the pool
         self._cond = threading.Condition()
 
+    def _live(self) -> list[Endpoint]:
+        return [e for e in self.endpoints if e.retired is None]
+
     def acquire(self) -> Endpoint:
-        while True:
-            with self._cond:
-                live = [e for e in self.endpoints if e.retired is None]
+        with self._cond:
+            while True:
+                live = self._live()
                 if not live:
-                    raise NoEndpoint("; ".join(f"{e.url}: {e.retired}" for e in self.endpoints))
+                    raise NoEndpoint("; ".join(f"{e.url} {e.retired}" for e in self.endpoints))
                 now = time.monotonic()
                 ready = [e for e in live if e.down_until <= now]
-                if not ready:
-                    self._cond.wait(min(e.down_until for e in live) - now)
-                    continue
-                chosen = min(ready, key=lambda e: (e.outstanding, e.suspect, e.index))
-                chosen.outstanding += 1
-            if not chosen.suspect or self.probe is None or self.probe(chosen):
-                return chosen
-            self.release(chosen, failed=True)  # still down: cool down longer, try the others
+                if ready:
+                    chosen = min(ready, key=lambda e: (e.outstanding, e.suspect, e.index))
+                    chosen.outstanding += 1
+                    break
+                if self.all_down_since is not None and now - self.all_down_since > self.give_up_s:
+                    raise NoEndpoint(f"none of {', '.join(e.url for e in live)} has answered for "
+                                     f"{now - self.all_down_since:.1f} s")
+                self._cond.wait(min(e.down_until for e in live) - now)
+        if chosen.suspect and self.probe is not None and not self.probe(chosen):
+            self.release(chosen, failed=True)
+            raise EndpointDown(f"{chosen.url} is not ready")
+        return chosen
 
     def release(self, endpoint: Endpoint, failed: bool = False) -> None:
         with self._cond:
             endpoint.outstanding -= 1
+            now = time.monotonic()
             if failed:
-                endpoint.cooldown = min(max(self.base_cooldown_s, 2 * endpoint.cooldown), MAX_COOLDOWN_S)
-                endpoint.down_until = time.monotonic() + endpoint.cooldown
+                if endpoint.down_until <= now:  # failures of volumes already in flight do not compound
+                    endpoint.cooldown = min(max(self.base_cooldown_s, 2 * endpoint.cooldown), MAX_COOLDOWN_S)
+                    endpoint.down_until = now + endpoint.cooldown
                 endpoint.suspect = True
-            elif endpoint.suspect:
+                if self.all_down_since is None and all(e.suspect for e in self._live()):
+                    self.all_down_since = now
+            else:
                 endpoint.cooldown, endpoint.suspect = 0.0, False
+                self.all_down_since = None
             self._cond.notify_all()
 
     def retire(self, endpoint: Endpoint, why: str) -> None:
@@ -369,7 +390,14 @@ class ClientOptions:
     shared_memory: bool = False
 
 
-def triton_pool(urls: list[str], client: ClientOptions, base_cooldown_s: float = 0.5) -> tuple[EndpointPool, dict]:
+def give_up_after(retries: int, base_cooldown_s: float) -> float:
+    """How long every endpoint may be down before the batch stops waiting: the cool-downs a
+    volume would sit through in its `retries`."""
+    return base_cooldown_s * (2 ** (retries + 1) - 1)
+
+
+def triton_pool(urls: list[str], client: ClientOptions, retries: int = 3,
+                base_cooldown_s: float = 0.5) -> tuple[EndpointPool, dict]:
     """Probe every endpoint once: the ready ones must serve the same model (its identity is
     returned); the others start cooling down and are probed again before they get work."""
     from diffugts.client.transports import GrpcTransport, TritonError
@@ -413,7 +441,7 @@ def triton_pool(urls: list[str], client: ClientOptions, base_cooldown_s: float =
     def probe(endpoint: Endpoint) -> bool:
         return probes[endpoint.url].is_ready()
 
-    pool = EndpointPool(endpoints, probe, base_cooldown_s)
+    pool = EndpointPool(endpoints, probe, base_cooldown_s, give_up_after(retries, base_cooldown_s))
     pool.transports = list(probes.values())
     return pool, identity
 
@@ -580,6 +608,9 @@ def run_batch(items: list[BatchItem], out: str | Path, pool: EndpointPool, model
             except NoEndpoint as exc:
                 return finish(item, "failed", start, checksum=checksum, attempts=tries - 1,
                               error=f"{item.input}: no endpoint left ({exc})")
+            except EndpointDown as exc:
+                errors.append(str(exc))
+                continue
             try:
                 seg = attempt(item, volume, endpoint)
             except TritonError as exc:
@@ -647,7 +678,7 @@ def segment_command(args) -> int:
             if args.tls_ca and not Path(args.tls_ca).is_file():
                 return fail(f"{args.tls_ca}: no such CA certificate file", 2)
             client = ClientOptions(args.backend, args.timeout, token, args.tls_ca, args.shared_memory)
-            pool, model = triton_pool(urls, client)
+            pool, model = triton_pool(urls, client, args.retries)
         else:
             from .executors import make_executor
 
