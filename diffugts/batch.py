@@ -586,6 +586,8 @@ def run_batch(items: list[BatchItem], out: str | Path, pool: EndpointPool, model
         start = time.monotonic()
         if item.error:
             return finish(item, "failed", start, error=item.error)
+        if not Path(item.input).exists():
+            return finish(item, "failed", start, error=f"{item.input}: no such file or folder")
         try:
             checksum = input_checksum(item.input)
         except OSError as exc:
@@ -695,7 +697,9 @@ def segment_command(args) -> int:
         task = progress.add_task("volumes", total=len(items))
 
         def say(line: str, error: bool) -> None:
-            progress.console.print(f"[red]diffugts: error: {escape(line)}[/red]" if error else escape(line))
+            # soft wrap: a path or an error stays on one line, whatever the terminal's width
+            progress.console.print(f"[red]diffugts: error: {escape(line)}[/red]" if error else escape(line),
+                                   soft_wrap=True)
 
         def on_done(entry: dict) -> None:
             counts[entry["status"]] += 1
