@@ -234,6 +234,15 @@ def cmd_bench(args) -> int:
     return 0
 
 
+def cmd_soak(args) -> int:
+    from diffugts.benchmarks.soak import run_soak
+
+    result = run_soak(args.out, args.preset, args.seconds, tuple(int(v) for v in _floats(args.levels)),
+                      say=lambda msg: print(f"soak: {msg}", file=sys.stderr, flush=True))
+    print(json.dumps(result, indent=2))
+    return 1 if result["errors"] else 0
+
+
 def cmd_real_lesion(args) -> int:
     from diffugts.benchmarks.real_lesion import run_real_lesion
 
@@ -358,6 +367,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--theta", type=float, default=None,
                    help="inpainting threshold for every executor (default: the preset's)")
     p.set_defaults(func=cmd_bench)
+
+    p = sub.add_parser("soak", help="1-16 concurrent clients against one local server: latency, errors, RSS")
+    p.add_argument("--out", default="soak_out")
+    p.add_argument("--preset", default="tiny")
+    p.add_argument("--seconds", type=float, default=60.0, help="per concurrency level")
+    p.add_argument("--levels", default="1,2,4,8,16", help="concurrent clients, comma-separated")
+    p.set_defaults(func=cmd_soak)
 
     p = sub.add_parser("real-lesion", help="run on pydicom-data's real MR with a marked liver lesion")
     p.add_argument("--out", default="real_lesion_out")
