@@ -644,8 +644,13 @@ def run_batch(items: list[BatchItem], out: str | Path, pool: EndpointPool, model
             text = str(exc).strip().splitlines()[0] if str(exc).strip() else ""
             return finish(item, "failed", time.monotonic(), error=f"{item.input}: {type(exc).__name__}: {text}")
 
-    with ThreadPoolExecutor(max_workers=max(1, workers), thread_name_prefix="diffugts-batch") as threads:
+    threads = ThreadPoolExecutor(max_workers=max(1, workers), thread_name_prefix="diffugts-batch")
+    try:
         results = list(threads.map(guarded, items))
+    except KeyboardInterrupt:  # the volumes in flight finish and are recorded; queued ones never start
+        threads.shutdown(wait=True, cancel_futures=True)
+        raise
+    threads.shutdown()
     return BatchResult(results)
 
 
