@@ -32,6 +32,8 @@ from pathlib import Path
 
 import numpy as np
 
+from diffugts.client.transports import TritonError  # numpy only: tritonclient loads on first use
+
 from .io import ITK_SUFFIXES, NIFTI_SUFFIXES, InputError, read_volume, stem_of
 from .pipeline import LoopOptions, run_segmentation
 from .prompts import normalize_target
@@ -304,6 +306,10 @@ def _close(executor) -> None:
         pass
 
 
+class ModelMismatch(TritonError):
+    """An endpoint that came back serving another model: it takes no more work."""
+
+
 class NoEndpoint(RuntimeError):
     """No endpoint can take work: all retired, or all down for longer than the retry budget."""
 
@@ -400,7 +406,7 @@ def triton_pool(urls: list[str], client: ClientOptions, retries: int = 3,
                 base_cooldown_s: float = 0.5) -> tuple[EndpointPool, dict]:
     """Probe every endpoint once: the ready ones must serve the same model (its identity is
     returned); the others start cooling down and are probed again before they get work."""
-    from diffugts.client.transports import GrpcTransport, TritonError
+    from diffugts.client.transports import GrpcTransport
     from diffugts.client.triton_executor import BlsClient, TritonExecutor, remote_identity
 
     probes = {url: GrpcTransport(url, min(client.timeout_s, 10.0), token=client.token,
@@ -428,7 +434,7 @@ def triton_pool(urls: list[str], client: ClientOptions, retries: int = 3,
         served = {"backend": client.backend, **remote_identity(executor.transport)}
         if served != identity:
             _close(executor)
-            raise TritonError(f"{url} serves another model than the batch started with")
+            raise ModelMismatch(f"{url} serves another model than the batch started with")
         return executor
 
     endpoints = [Endpoint(url, connect, i) for i, url in enumerate(urls)]
@@ -581,8 +587,6 @@ def run_batch(items: list[BatchItem], out: str | Path, pool: EndpointPool, model
                                                               options, on_stage=hook))
 
     def process(item: BatchItem) -> dict:
-        from diffugts.client.transports import TritonError  # tritonclient only; no torch
-
         start = time.monotonic()
         if item.error:
             return finish(item, "failed", start, error=item.error)
@@ -618,7 +622,7 @@ def run_batch(items: list[BatchItem], out: str | Path, pool: EndpointPool, model
             except TritonError as exc:
                 pool.release(endpoint, failed=exc.transient)
                 endpoint.discard()
-                if "serves another model" in str(exc):
+                if isinstance(exc, ModelMismatch):
                     pool.retire(endpoint, "serves another model")
                 elif not exc.transient:
                     return finish(item, "failed", start, checksum=checksum, attempts=tries, error=f"{item.input}: {exc}")
@@ -627,6 +631,9 @@ def run_batch(items: list[BatchItem], out: str | Path, pool: EndpointPool, model
             except (InputError, ValueError) as exc:  # the volume itself is bad: no retry
                 pool.release(endpoint)
                 return finish(item, "failed", start, checksum=checksum, attempts=tries, error=f"{item.input}: {exc}")
+            except BaseException:
+                pool.release(endpoint)
+                raise
             pool.release(endpoint)
             meta = {"backend": model.get("backend"), "preset": model.get("preset"), "endpoint": endpoint.url}
             outputs = write_outputs(out, item.key, volume, seg, item.prompt, meta)
@@ -663,7 +670,7 @@ def segment_command(args) -> int:
     from rich.markup import escape
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
-    from diffugts.client.transports import TritonError, read_token
+    from diffugts.client.transports import read_token
 
     def fail(message: str, code: int) -> int:
         print(f"diffugts: error: {message}", flush=True, file=sys.stderr)
