@@ -3,42 +3,83 @@ ONNX Runtime in process (with the repository's ensembles interpreted step by ste
 
 from __future__ import annotations
 
+import itertools
 import os
 from pathlib import Path
 
 import numpy as np
 
 GRPC_MESSAGE_BYTES = 1 << 30  # volumes and latents are large; gRPC's default is 4 MB
+# Triton's restricted-protocol key: gRPC clients send it as metadata `triton-grpc-protocol-<key>`
+TOKEN_KEY = "diffugts-token"
+GRPC_TOKEN_HEADER = f"triton-grpc-protocol-{TOKEN_KEY}"
+_region_ids = itertools.count()
 
 
 class TritonError(RuntimeError):
-    """A failed remote call, in one line."""
+    """A failed remote call, in one line. `transient`: the endpoint was unreachable or too slow
+    (gRPC UNAVAILABLE / DEADLINE_EXCEEDED), so the same request may succeed elsewhere or later."""
+
+    def __init__(self, message: str, transient: bool = False):
+        super().__init__(message)
+        self.transient = transient
+
+
+def read_token(path: str | Path) -> str:
+    """The token of `--token-file`: the file's first line, surrounding whitespace removed."""
+    try:
+        token = Path(path).read_text().strip().splitlines()
+    except OSError as exc:
+        raise TritonError(f"{path}: cannot read the token file ({exc.strerror})") from None
+    if not token or not token[0].strip():
+        raise TritonError(f"{path}: the token file is empty")
+    return token[0].strip()
 
 
 class GrpcTransport:
-    def __init__(self, url: str, timeout_s: float = 300.0, shared_memory: bool = False, preset=None):
+    """`token` goes with every call as gRPC metadata; `root_certificates` (a PEM file of the CA that
+    signed the server's certificate) switches the channel to TLS."""
+
+    def __init__(self, url: str, timeout_s: float = 300.0, shared_memory: bool = False, preset=None,
+                 token: str | None = None, root_certificates: str | None = None):
         import tritonclient.grpc as grpcclient
 
         self.url, self.timeout_s = url, timeout_s
         self._grpc = grpcclient
-        self.client = grpcclient.InferenceServerClient(url, channel_args=[
-            ("grpc.max_send_message_length", GRPC_MESSAGE_BYTES),
-            ("grpc.max_receive_message_length", GRPC_MESSAGE_BYTES)])
+        self.headers = {GRPC_TOKEN_HEADER: token} if token else None
+        self.client = grpcclient.InferenceServerClient(
+            url, ssl=root_certificates is not None, root_certificates=root_certificates, channel_args=[
+                ("grpc.max_send_message_length", GRPC_MESSAGE_BYTES),
+                ("grpc.max_receive_message_length", GRPC_MESSAGE_BYTES)])
         self.shared_memory = shared_memory
         self.preset = preset
         self._regions: dict[str, tuple] = {}
+        # region names unique per transport: several executors may share one process (batch workers)
+        self._region_prefix = f"diffugts_{os.getpid()}_{next(_region_ids)}"
 
     def _call(self, what: str, fn, *args, **kwargs):
         from tritonclient.utils import InferenceServerException
 
+        kwargs.setdefault("headers", self.headers)
+        kwargs.setdefault("client_timeout", self.timeout_s)
         try:
             return fn(*args, **kwargs)
         except InferenceServerException as exc:
-            status = exc.status() or ""
+            status, message = exc.status() or "", exc.message() or ""
+            if "protocol is restricted" in message:  # Triton answers UNAVAILABLE: not worth a retry
+                raise TritonError(f"Triton at {self.url} refused {what}: it needs the diffugts token "
+                                  f"(--token-file), and this one is missing or wrong") from None
             if "UNAVAILABLE" in status or "DEADLINE" in status:
                 raise TritonError(f"Triton at {self.url} is unreachable or stopped during {what}: "
-                                  f"{exc.message().splitlines()[0] if exc.message() else status}") from None
+                                  f"{exc.message().splitlines()[0] if exc.message() else status}",
+                                  transient=True) from None
             raise TritonError(f"{what} failed on Triton at {self.url}: {exc.message()}") from None
+
+    def is_ready(self, timeout_s: float = 5.0) -> bool:
+        try:
+            return bool(self._call("the readiness check", self.client.is_server_ready, client_timeout=timeout_s))
+        except TritonError:
+            return False
 
     def model_config(self, model: str):
         return self._call(f"reading the config of {model}", self.client.get_model_config, model).config
@@ -49,7 +90,7 @@ class GrpcTransport:
         region = self._regions.get(key)
         if region is None or region[1] < nbytes:
             if region is not None:
-                self.client.unregister_system_shared_memory(key)
+                self.client.unregister_system_shared_memory(key, headers=self.headers)
                 shm.destroy_shared_memory_region(region[0])
             handle = shm.create_shared_memory_region(key, "/" + key, nbytes)
             self._call("registering shared memory", self.client.register_system_shared_memory,
@@ -68,7 +109,7 @@ class GrpcTransport:
             if use_shm and array.dtype != np.object_:
                 import tritonclient.utils.shared_memory as shm
 
-                key = f"diffugts_{os.getpid()}_{model}_in_{name}"
+                key = f"{self._region_prefix}_{model}_in_{name}"
                 shm.set_shared_memory_region(self._region(key, array.nbytes), [np.ascontiguousarray(array)])
                 tensor.set_shared_memory(key, array.nbytes)
             else:
@@ -84,12 +125,11 @@ class GrpcTransport:
             out = grpc.InferRequestedOutput(name)
             if name in shapes:  # every output the loop reads is FP32
                 nbytes = int(np.prod(shapes[name])) * 4
-                key = f"diffugts_{os.getpid()}_{model}_out_{name}"
+                key = f"{self._region_prefix}_{model}_out_{name}"
                 self._region(key, nbytes)
                 out.set_shared_memory(key, nbytes)
             wanted.append(out)
-        result = self._call(f"{model} inference", self.client.infer, model, request, outputs=wanted,
-                            client_timeout=self.timeout_s)
+        result = self._call(f"{model} inference", self.client.infer, model, request, outputs=wanted)
         if not shapes:
             return {name: result.as_numpy(name) for name in outputs}
         import tritonclient.utils.shared_memory as shm
@@ -97,7 +137,7 @@ class GrpcTransport:
         arrays = {}
         for name in outputs:
             meta = result.get_output(name)
-            handle = self._regions[f"diffugts_{os.getpid()}_{model}_out_{name}"][0]
+            handle = self._regions[f"{self._region_prefix}_{model}_out_{name}"][0]
             arrays[name] = np.array(shm.get_contents_as_numpy(handle, np.float32, list(meta.shape)))
         return arrays
 
@@ -106,7 +146,7 @@ class GrpcTransport:
 
         for key, (handle, _) in self._regions.items():
             try:
-                self.client.unregister_system_shared_memory(key)
+                self.client.unregister_system_shared_memory(key, headers=self.headers, client_timeout=5.0)
             except Exception:  # the server may be gone already; the local region still goes
                 pass
             shm.destroy_shared_memory_region(handle)

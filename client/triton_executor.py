@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import json
 
 import numpy as np
@@ -22,11 +23,22 @@ def remote_preset(transport: GrpcTransport) -> Preset:
     return Preset.from_dict(json.loads(config.parameters["preset"].string_value))
 
 
+def remote_identity(transport: GrpcTransport) -> dict:
+    """What the endpoint serves: the preset and the export's checksum of every stage's graph
+    (older repositories carry no checksum; then the preset alone says what is served)."""
+    params = transport.model_config(PIPELINE_MODEL).parameters
+    preset = json.loads(params["preset"].string_value)
+    checksum = params["model_sha256"].string_value if "model_sha256" in params else ""
+    return {"preset": preset.get("name", ""), "model_sha256": checksum or None,
+            "preset_sha256": hashlib.sha256(json.dumps(preset, sort_keys=True).encode()).hexdigest()}
+
+
 class TritonExecutor(RepositoryExecutor):
     """Each stage call is one gRPC request; the loop runs here, in the client."""
 
-    def __init__(self, url: str = "127.0.0.1:8001", shared_memory: bool = False, timeout_s: float = 300.0):
-        transport = GrpcTransport(url, timeout_s)
+    def __init__(self, url: str = "127.0.0.1:8001", shared_memory: bool = False, timeout_s: float = 300.0,
+                 token: str | None = None, root_certificates: str | None = None):
+        transport = GrpcTransport(url, timeout_s, token=token, root_certificates=root_certificates)
         preset = remote_preset(transport)
         transport.preset, transport.shared_memory = preset, shared_memory
         super().__init__(transport, preset)
@@ -38,8 +50,9 @@ class TritonExecutor(RepositoryExecutor):
 class BlsClient:
     """One request per volume: the loop runs inside the server (the `diffugts_pipeline` model)."""
 
-    def __init__(self, url: str = "127.0.0.1:8001", timeout_s: float = 600.0):
-        self.transport = GrpcTransport(url, timeout_s)
+    def __init__(self, url: str = "127.0.0.1:8001", timeout_s: float = 600.0, token: str | None = None,
+                 root_certificates: str | None = None):
+        self.transport = GrpcTransport(url, timeout_s, token=token, root_certificates=root_certificates)
         self.preset = remote_preset(self.transport)
 
     def segment_volume(self, volume: Volume, target: str, modality: str | None = None,

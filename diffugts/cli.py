@@ -27,7 +27,8 @@ def _executor_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--backend", choices=BACKENDS, default="torch")
     p.add_argument("--preset", default=None, help="tiny, demo (default) or maisi")
     p.add_argument("--weights", default=None, help="a diffugts safetensors file (overrides the preset's)")
-    p.add_argument("--url", default="127.0.0.1:8001", help="Triton gRPC address for triton backends")
+    p.add_argument("--url", action="append", default=None,
+                   help="Triton gRPC address for triton backends (default 127.0.0.1:8001; segment: repeatable)")
     p.add_argument("--repository", default=None, help="exported repository for the onnx backend")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--no-crop", action="store_true", help="inpaint the whole latent, not its bounding box")
@@ -40,7 +41,8 @@ def _make_executor(args):
     from .executors import make_executor
 
     preset = args.preset or "demo"
-    return make_executor(args.backend, preset, args.weights, args.url, args.repository, args.shared_memory)
+    url = args.url[0] if args.url else None
+    return make_executor(args.backend, preset, args.weights, url, args.repository, args.shared_memory)
 
 
 def _options(args):
@@ -68,52 +70,9 @@ def cmd_phantom(args) -> int:
 
 
 def cmd_segment(args) -> int:
-    from rich.progress import Progress
+    from .batch import segment_command
 
-    from .dicom_seg import algorithm_identity
-    from .io import read_volume, stem_of
-    from .outputs import check_format, save_outputs
-    from .pipeline import run_segmentation
-    from .prompts import normalize_target
-    from .report import write_json, write_overlay
-
-    try:
-        normalize_target(args.prompt)
-    except ValueError as exc:
-        fail(str(exc))
-        return 2
-    executor = _make_executor(args)
-    identity = algorithm_identity(executor.preset, args.weights, args.backend)
-    out = Path(args.out)
-    failures = 0
-    with Progress(console=_console(True), transient=False) as progress:
-        volumes = progress.add_task("volumes", total=len(args.inputs))
-        for path in args.inputs:
-            stage = progress.add_task(f"  {Path(path).name}", total=None)
-            try:
-                volume = read_volume(path, args.series_uid)
-                if volume.dicom is not None:
-                    progress.console.print(f"{path}: {volume.dicom.choice}", soft_wrap=True)
-                check_format(volume, args.format)
-                seg = run_segmentation(executor, volume, args.prompt, args.modality, _options(args),
-                                     on_stage=lambda _: progress.advance(stage))
-                stem = stem_of(path)
-                written = save_outputs(out, stem, volume, seg, args.prompt, args.format, identity,
-                                       args.anomaly_map_dicom)
-                write_overlay(out / f"{stem}_overlay.png", volume.array, seg.mask, seg.anomaly,
-                              title=f"{stem}: {args.prompt} ({seg.modality})", modality=seg.modality,
-                              affine=volume.affine)
-                write_json(out / f"{stem}_timings.json", {"backend": args.backend, "preset": executor.preset.name,
-                                                          "seconds": seg.timings,
-                                                          "mask_voxels": int(seg.mask.sum())})
-                progress.console.print(f"{path}: {int(seg.mask.sum())} mask voxels -> "
-                                       + ", ".join(str(p) for p in written.values()))
-            except InputError as exc:
-                failures += 1
-                progress.console.print(f"[red]diffugts: error: {exc}[/red]", soft_wrap=True)  # one line
-            progress.remove_task(stage)
-            progress.advance(volumes)
-    return 1 if failures else 0
+    return segment_command(args)
 
 
 def cmd_listen(args) -> int:
@@ -317,6 +276,15 @@ def cmd_bench(args) -> int:
     return 0
 
 
+def cmd_soak(args) -> int:
+    from diffugts.benchmarks.soak import run_soak
+
+    result = run_soak(args.out, args.preset, args.seconds, tuple(int(v) for v in _floats(args.levels)),
+                      say=lambda msg: print(f"soak: {msg}", file=sys.stderr, flush=True))
+    print(json.dumps(result, indent=2))
+    return 1 if result["errors"] else 0
+
+
 def cmd_real_lesion(args) -> int:
     from diffugts.benchmarks.real_lesion import run_real_lesion
 
@@ -377,9 +345,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seed", type=int, default=0)
     p.set_defaults(func=cmd_corpus)
 
-    p = sub.add_parser("segment", help="segment volumes for an open-vocabulary target")
-    p.add_argument("inputs", nargs="+", help="NIfTI / NRRD / MHA files or DICOM series folders")
-    p.add_argument("--prompt", required=True, help="target, e.g. 'kidney tumor'")
+    p = sub.add_parser("segment", help="segment volumes for an open-vocabulary target (a resumable batch)")
+    p.add_argument("inputs", nargs="+", help="NIfTI / NRRD / MHA files, folders of them or of DICOM series, "
+                   "globs, an MSD dataset.json, a CSV manifest (path,prompt,modality)")
+    p.add_argument("--prompt", default=None, help="target, e.g. 'kidney tumor' (for inputs without their own)")
     p.add_argument("--out", required=True)
     p.add_argument("--modality", type=str.upper, choices=("CT", "MR"), default=None, help="default: guessed")
     p.add_argument("--format", choices=("nifti", "dicom-seg", "both"), default="nifti",
@@ -389,6 +358,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--anomaly-map-dicom", action="store_true",
                    help="with dicom-seg: also the anomaly map as a DICOM Parametric Map")
     _executor_args(p)
+    p.add_argument("--workers", type=int, default=1, help="volumes in flight")
+    p.add_argument("--resume", action="store_true", help="skip volumes OUT/run.json shows finished and unchanged")
+    p.add_argument("--retries", type=int, default=3, help="per volume, on UNAVAILABLE / DEADLINE_EXCEEDED")
+    p.add_argument("--timeout", type=float, default=300.0, help="seconds, per gRPC call")
+    p.add_argument("--token-file", default=None, help="file holding the servers' diffugts token")
+    p.add_argument("--tls-ca", default=None, help="PEM CA certificate: talk gRPC over TLS")
     p.set_defaults(func=cmd_segment)
 
     p = sub.add_parser("listen", help="DICOM receiver: segment each CT/MR series pushed by C-STORE, return a SEG")
@@ -489,6 +464,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--theta", type=float, default=None,
                    help="inpainting threshold for every executor (default: the preset's)")
     p.set_defaults(func=cmd_bench)
+
+    p = sub.add_parser("soak", help="1-16 concurrent clients against one local server: latency, errors, RSS")
+    p.add_argument("--out", default="soak_out")
+    p.add_argument("--preset", default="tiny")
+    p.add_argument("--seconds", type=float, default=60.0, help="per concurrency level")
+    p.add_argument("--levels", default="1,2,4,8,16", help="concurrent clients, comma-separated")
+    p.set_defaults(func=cmd_soak)
 
     p = sub.add_parser("real-lesion", help="run on pydicom-data's real MR with a marked liver lesion")
     p.add_argument("--out", default="real_lesion_out")

@@ -65,8 +65,10 @@ def server_env() -> dict[str, str]:
 
 class TritonServer:
     def __init__(self, repository: str | Path, host: str = "127.0.0.1", grpc_port: int = 8001,
-                 http_port: int = 8000, metrics_port: int = 8002, log_path: str | Path | None = None):
+                 http_port: int = 8000, metrics_port: int = 8002, log_path: str | Path | None = None,
+                 extra_args: list[str] | tuple[str, ...] = ()):
         self.repository = Path(repository).resolve()
+        self.extra_args = list(extra_args)  # passed to tritonserver as they are (after ours)
         self.host = host
         self.grpc_port = grpc_port or free_port(host)
         self.http_port = http_port or free_port(host)
@@ -88,7 +90,7 @@ class TritonServer:
             f"--metrics-address={self.host}", f"--metrics-port={self.metrics_port}",
             "--allow-metrics=true", "--allow-gpu-metrics=false", "--strict-readiness=true",
             "--exit-timeout-secs=10", "--log-verbose=0",
-        ]
+        ] + self.extra_args
 
     def start(self, timeout_s: float = 180.0) -> "TritonServer":
         if not (self.repository / "diffugts_pipeline" / "config.pbtxt").is_file():

@@ -9,6 +9,7 @@ The tokenizer and the whole-loop BLS model are always Python-backend models.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import shutil
 from pathlib import Path
@@ -120,10 +121,26 @@ def ensemble_configs(preset: Preset) -> dict[str, str]:
     return out
 
 
-def pipeline_config(preset: Preset, instances: int = 1) -> str:
+def pipeline_config(preset: Preset, instances: int = 1, model_sha256: str = "") -> str:
     text = _header(PIPELINE, 'backend: "python"')
     text += f"instance_group [ {{ count: {instances}, kind: KIND_CPU }} ]\n"
-    return text + _parameters({"preset": json.dumps(preset.to_dict())})
+    values = {"preset": json.dumps(preset.to_dict())}
+    if model_sha256:
+        values["model_sha256"] = model_sha256
+    return text + _parameters(values)
+
+
+def artifacts_sha256(out: Path) -> str:
+    """One checksum of every stage's graph (or plan, with external data) and the tokenizer: what
+    a batch client records as the model identity, so that re-exported weights are told apart."""
+    digest = hashlib.sha256()
+    files = [f for name in ONNX_STAGES for f in sorted((out / name / "1").glob("model.*")) if f.name != "model.py"]
+    for f in files + [out / "text_tokenizer" / "1" / "tokenizer.json"]:
+        digest.update(f"{f.parent.parent.name}/{f.name}\0".encode())
+        with open(f, "rb") as handle:
+            for block in iter(lambda: handle.read(1 << 20), b""):
+                digest.update(block)
+    return digest.hexdigest()
 
 
 def write_repository(out: Path, preset: Preset, runtime: str = "python-ort", onnx_dir: Path | None = None,
@@ -162,7 +179,7 @@ def write_repository(out: Path, preset: Preset, runtime: str = "python-ort", onn
     bls = out / PIPELINE.name / "1"
     bls.mkdir(parents=True, exist_ok=True)
     shutil.copy2(MODEL_SOURCES / "pipeline.py", bls / "model.py")
-    (out / PIPELINE.name / "config.pbtxt").write_text(pipeline_config(preset))
+    (out / PIPELINE.name / "config.pbtxt").write_text(pipeline_config(preset, model_sha256=artifacts_sha256(out)))
     (out / "export_report.json").write_text(json.dumps(
         {"format": REPOSITORY_FORMAT, "preset": preset.name, "runtime": runtime,
          "max_relative_error": parity or {}}, indent=2))

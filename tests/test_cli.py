@@ -66,7 +66,9 @@ def test_bad_inputs_fail_alone_with_one_line(phantom_dir, tmp_path, capsys):
     assert "Traceback" not in err
     written = sorted(p.name for p in out.iterdir())
     assert written == ["case_001_anomaly.nii.gz", "case_001_mask.nii.gz", "case_001_overlay.png",
-                       "case_001_timings.json"]
+                       "case_001_timings.json", "run.json"]
+    statuses = {v["key"]: v["status"] for v in json.loads((out / "run.json").read_text())["volumes"]}
+    assert statuses == {"truncated": "failed", "case_001": "done", "nan": "failed", "flat": "failed"}
 
 
 @pytest.mark.parametrize("argv,message", [
