@@ -64,6 +64,8 @@ def test_every_runtime_config_parses(runtime, dynamic):
             assert config.platform == "onnxruntime_onnx"
             accel = config.optimization.execution_accelerators.gpu_execution_accelerator[0]
             assert accel.name == "tensorrt" and accel.parameters["precision_mode"] == "FP16"
+        elif runtime == "openvino":
+            assert config.backend == "openvino"
         else:
             assert config.backend == "python"
 
