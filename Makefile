@@ -7,7 +7,7 @@ STAMP  := $(VENV)/.installed
 export HF_HUB_OFFLINE := 1
 export TRANSFORMERS_OFFLINE := 1
 
-.PHONY: demo test eval calibrate bench install clean
+.PHONY: demo test eval calibrate bench install clean perf-analyzer
 
 $(STAMP): pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -21,7 +21,7 @@ install: $(STAMP)
 demo: $(STAMP)
 	$(VENV)/bin/diffugts demo --out demo_out
 
-test: $(STAMP)
+test: $(STAMP) perf-analyzer
 	$(PY) -m pytest
 
 # Zero-shot evaluation of the README's ablation table: categories the demo weights never saw.
@@ -37,8 +37,13 @@ calibrate: $(STAMP)
 	$(VENV)/bin/diffugts phantom --out eval_data/seen77 --n 16 --seed 77 --categories "$(SEEN)"
 	$(VENV)/bin/diffugts calibrate eval_data/seen77 --out eval_out/calibration.json --preset demo
 
-bench: $(STAMP)
+# Triton's perf_analyzer (tritonclient 2.40.0's wheel, libb64 from Debian, libcudart from PyPI) under
+# .tools/; optional: where it cannot be installed, the bench says so and uses its own load generator.
+perf-analyzer: $(STAMP)
+	-$(PY) -m diffugts.benchmarks.perf_analyzer install
+
+bench: $(STAMP) perf-analyzer
 	$(VENV)/bin/diffugts bench --preset demo --out bench_out --theta 0.05
 
 clean:
-	rm -rf $(VENV) demo_out eval_data eval_out bench_out build *.egg-info
+	rm -rf $(VENV) demo_out eval_data eval_out bench_out build *.egg-info .tools

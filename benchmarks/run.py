@@ -72,7 +72,7 @@ def run_bench(preset_name: str = "demo", out: str | Path = "bench_out", quick: b
             measure_throughput(lambda: TritonExecutor(url), cases, c, plan.per_client) for c in plan.concurrency]}
         say("UNet load and perf_analyzer")
         results["unet_load"] = [unet_load(url, preset, c, plan.unet_requests) for c in plan.concurrency]
-        results["perf_analyzer"] = run_perf_analyzer(url, preset, out, plan.concurrency)
+        results["perf_analyzer"] = run_perf_analyzer(url, preset, out, plan.concurrency, say)
     with TritonServer(repo_static, grpc_port=0, http_port=0, metrics_port=0,
                       log_path=out / "tritonserver_no_batching.log") as server:
         say("throughput without dynamic batching")
@@ -133,6 +133,10 @@ def markdown(r: dict) -> str:
               for k, v in r["flops"].items()]
     pa = r["perf_analyzer"]
     lines += ["", f"perf_analyzer on `unet`: {pa['status']}" + (f" ({pa['reason']})" if "reason" in pa else "")]
+    if pa.get("rows"):
+        lines += ["", "| perf_analyzer: concurrency | inferences/s | p50 ms | p95 ms |", "|---|---|---|---|"]
+        lines += [f"| {x['concurrency']} | {x['throughput']:.1f} | {x['p50_us'] / 1e3:.1f} | {x['p95_us'] / 1e3:.1f} |"
+                  for x in pa["rows"]]
     lines += ["", "| UNet load: concurrency | inferences/s | p50 ms | p95 ms |", "|---|---|---|---|"]
     lines += [f"| {u['concurrency']} | {u['inferences_per_s']:.1f} | {u['latency_p50_ms']:.1f} | {u['latency_p95_ms']:.1f} |"
               for u in r["unet_load"]]
