@@ -34,10 +34,15 @@ class Plan:
     per_client: int
     steps: tuple[int, ...]
     unet_requests: int
+    windows_per_axis: tuple[int, ...] = (1, 2, 3)  # cost curve: 1, 8, 27 sliding windows
+    real_size_shape: tuple[int, int, int] = (512, 512, 300)
+    int8: bool = True
+    maisi: bool = True
 
 
 FULL = Plan(volumes=4, repeats=5, concurrency=(1, 2, 4, 8), per_client=2, steps=(2, 5, 10, 20), unet_requests=20)
-QUICK = Plan(volumes=1, repeats=1, concurrency=(1, 2), per_client=1, steps=(2, 4), unet_requests=4)
+QUICK = Plan(volumes=1, repeats=1, concurrency=(1, 2), per_client=1, steps=(2, 4), unet_requests=4,
+             windows_per_axis=(1,), real_size_shape=(96, 96, 60), int8=False, maisi=False)
 
 
 def percentiles(values) -> dict:
