@@ -7,7 +7,7 @@ STAMP  := $(VENV)/.installed
 export HF_HUB_OFFLINE := 1
 export TRANSFORMERS_OFFLINE := 1
 
-.PHONY: demo test test-deploy eval calibrate bench install clean train
+.PHONY: demo test test-deploy eval calibrate bench install clean train perf-analyzer
 
 $(STAMP): pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -21,7 +21,7 @@ install: $(STAMP)
 demo: $(STAMP)
 	$(VENV)/bin/diffugts demo --out demo_out
 
-test: $(STAMP) corpus-sources
+test: $(STAMP) corpus-sources perf-analyzer
 	$(PY) -m pytest
 
 # Debian packages the training corpus reads (`diffugts corpus`), installed when missing; without
@@ -76,8 +76,13 @@ train: $(STAMP) corpus-sources
 	  --volumes 64 --anatomy-volumes 128 --vae-steps 300 --unet-steps 600
 	$(VENV)/bin/diffugts train heads --work train_work/v7 --corpus train_work/corpus --anatomy-volumes 136
 
-bench: $(STAMP)
+# Triton's perf_analyzer (tritonclient 2.40.0's wheel, libb64 from Debian, libcudart from PyPI) under
+# .tools/; optional: where it cannot be installed, the bench says so and uses its own load generator.
+perf-analyzer: $(STAMP)
+	-$(PY) -m diffugts.benchmarks.perf_analyzer install
+
+bench: $(STAMP) perf-analyzer
 	$(VENV)/bin/diffugts bench --preset demo --out bench_out --theta 0.05
 
 clean:
-	rm -rf $(VENV) $(DEPLOY_VENV) demo_out eval_data eval_out bench_out build *.egg-info
+	rm -rf $(VENV) $(DEPLOY_VENV) demo_out eval_data eval_out bench_out build *.egg-info .tools

@@ -13,6 +13,40 @@ from diffugts.report import write_json
 from .flops import machine_peak_gflops
 from .harness import (FULL, QUICK, describe_machine, load_cases, measure_latency, measure_throughput,
                       quality_sweeps, run_perf_analyzer, stage_flops, unet_load)
+from .real_size import ct_sized_volume, run_real_size
+from .sizes import cost_curve, run_maisi
+
+ENGINE_EXECUTORS = {"onnxruntime": "onnx", "openvino": "openvino"}
+
+
+def triton_runtime(repo: Path) -> dict:
+    """Which in-process executor runs what Triton's stage models run (the export's choice)."""
+    report = json.loads((Path(repo) / "export_report.json").read_text())
+    engines = {stage: entry["engine"] for stage, entry in report.get("stage_runtime", {}).items()}
+    names = {ENGINE_EXECUTORS[e] for e in engines.values()} or {"onnx"}
+    return {"triton_runtime": names.pop() if len(names) == 1 else "exported_runtimes",
+            "triton_stage_runtimes": engines}
+
+
+def run_int8(repo: Path, out: Path, plan, cases, preset, say) -> dict:
+    """int8 per stage on a copy of the repository (the figures above stay fp32): speed-up and
+    end-to-end Dice change on the bench's volumes, calibrated on other phantoms."""
+    import shutil
+
+    from diffugts.export.quantize import quantize_and_gate
+
+    if not plan.int8:
+        return {"status": "skipped (quick plan)"}
+    say("int8: calibrate on phantoms, quantize, Dice gate per stage")
+    copy = out / "repo_int8"
+    shutil.rmtree(copy, ignore_errors=True)
+    shutil.copytree(repo, copy)
+    shape = (preset.patch, preset.patch, preset.patch * 3 // 4)
+    calibration = load_cases(write_dataset(out / "calibration", 4, seed=321, shape=shape, spacing=preset.spacing[0],
+                                           categories=["kidney tumor", "liver tumor", "lung nodule", "brain tumor"]), 4)
+    report = quantize_and_gate(copy, calibration, cases, progress=lambda s: say(f"int8: {s}"))
+    report["repository"] = copy.name
+    return report
 
 CATEGORIES = ["liver cyst", "pancreas tumor", "spleen lesion", "kidney tumor"]
 
@@ -22,7 +56,8 @@ def run_bench(preset_name: str = "demo", out: str | Path = "bench_out", quick: b
     """`theta` overrides the inpainting threshold for every executor (server side included), so
     the inpainting loop runs even where the weights' anomaly maps stay below the preset's."""
     from diffugts.client.triton_executor import BlsClient, TritonExecutor
-    from diffugts.executors.onnx_executor import OnnxExecutor
+    from diffugts.executors.onnx_executor import ExportedRuntimeExecutor, OnnxExecutor
+    from diffugts.executors.openvino_executor import OpenVinoExecutor
     from diffugts.executors.torch_executor import TorchExecutor
     from diffugts.export import build_repository
     from diffugts.export.repository import write_repository
@@ -51,10 +86,15 @@ def run_bench(preset_name: str = "demo", out: str | Path = "bench_out", quick: b
     results = {"machine": describe_machine(), "preset": preset.name, "quick": quick, "plan": plan.__dict__,
                "anomaly_threshold": preset.anomaly_threshold,
                "executors": {}}
+    results.update(triton_runtime(repo))
 
-    say("latency: torch, onnx")
+    say("latency: torch, onnx, openvino, the served stages' runtimes in process")
     results["executors"]["torch"] = measure_latency(torch_ex, cases, plan.repeats)
     results["executors"]["onnx"] = measure_latency(onnx_ex, cases, plan.repeats)
+    results["executors"]["openvino"] = measure_latency(OpenVinoExecutor.from_repository(repo), cases, plan.repeats)
+    if results["triton_runtime"] == "exported_runtimes":  # mixed engines: the same mix in process
+        results["executors"]["exported_runtimes"] = measure_latency(ExportedRuntimeExecutor.from_repository(repo),
+                                                                     cases, plan.repeats)
     with TritonServer(repo, grpc_port=0, http_port=0, metrics_port=0, log_path=out / "tritonserver.log") as server:
         url = server.grpc_url
         say("latency: triton, triton-bls, shared memory")
@@ -72,7 +112,13 @@ def run_bench(preset_name: str = "demo", out: str | Path = "bench_out", quick: b
             measure_throughput(lambda: TritonExecutor(url), cases, c, plan.per_client) for c in plan.concurrency]}
         say("UNet load and perf_analyzer")
         results["unet_load"] = [unet_load(url, preset, c, plan.unet_requests) for c in plan.concurrency]
-        results["perf_analyzer"] = run_perf_analyzer(url, preset, out, plan.concurrency)
+        results["perf_analyzer"] = run_perf_analyzer(url, preset, out, plan.concurrency, say)
+        say("cost curve: 1, 8, 27 windows through the client loop")
+        client = TritonExecutor(url)
+        results["cost_curve"] = cost_curve(client, preset, plan.windows_per_axis)
+        say("real size: a 512x512x300 CT through the client loop")
+        results["real_size"] = run_real_size(client, volume=ct_sized_volume(plan.real_size_shape)[0])
+        client.close()
     with TritonServer(repo_static, grpc_port=0, http_port=0, metrics_port=0,
                       log_path=out / "tritonserver_no_batching.log") as server:
         say("throughput without dynamic batching")
@@ -81,6 +127,8 @@ def run_bench(preset_name: str = "demo", out: str | Path = "bench_out", quick: b
             for c in plan.concurrency]
     say("cropping and steps against Dice")
     results["cropping"], results["steps_vs_dice"] = quality_sweeps(onnx_ex, cases, plan.steps)
+    results["int8"] = run_int8(repo, out, plan, cases, preset, say)
+    results["maisi"] = run_maisi(out, say=say) if plan.maisi else {"status": "skipped (quick plan)"}
     say("FLOPs and machine peak")
     peak = machine_peak_gflops()
     results["machine"]["peak_gflops_fp32_matmul"] = peak
@@ -90,6 +138,7 @@ def run_bench(preset_name: str = "demo", out: str | Path = "bench_out", quick: b
         "triton_over_torch": e["triton"]["end_to_end_p50_s"] / e["torch"]["end_to_end_p50_s"],
         "triton_overhead_over_onnx": e["triton"]["end_to_end_p50_s"] / e["onnx"]["end_to_end_p50_s"] - 1.0,
         "shared_memory_over_plain": e["triton"]["shared_memory_on"]["end_to_end_p50_s"] / e["triton"]["end_to_end_p50_s"],
+        "triton_over_same_runtime": e["triton"]["end_to_end_p50_s"] / e[results["triton_runtime"]]["end_to_end_p50_s"],
         "crop_inpaint_speedup": results["cropping"]["inpaint_speedup"],
         "crop_dice_change": results["cropping"]["dice_change"],
     }
@@ -133,10 +182,52 @@ def markdown(r: dict) -> str:
               for k, v in r["flops"].items()]
     pa = r["perf_analyzer"]
     lines += ["", f"perf_analyzer on `unet`: {pa['status']}" + (f" ({pa['reason']})" if "reason" in pa else "")]
+    if pa.get("rows"):
+        lines += ["", "| perf_analyzer: concurrency | inferences/s | p50 ms | p95 ms |", "|---|---|---|---|"]
+        lines += [f"| {x['concurrency']} | {x['throughput']:.1f} | {x['p50_us'] / 1e3:.1f} | {x['p95_us'] / 1e3:.1f} |"
+                  for x in pa["rows"]]
     lines += ["", "| UNet load: concurrency | inferences/s | p50 ms | p95 ms |", "|---|---|---|---|"]
     lines += [f"| {u['concurrency']} | {u['inferences_per_s']:.1f} | {u['latency_p50_ms']:.1f} | {u['latency_p95_ms']:.1f} |"
               for u in r["unet_load"]]
+    lines += size_markdown(r)
     return "\n".join(lines) + "\n"
+
+
+def size_markdown(r: dict) -> list[str]:
+    """Issue 14's rows: runtimes, int8, the maisi size, the cost curve, a real-size volume."""
+    e, ratios = r["executors"], r["ratios"]
+    lines = ["", f"Triton's stage runtimes (chosen by measurement at export): "
+             + ", ".join(f"{k} {v}" for k, v in r.get("triton_stage_runtimes", {}).items())
+             + f"; Triton / the same runtimes in process (`{r['triton_runtime']}`): "
+             f"{ratios['triton_over_same_runtime']:.2f}x; Triton / torch eager {ratios['triton_over_torch']:.2f}x."]
+    int8 = r.get("int8", {})
+    if "stages" in int8:
+        lines += ["", f"| int8 stage (fp32 Dice {int8['fp32_dice']:.3f}) | speed-up vs fp32 OpenVINO | vs current engine "
+                  "| Dice change | ships |", "|---|---|---|---|---|"]
+        lines += [f"| {k} | {v['speedup_over_fp32_openvino']:.2f}x | {v['speedup_over_current']:.2f}x ({v['current_engine']}) "
+                  f"| {v['dice_change']:+.4f} | {'yes' if v['ships'] else 'no'} |" for k, v in int8["stages"].items()]
+    else:
+        lines += ["", f"int8: {int8.get('status', 'not run')}"]
+    m = r.get("maisi", {})
+    if "seconds" in m:
+        rss = m["peak_rss_mb"]["stage_models"]
+        lines += ["", f"`maisi` preset (random weights), one {m['shape']} volume ({m['windows']} window) through Triton: "
+                  f"export {m['export_s']:.0f} s; end to end {m['seconds']['total']:.1f} s.",
+                  "", "| maisi stage | seconds |", "|---|---|"]
+        lines += [f"| {k} | {v:.2f} |" for k, v in m["seconds"].items()]
+        lines += ["", "| maisi stage model | peak RSS MB |", "|---|---|"]
+        lines += [f"| {k} | {v:.0f} |" for k, v in rss.items()]
+        lines += [f"| tritonserver | {m['peak_rss_mb']['tritonserver']:.0f} |", f"| client | {m['peak_rss_mb']['client']:.0f} |"]
+    else:
+        lines += ["", f"maisi: {m.get('status', 'not run')}"]
+    lines += ["", "| cost curve (Triton client loop) | volume | seconds |", "|---|---|---|"]
+    lines += [f"| {c['windows']} windows | {'x'.join(map(str, c['shape']))} | {c['seconds']:.2f} |" for c in r["cost_curve"]]
+    rs = r["real_size"]
+    lines += ["", f"Real size: {'x'.join(map(str, rs['shape']))} CT through Triton, peak RSS {rs['peak_rss_mb']:.0f} MB, "
+              f"pre- plus postprocessing {100 * rs['pre_post_fraction']:.1f}% of end to end.", "",
+              "| real-size stage | seconds |", "|---|---|"]
+    lines += [f"| {k} | {v:.2f} |" for k, v in rs["seconds"].items()]
+    return lines
 
 
 def plot(r: dict, out: Path) -> None:

@@ -170,12 +170,17 @@ class BlsTransport:
         return {name: pb.get_output_tensor_by_name(response, name).as_numpy() for name in outputs}
 
 
-class OrtTransport:
-    """ONNX Runtime in process over the same repository: same graphs, ensembles run step by step."""
+class LocalTransport:
+    """A runtime in process over the same repository: same graphs, ensembles run step by step.
 
-    def __init__(self, repository: str | Path, threads: int = 0):
+    `engine`: "onnxruntime" or "openvino" for every stage, or None for what each stage's config
+    names (the runtime the export measured fastest there, as the server runs it)."""
+
+    def __init__(self, repository: str | Path, threads: int = 0, engine: str | None = "onnxruntime",
+                 precision: dict[str, str] | None = None):
         self.repository = Path(repository)
-        self.threads = threads
+        self.threads, self.engine = threads, engine
+        self.precision = precision  # stage -> "int8" | "fp32"; None: as each stage's config says
         self._sessions: dict[str, object] = {}
         self._configs: dict[str, object] = {}
 
@@ -186,18 +191,22 @@ class OrtTransport:
             self._configs[model] = parse_config(self.repository / model / "config.pbtxt")
         return self._configs[model]
 
+    def stage_engine(self, model: str) -> tuple[str, str]:
+        """(engine, precision) of a stage model."""
+        params = self._config(model).parameters
+        engine = self.engine or (params["runtime"].string_value if "runtime" in params else "onnxruntime")
+        if self.precision is not None:
+            precision = self.precision.get(model, "fp32")
+        else:
+            precision = params["precision"].string_value if "precision" in params else "fp32"
+        return engine, (precision if engine == "openvino" else "fp32")
+
     def _session(self, model: str):
         if model not in self._sessions:
-            import onnxruntime as ort
+            from .runtimes import open_session
 
-            options = ort.SessionOptions()
-            if self.threads:
-                options.intra_op_num_threads = self.threads
-            # one session per stage, run one after another: threads left spinning by the last
-            # stage would compete with the next (the server's stage models do the same)
-            options.add_session_config_entry("session.intra_op.allow_spinning", "0")
-            self._sessions[model] = ort.InferenceSession(str(self.repository / model / "1" / "model.onnx"),
-                                                         options, providers=["CPUExecutionProvider"])
+            engine, precision = self.stage_engine(model)
+            self._sessions[model] = open_session(self.repository / model / "1", engine, self.threads, precision)
         return self._sessions[model]
 
     def infer(self, model: str, inputs: dict[str, np.ndarray], outputs: list[str]) -> dict[str, np.ndarray]:
@@ -216,3 +225,17 @@ class OrtTransport:
             return {"input_ids": ids, "attention_mask": mask}
         results = self._session(model).run(outputs, inputs)
         return dict(zip(outputs, results))
+
+
+class OrtTransport(LocalTransport):
+    """ONNX Runtime in process for every stage."""
+
+    def __init__(self, repository: str | Path, threads: int = 0):
+        super().__init__(repository, threads, "onnxruntime")
+
+
+class OpenVinoTransport(LocalTransport):
+    """OpenVINO in process for every stage."""
+
+    def __init__(self, repository: str | Path, threads: int = 0, precision: dict[str, str] | None = None):
+        super().__init__(repository, threads, "openvino", precision)

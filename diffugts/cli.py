@@ -9,7 +9,7 @@ from pathlib import Path
 
 from .io import InputError
 
-BACKENDS = ("torch", "onnx", "triton", "triton-bls")
+BACKENDS = ("torch", "onnx", "openvino", "triton", "triton-bls")
 
 
 def _console(stderr: bool = False):
@@ -29,7 +29,7 @@ def _executor_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--weights", default=None, help="a diffugts safetensors file (overrides the preset's)")
     p.add_argument("--url", action="append", default=None,
                    help="Triton gRPC address for triton backends (default 127.0.0.1:8001; segment: repeatable)")
-    p.add_argument("--repository", default=None, help="exported repository for the onnx backend")
+    p.add_argument("--repository", default=None, help="exported repository for the onnx and openvino backends")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--no-crop", action="store_true", help="inpaint the whole latent, not its bounding box")
     p.add_argument("--steps", type=int, default=None, help="inference steps (default: the preset's)")
@@ -152,7 +152,8 @@ def cmd_export(args) -> int:
                 progress.advance(task)
 
             out = build_repository(args.out, args.preset, args.weights, args.runtime,
-                                   not args.no_dynamic_batching, args.rtol, step, args.trt_accelerator)
+                                   not args.no_dynamic_batching, args.rtol, step, args.trt_accelerator,
+                                   stage_runtime=args.stage_runtime)
     except ExportError as exc:
         fail(str(exc))
         return 1
@@ -407,7 +408,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", default="model_repository")
     p.add_argument("--preset", default="demo")
     p.add_argument("--weights", default=None)
-    p.add_argument("--runtime", choices=("python-ort", "onnxruntime", "tensorrt"), default="python-ort")
+    p.add_argument("--runtime", choices=("python-ort", "onnxruntime", "openvino", "tensorrt"), default="python-ort")
+    p.add_argument("--stage-runtime", choices=("auto", "onnxruntime", "openvino"), default="auto",
+                   help="python-ort: each stage's engine (auto: the fastest here that matches torch)")
     p.add_argument("--trt-accelerator", action="store_true",
                    help="onnxruntime runtime: add the TensorRT execution accelerator block (GPU)")
     p.add_argument("--no-dynamic-batching", action="store_true")

@@ -18,7 +18,7 @@ from scipy import ndimage
 
 from .executors.base import StageExecutor
 from .io import Volume
-from .postprocess import probability_to_mask
+from .postprocess import mask_on_input_grid
 from .preprocess import guess_modality, resample, to_model_grid
 from .prompts import PromptSet, build_prompt_set
 from .schedulers import make_sampler
@@ -61,12 +61,33 @@ class LoopOptions:
             raise ValueError(f"unknown ablation {self.ablation!r}: {', '.join(ABLATIONS)}")
 
 
+class OnRead:
+    """A field that may be given as a function: computed on first read, then kept.
+
+    Maps on the input grid cost a full-size resample each (seconds on a CT-sized volume); the
+    mask does not need them, so a caller pays only for the maps it reads."""
+
+    def __set_name__(self, owner, name):
+        self.slot = "_" + name
+
+    def __get__(self, obj, owner=None):
+        if obj is None:
+            raise AttributeError(self.slot)  # no default for the dataclass
+        value = obj.__dict__[self.slot]
+        if callable(value):
+            value = obj.__dict__[self.slot] = value()
+        return value
+
+    def __set__(self, obj, value):
+        obj.__dict__[self.slot] = value
+
+
 @dataclass
 class Segmentation:
     mask: np.ndarray  # uint8 on the input grid
-    probability: np.ndarray | None  # float32 on the input grid (None from the BLS model)
-    anomaly: np.ndarray  # refined AOVA map on the input grid
-    healthy: np.ndarray | None  # pseudo-healthy volume on the input grid, model intensities [0, 1]
+    probability: np.ndarray | None = OnRead()  # float32 on the input grid (None from the BLS model)
+    anomaly: np.ndarray = OnRead()  # refined AOVA map on the input grid
+    healthy: np.ndarray | None = OnRead()  # pseudo-healthy volume on the input grid, model intensities [0, 1]
     modality: str
     prompts: PromptSet
     timings: dict = field(default_factory=dict)
@@ -233,15 +254,17 @@ def segment_volume(executor: StageExecutor, volume: Volume, target: str, modalit
     blended = sliding_window(model_array, preset.patch, preset.window_overlap, run_window)
 
     with timings.stage("postprocess"):
-        prob = grid.to_input_grid(blended["prob"])
         threshold = {"full": preset.mask_threshold, "baseline": 0.5}.get(options.ablation, preset.map_threshold)
-        mask = probability_to_mask(prob, volume.spacing, threshold,
-                                   preset.min_component_mm3, preset.top_k_components)
-        anomaly = grid.to_input_grid(blended["anomaly"])
-        healthy = grid.to_input_grid(blended["healthy"])
+        mask = mask_on_input_grid(grid, blended["prob"], threshold, volume.spacing,
+                                  preset.min_component_mm3, preset.top_k_components)
     timings["total"] = sum(timings.values())
     fraction = stats.get("inpainted_voxels", 0) / max(stats.get("latent_voxels", 1), 1)
-    return Segmentation(mask, prob, anomaly, healthy, modality, prompts, dict(timings), fraction)
+
+    def on_input_grid(name):
+        return lambda: grid.to_input_grid(blended[name])
+
+    return Segmentation(mask, on_input_grid("prob"), on_input_grid("anomaly"), on_input_grid("healthy"),
+                        modality, prompts, dict(timings), fraction)
 
 
 def run_segmentation(executor, volume: Volume, target: str, modality: str | None = None,

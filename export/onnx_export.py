@@ -92,19 +92,32 @@ def compare(stage: str, torch_out: list[np.ndarray], ort_out: list[np.ndarray], 
 
 
 def verify(stage: str, module: torch.nn.Module, path: Path, cases: list[dict[str, np.ndarray]],
-           rtol: float) -> dict:
-    import onnxruntime as ort
+           rtol: float, engines: tuple[str, ...] = ("onnxruntime",)) -> dict[str, dict | str]:
+    """Parity of the graph in each engine against torch, per output (worst over the cases).
+
+    ONNX Runtime must agree (it is the reference runtime of the repository: ExportError if
+    not); another engine that disagrees is recorded with the reason and will not serve the stage."""
+    from diffugts.client.runtimes import open_session
 
     onnx.checker.check_model(str(path))
     onnx.shape_inference.infer_shapes_path(str(path), str(path.with_suffix(".inferred.onnx")))
     path.with_suffix(".inferred.onnx").unlink()
-    session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
-    names = [o.name for o in session.get_outputs()]
-    worst: dict[str, float] = {}
-    for inputs in cases:
-        errors = compare(stage, _run_torch(module, inputs), session.run(None, inputs), names, rtol)
-        worst = {k: max(v, worst.get(k, 0.0)) for k, v in errors.items()}
-    return worst
+    names = [o.name for o in onnx.load(str(path), load_external_data=False).graph.output]
+    references = [_run_torch(module, inputs) for inputs in cases]
+    report: dict[str, dict | str] = {}
+    for engine in engines:
+        try:
+            session = open_session(path, engine)
+            worst: dict[str, float] = {}
+            for inputs, reference in zip(cases, references):
+                errors = compare(stage, reference, session.run(names, inputs), names, rtol)
+                worst = {k: max(v, worst.get(k, 0.0)) for k, v in errors.items()}
+            report[engine] = worst
+        except ExportError as exc:
+            if engine == "onnxruntime":
+                raise
+            report[engine] = f"rejected: {exc}"
+    return report
 
 
 @contextmanager
@@ -127,7 +140,9 @@ def fused_group_norms(module: torch.nn.Module):
             del m.forward
 
 
-def export_stage(preset: Preset, stage: str, module: torch.nn.Module, path: Path, rtol: float = 1e-3) -> dict:
+def export_stage(preset: Preset, stage: str, module: torch.nn.Module, path: Path, rtol: float = 1e-3,
+                 engines: tuple[str, ...] = ("onnxruntime",)) -> dict:
+    """Export and check one stage: ONNX Runtime's parity errors, or (several engines) {engine: errors}."""
     spec = stage_specs(preset)[stage]
     inputs = example_inputs(preset, stage)
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -148,15 +163,19 @@ def export_stage(preset: Preset, stage: str, module: torch.nn.Module, path: Path
     cropped = stage in ("unet", "vae_decoder")
     second = example_inputs(preset, stage, batch=2, seed=1,
                             crop=max(preset.unet_multiple, preset.latent_patch // 2) if cropped else None)
-    return verify(stage, module, path, [inputs, second], rtol)
+    report = verify(stage, module, path, [inputs, second], rtol, engines)
+    return report["onnxruntime"] if engines == ("onnxruntime",) else report
 
 
-def export_onnx(models, out_dir: Path, rtol: float = 1e-3, progress=None) -> dict[str, dict]:
-    """Export every ONNX stage into `out_dir/<stage>/1/model.onnx`; returns the parity errors."""
+def export_onnx(models, out_dir: Path, rtol: float = 1e-3, progress=None,
+                engines: tuple[str, ...] = ("onnxruntime",)) -> dict[str, dict]:
+    """Export every ONNX stage into `out_dir/<stage>/1/model.onnx`; returns the parity errors
+    ({stage: {output: error}}, or {stage: {engine: ...}} when several engines are checked)."""
     stages = models.stages()
     report = {}
     for name in ONNX_STAGES:
         if progress:
             progress(name)
-        report[name] = export_stage(models.preset, name, stages[name], out_dir / name / "1" / "model.onnx", rtol)
+        report[name] = export_stage(models.preset, name, stages[name], out_dir / name / "1" / "model.onnx",
+                                    rtol, engines)
     return report

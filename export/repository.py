@@ -1,8 +1,10 @@
 """Write a Triton model repository: one folder per stage, `config.pbtxt` beside `1/`.
 
 Runtimes of the ONNX stages:
-  python-ort   Python backend running ONNX Runtime (CPU; what the pip-distributed Triton loads)
+  python-ort   Python backend running ONNX Runtime or OpenVINO, per stage (CPU; what the
+               pip-distributed Triton loads); the export picks each stage's engine by measurement
   onnxruntime  Triton's ONNX Runtime backend, optionally with the TensorRT execution accelerator
+  openvino     Triton's OpenVINO backend (builds that ship it), on the same ONNX graphs
   tensorrt     TensorRT plans (`platform: "tensorrt_plan"`), built by `export.tensorrt`
 The tokenizer and the whole-loop BLS model are always Python-backend models.
 """
@@ -17,7 +19,7 @@ from pathlib import Path
 from diffugts.config import Preset
 from diffugts.stages import ONNX_STAGES, PIPELINE, StageSpec, Tensor, ensemble_specs, stage_specs
 
-RUNTIMES = ("python-ort", "onnxruntime", "tensorrt")
+RUNTIMES = ("python-ort", "onnxruntime", "openvino", "tensorrt")
 # bumped when stage signatures change, so that graphs exported by an older version are rebuilt
 # (2: the decoder takes cropped latent boxes; `decode_score` became `score`)
 REPOSITORY_FORMAT = 2
@@ -72,10 +74,25 @@ def _parameters(values: dict[str, str]) -> str:
 
 
 def stage_config(spec: StageSpec, runtime: str, dynamic_batching: bool = True, threads: int = 0,
-                 trt_accelerator: bool = False) -> str:
+                 trt_accelerator: bool = False, engine: str | None = None, precision: str | None = None) -> str:
+    """`engine` / `precision`: the python-ort runner's engine (onnxruntime, openvino) and
+    precision (fp32, int8: OpenVINO only) for this stage; unset, it runs ONNX Runtime in fp32."""
     if runtime == "python-ort":
         text = _header(spec, 'backend: "python"') + _batching(spec.name, dynamic_batching)
-        return text + _parameters({"intra_op_threads": str(threads)})
+        params = {"intra_op_threads": str(threads)}
+        if engine:
+            params["runtime"] = engine
+        if precision and precision != "fp32":
+            params["precision"] = precision
+        return text + _parameters(params)
+    if runtime == "openvino":
+        # Triton's OpenVINO backend reads the ONNX graph itself; one stream, latency first, as in process
+        text = _header(spec, 'backend: "openvino"') + 'default_model_filename: "model.onnx"\n'
+        text += _batching(spec.name, dynamic_batching)
+        params = {"PERFORMANCE_HINT": "LATENCY", "NUM_STREAMS": "1"}
+        if threads:
+            params["INFERENCE_NUM_THREADS"] = str(threads)
+        return text + _parameters(params)
     if runtime == "onnxruntime":
         text = _header(spec, 'platform: "onnxruntime_onnx"')
         text += _batching(spec.name, dynamic_batching).replace("KIND_CPU", "KIND_GPU")
@@ -145,10 +162,15 @@ def artifacts_sha256(out: Path) -> str:
 
 def write_repository(out: Path, preset: Preset, runtime: str = "python-ort", onnx_dir: Path | None = None,
                      dynamic_batching: bool = True, tokenizer_json: Path | None = None,
-                     trt_accelerator: bool = False, threads: int = 0, parity: dict | None = None) -> Path:
+                     trt_accelerator: bool = False, threads: int = 0, parity: dict | None = None,
+                     engines: dict[str, str] | None = None, precisions: dict[str, str] | None = None,
+                     choice_report: dict | None = None) -> Path:
     """Lay out the repository; ONNX graphs (or plans) are taken from `onnx_dir/<stage>/1/`.
 
-    `export_report.json` records the format and the export's parity errors against torch."""
+    `engines` / `precisions`: per stage, the python-ort runner's engine and precision.
+    `export_report.json` records the format, the export's parity errors against torch and how
+    each stage's engine was chosen."""
+    engines, precisions = engines or {}, precisions or {}
     from diffugts.tokenizer import bundled_tokenizer_json
 
     out = Path(out)
@@ -160,12 +182,14 @@ def write_repository(out: Path, preset: Preset, runtime: str = "python-ort", onn
         artifact = "model.plan" if runtime == "tensorrt" else "model.onnx"
         source = onnx_dir / name / "1" / artifact
         if source.resolve() != (version / artifact).resolve():
-            for f in source.parent.glob(artifact + "*"):  # the graph and any external data
-                shutil.copy2(f, version / f.name)
+            for pattern in (artifact + "*", "model.int8.*"):  # the graph, external data, int8 model
+                for f in source.parent.glob(pattern):
+                    shutil.copy2(f, version / f.name)
         if runtime == "python-ort":
             shutil.copy2(MODEL_SOURCES / "onnx_runner.py", version / "model.py")
         (out / name / "config.pbtxt").write_text(
-            stage_config(specs[name], runtime, dynamic_batching, threads, trt_accelerator))
+            stage_config(specs[name], runtime, dynamic_batching, threads, trt_accelerator,
+                         engines.get(name), precisions.get(name)))
     tok = out / "text_tokenizer" / "1"
     tok.mkdir(parents=True, exist_ok=True)
     shutil.copy2(MODEL_SOURCES / "tokenizer.py", tok / "model.py")
@@ -182,7 +206,7 @@ def write_repository(out: Path, preset: Preset, runtime: str = "python-ort", onn
     (out / PIPELINE.name / "config.pbtxt").write_text(pipeline_config(preset, model_sha256=artifacts_sha256(out)))
     (out / "export_report.json").write_text(json.dumps(
         {"format": REPOSITORY_FORMAT, "preset": preset.name, "runtime": runtime,
-         "max_relative_error": parity or {}}, indent=2))
+         "max_relative_error": parity or {}, "stage_runtime": choice_report or {}}, indent=2))
     return out
 
 

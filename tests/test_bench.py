@@ -14,7 +14,7 @@ pytestmark = pytest.mark.slow
 def test_quick_bench_writes_results(tmp_path, capsys):
     assert main(["bench", "--quick", "--out", str(tmp_path)]) == 0
     results = json.loads((tmp_path / "results.json").read_text())
-    for name in ("torch", "onnx", "triton", "triton-bls"):
+    for name in ("torch", "onnx", "openvino", "triton", "triton-bls"):
         e = results["executors"][name]
         assert 0 < e["end_to_end_p50_s"] <= e["end_to_end_p95_s"]
         assert set(e["stages"]) >= {"encode", "inpaint", "score"}
@@ -23,6 +23,20 @@ def test_quick_bench_writes_results(tmp_path, capsys):
     assert results["cropping"]["inpaint_speedup"] > 0
     assert results["flops"]["unet"]["gflop"] > 0 and results["machine"]["peak_gflops_fp32_matmul"] > 0
     assert results["perf_analyzer"]["status"] in ("ok", "unavailable", "failed")
+    if results["perf_analyzer"]["status"] == "ok":
+        assert [r["concurrency"] for r in results["perf_analyzer"]["rows"]] == [1, 2]
+        assert (tmp_path / results["perf_analyzer"]["csv"]).is_file()
+    # issue 14's keys: the served runtimes and their in-process twin, sizes, real size
+    assert results["triton_runtime"] in results["executors"]
+    assert set(results["triton_stage_runtimes"].values()) <= {"onnxruntime", "openvino"}
+    assert results["ratios"]["triton_over_same_runtime"] > 0
+    assert [c["windows"] for c in results["cost_curve"]] == [1]
+    real = results["real_size"]
+    assert real["shape"] == [96, 96, 60] and real["peak_rss_mb"] > 0
+    assert real["seconds"]["total"] >= real["seconds"]["encode"] > 0
+    assert results["int8"]["status"].startswith("skipped") and results["maisi"]["status"].startswith("skipped")
+    md = (tmp_path / "results.md").read_text()
+    assert "| cost curve (Triton client loop) |" in md and "| real-size stage | seconds |" in md
     assert (tmp_path / "latency_per_stage.png").read_bytes()[:4] == b"\x89PNG"
     assert (tmp_path / "throughput.png").read_bytes()[:4] == b"\x89PNG"
     assert "| executor |" in (tmp_path / "results.md").read_text()

@@ -1,4 +1,4 @@
-"""Stage executors: one small interface, three implementations (torch, ONNX Runtime, Triton)."""
+"""Stage executors: one small interface, implementations for torch, ONNX Runtime, OpenVINO and Triton."""
 
 from .base import Denoised, Encoded, StageExecutor
 
@@ -16,6 +16,10 @@ def make_executor(backend: str, preset_name: str = "tiny", weights: str | None =
         from .onnx_executor import OnnxExecutor
 
         return OnnxExecutor.from_repository(repository, preset_name, weights)
+    if backend == "openvino":
+        from .openvino_executor import OpenVinoExecutor
+
+        return OpenVinoExecutor.from_repository(repository, preset_name, weights)
     if backend == "triton":
         from diffugts.client.triton_executor import TritonExecutor
 
@@ -24,4 +28,4 @@ def make_executor(backend: str, preset_name: str = "tiny", weights: str | None =
         from diffugts.client.triton_executor import BlsClient
 
         return BlsClient(url or "127.0.0.1:8001")
-    raise ValueError(f"unknown backend {backend!r}: torch, onnx, triton or triton-bls")
+    raise ValueError(f"unknown backend {backend!r}: torch, onnx, openvino, triton or triton-bls")

@@ -1,4 +1,4 @@
-"""Triton Python-backend model: one ONNX graph run by ONNX Runtime on CPU.
+"""Triton Python-backend model: one ONNX graph run by ONNX Runtime or OpenVINO on CPU.
 
 Requests that arrive together (dynamic batching) and share shapes are concatenated along the
 batch axis and run as one call. Inputs are validated before they reach the graph.
@@ -8,22 +8,19 @@ import json
 import os
 
 import numpy as np
-import onnxruntime as ort
 import triton_python_backend_utils as pb_utils
+
+from diffugts.client.runtimes import open_session
 
 
 class TritonPythonModel:
     def initialize(self, args):
         config = json.loads(args["model_config"])
-        path = os.path.join(args["model_repository"], args["model_version"], "model.onnx")
-        options = ort.SessionOptions()
-        threads = int(config.get("parameters", {}).get("intra_op_threads", {}).get("string_value", "0"))
-        if threads > 0:
-            options.intra_op_num_threads = threads
-        # every stage is its own stub process: idle ORT threads spinning in one would steal the
-        # cores from the stage that runs next
-        options.add_session_config_entry("session.intra_op.allow_spinning", "0")
-        self.session = ort.InferenceSession(path, options, providers=["CPUExecutionProvider"])
+        params = {k: v["string_value"] for k, v in config.get("parameters", {}).items()}
+        # the graph in the runtime the export measured fastest for this stage (ONNX Runtime or OpenVINO)
+        self.session = open_session(os.path.join(args["model_repository"], args["model_version"]),
+                                    params.get("runtime", "onnxruntime"), int(params.get("intra_op_threads", "0")),
+                                    params.get("precision", "fp32"))
         self.inputs = [(i["name"], [int(d) for d in i["dims"]]) for i in config["input"]]
         self.outputs = [o["name"] for o in config["output"]]
 

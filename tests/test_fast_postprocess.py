@@ -1,0 +1,82 @@
+"""The fast paths to and from the model grid give the very masks and intensities of the plain
+ones: box-only resampling of the probability, in-place float32 intensity scaling."""
+
+import numpy as np
+import pytest
+from scipy import ndimage
+
+from diffugts.benchmarks.real_size import ct_sized_volume
+from diffugts.postprocess import mask_on_input_grid, probability_to_mask
+from diffugts.preprocess import resample, scale_intensity, to_model_grid
+
+
+@pytest.fixture(scope="module")
+def ct():
+    return ct_sized_volume(shape=(150, 140, 70), spacing=(0.9, 0.9, 2.0), seed=3)
+
+
+def model_probability(shape, rng, blobs=4):
+    """Several smooth blobs of different heights: components of different sizes after the threshold."""
+    field = np.zeros(shape, np.float32)
+    for _ in range(blobs):
+        c = [rng.integers(8, s - 8) for s in shape]
+        field[tuple(slice(x - 2, x + 3) for x in c)] = rng.uniform(0.6, 1.0)
+    return np.clip(ndimage.gaussian_filter(field, 1.5) * 4, 0, 1).astype(np.float32)
+
+
+@pytest.mark.parametrize("threshold,min_mm3,top_k", [(0.5, 0.0, 0), (0.9, 200.0, 0), (0.3, 50.0, 1), (0.99, 0.0, 0)])
+def test_box_mask_equals_the_full_resample_mask(ct, threshold, min_mm3, top_k):
+    volume, _ = ct
+    _, grid = to_model_grid(volume, "CT", (3.0, 3.0, 3.0), 32)
+    padded = tuple(lo + n + hi for (lo, hi), n in zip(grid.pad, grid.resampled_shape))
+    prob = model_probability(padded, np.random.default_rng(int(threshold * 100)))
+    old = probability_to_mask(grid.to_input_grid(prob), volume.spacing, threshold, min_mm3, top_k)
+    new = mask_on_input_grid(grid, prob, threshold, volume.spacing, min_mm3, top_k)
+    assert new.shape == volume.array.shape and new.dtype == old.dtype
+    if threshold < 0.99:
+        assert old.any()  # a non-trivial comparison
+    np.testing.assert_array_equal(new, old)
+
+
+def test_box_resample_has_the_full_grid_values():
+    rng = np.random.default_rng(1)
+    small = rng.random((17, 13, 11), dtype=np.float32)
+    full = resample(small, (61, 50, 23))
+    box = (slice(7, 40), slice(0, 50), slice(5, 6))
+    np.testing.assert_array_equal(resample(small, (61, 50, 23), box=box), full[box])
+
+
+@pytest.mark.parametrize("modality", ["CT", "MR"])
+def test_intensity_scaling_matches_the_plain_formula(ct, modality):
+    array = ct[0].array if modality == "CT" else np.abs(ct[0].array) * 0.7
+    if modality == "CT":
+        lo, hi = -1000.0, 1000.0
+    else:
+        lo, hi = 0.0, float(np.percentile(array, 99.5))
+    plain = np.clip((array - lo) / (hi - lo), 0.0, 1.0).astype(np.float32)
+    np.testing.assert_array_equal(scale_intensity(array, modality), plain)
+
+
+def test_segmentation_maps_are_computed_when_read(torch_executor):
+    from diffugts.pipeline import segment_volume
+
+    volume, _ = ct_sized_volume(shape=(60, 56, 40), spacing=(1.5, 1.5, 2.0), seed=4)
+    seg = segment_volume(torch_executor, volume, "kidney tumor", "CT")
+    assert callable(seg.__dict__["_anomaly"])  # not computed by the loop
+    assert seg.anomaly.shape == volume.array.shape and not callable(seg.__dict__["_anomaly"])
+    assert seg.probability.dtype == np.float32 and seg.healthy.shape == volume.array.shape
+    # the mask is the one the full probability map gives
+    preset = torch_executor.preset
+    expected = probability_to_mask(seg.probability, volume.spacing, preset.mask_threshold,
+                                   preset.min_component_mm3, preset.top_k_components)
+    np.testing.assert_array_equal(seg.mask, expected)
+
+
+def test_real_size_section_wiring(torch_executor):
+    from diffugts.benchmarks.real_size import run_real_size
+
+    volume, _ = ct_sized_volume(shape=(64, 60, 40), spacing=(1.2, 1.2, 2.5), seed=6)
+    result = run_real_size(torch_executor, volume=volume)
+    assert result["shape"] == [64, 60, 40]
+    assert {"preprocess", "encode", "postprocess", "total"} <= set(result["seconds"])
+    assert 0 < result["pre_post_fraction"] < 1 and result["peak_rss_mb"] > 0
