@@ -79,7 +79,9 @@ def _is_volume_file(path: Path) -> bool:
 
 
 def expand_folder(folder: Path) -> list[Path]:
-    """Volume files in the folder and below it, and every folder holding a DICOM series."""
+    """Volume files in the folder and below it, and every folder holding DICOM files. A folder
+    that holds DICOM files itself is one input, subfolders included: an archive whose series
+    `read_volume` chooses among (--series-uid, else the largest)."""
     found = []
     for root, dirs, files in os.walk(folder):
         dirs[:] = sorted(d for d in dirs if not d.startswith("."))
@@ -88,6 +90,7 @@ def expand_folder(folder: Path) -> list[Path]:
         found += volumes
         if any(_is_dicom(p) for p in paths if p not in volumes):
             found.append(Path(root))
+            dirs[:] = []
     return found
 
 

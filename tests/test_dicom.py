@@ -183,6 +183,16 @@ def test_segment_both_writes_a_valid_seg_of_the_nifti_mask(mr_series, tmp_path, 
     assert dciodvfy_errors(tmp_path / "mr_series_seg.dcm") == []
 
 
+def assert_no_outputs(out):
+    """Nothing of the volume is written; the batch's run.json records it as failed."""
+    import json
+
+    files = sorted(p.name for p in out.iterdir()) if out.exists() else []
+    assert files in ([], ["run.json"]), files
+    if files:
+        assert {v["status"] for v in json.loads((out / "run.json").read_text())["volumes"]} == {"failed"}
+
+
 def test_dicom_seg_from_nifti_is_one_line_and_writes_nothing(phantom_dir, tmp_path, capsys):
     code = main(["segment", str(phantom_dir / "imagesTs" / "case_000.nii.gz"), "--prompt", "kidney tumor",
                  "--out", str(tmp_path / "out"), "--format", "dicom-seg", "--preset", "tiny"])
@@ -190,7 +200,7 @@ def test_dicom_seg_from_nifti_is_one_line_and_writes_nothing(phantom_dir, tmp_pa
     assert code == 1
     lines = [line for line in (out + err).splitlines() if "error" in line]
     assert len(lines) == 1 and "needs a DICOM series folder" in lines[0]
-    assert not (tmp_path / "out").exists() or not any((tmp_path / "out").iterdir())
+    assert_no_outputs(tmp_path / "out")
 
 
 # ---- archives: several series, other objects, broken geometry ------------------------------------
@@ -288,7 +298,7 @@ def test_broken_series_get_one_line_errors_and_nothing_written(tmp_path, capsys,
     assert code == 1
     errors = [line for line in (out + err).splitlines() if "error" in line]
     assert len(errors) == 1 and message in errors[0]
-    assert not (tmp_path / "out").exists() or not any((tmp_path / "out").iterdir())
+    assert_no_outputs(tmp_path / "out")
 
 
 def test_series_highdicom_cannot_derive_from_is_one_line_and_writes_nothing(tmp_path, capsys):
@@ -302,4 +312,4 @@ def test_series_highdicom_cannot_derive_from_is_one_line_and_writes_nothing(tmp_
         save_outputs(tmp_path / "out", "x", volume, SimpleNamespace(
             mask=np.zeros(volume.array.shape, np.uint8), anomaly=np.zeros(volume.array.shape, np.float32)),
             "lesion", "both", IDENTITY)
-    assert not (tmp_path / "out").exists() or not any((tmp_path / "out").iterdir())
+    assert_no_outputs(tmp_path / "out")
