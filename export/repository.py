@@ -21,6 +21,11 @@ RUNTIMES = ("python-ort", "onnxruntime", "tensorrt")
 # (2: the decoder takes cropped latent boxes; `decode_score` became `score`)
 REPOSITORY_FORMAT = 2
 MODEL_SOURCES = Path(__file__).parent / "triton_models"
+# shipped beside every Python-backend model.py: the request checks they share
+VALIDATION_MODULE = "diffugts_validation.py"
+# upper bounds of the dynamic (-1) dims the server accepts (see `input_limits`)
+MAX_PROMPTS = 64
+MAX_VOLUME_DIM = 2048
 
 # per stage: (instances, preferred batch sizes, max queue delay in microseconds).
 # No queue delay: Triton still batches the requests that queue while an instance is busy (the
@@ -63,6 +68,23 @@ def _batching(name: str, dynamic: bool) -> str:
         pref = f"  preferred_batch_size: [ {', '.join(map(str, preferred))} ]\n" if preferred else ""
         text += f"dynamic_batching {{\n{pref}  max_queue_delay_microseconds: {delay}\n}}\n"
     return text
+
+
+def input_limits(spec: StageSpec, preset: Preset) -> dict[str, list[int]]:
+    """Per input, its dims with each -1 replaced by the largest value a sound client sends:
+    latent boxes are at most the latent patch, volumes MAX_VOLUME_DIM a side, prompt sets
+    MAX_PROMPTS. Checked by the Python-backend models before any work."""
+    def bound(t: Tensor) -> int:
+        if len(t.dims) == 4 and t.dims[0] == preset.latent_channels:
+            return preset.latent_patch
+        if len(t.dims) == 3:
+            return MAX_VOLUME_DIM
+        return MAX_PROMPTS
+    return {t.name: [bound(t) if d == -1 else d for d in t.dims] for t in spec.inputs}
+
+
+def _limits_parameter(spec: StageSpec, preset: Preset) -> str:
+    return _parameters({"input_limits": json.dumps(input_limits(spec, preset))})
 
 
 def _parameters(values: dict[str, str]) -> str:
@@ -123,7 +145,7 @@ def ensemble_configs(preset: Preset) -> dict[str, str]:
 def pipeline_config(preset: Preset, instances: int = 1) -> str:
     text = _header(PIPELINE, 'backend: "python"')
     text += f"instance_group [ {{ count: {instances}, kind: KIND_CPU }} ]\n"
-    return text + _parameters({"preset": json.dumps(preset.to_dict())})
+    return text + _parameters({"preset": json.dumps(preset.to_dict())}) + _limits_parameter(PIPELINE, preset)
 
 
 def write_repository(out: Path, preset: Preset, runtime: str = "python-ort", onnx_dir: Path | None = None,
@@ -145,23 +167,28 @@ def write_repository(out: Path, preset: Preset, runtime: str = "python-ort", onn
         if source.resolve() != (version / artifact).resolve():
             for f in source.parent.glob(artifact + "*"):  # the graph and any external data
                 shutil.copy2(f, version / f.name)
+        config = stage_config(specs[name], runtime, dynamic_batching, threads, trt_accelerator)
         if runtime == "python-ort":
             shutil.copy2(MODEL_SOURCES / "onnx_runner.py", version / "model.py")
-        (out / name / "config.pbtxt").write_text(
-            stage_config(specs[name], runtime, dynamic_batching, threads, trt_accelerator))
+            shutil.copy2(MODEL_SOURCES / VALIDATION_MODULE, version / VALIDATION_MODULE)
+            config += _limits_parameter(specs[name], preset)
+        (out / name / "config.pbtxt").write_text(config)
     tok = out / "text_tokenizer" / "1"
     tok.mkdir(parents=True, exist_ok=True)
     shutil.copy2(MODEL_SOURCES / "tokenizer.py", tok / "model.py")
+    shutil.copy2(MODEL_SOURCES / VALIDATION_MODULE, tok / VALIDATION_MODULE)
     shutil.copy2(tokenizer_json or bundled_tokenizer_json(), tok / "tokenizer.json")
     (out / "text_tokenizer" / "config.pbtxt").write_text(
         stage_config(specs["text_tokenizer"], "python-ort", dynamic_batching).replace(
-            'parameters { key: "intra_op_threads", value: { string_value: "0" } }\n', ""))
+            'parameters { key: "intra_op_threads", value: { string_value: "0" } }\n', "")
+        + _limits_parameter(specs["text_tokenizer"], preset))
     for name, text in ensemble_configs(preset).items():
         (out / name / "1").mkdir(parents=True, exist_ok=True)
         (out / name / "config.pbtxt").write_text(text)
     bls = out / PIPELINE.name / "1"
     bls.mkdir(parents=True, exist_ok=True)
     shutil.copy2(MODEL_SOURCES / "pipeline.py", bls / "model.py")
+    shutil.copy2(MODEL_SOURCES / VALIDATION_MODULE, bls / VALIDATION_MODULE)
     (out / PIPELINE.name / "config.pbtxt").write_text(pipeline_config(preset))
     (out / "export_report.json").write_text(json.dumps(
         {"format": REPOSITORY_FORMAT, "preset": preset.name, "runtime": runtime,
