@@ -104,13 +104,13 @@ class ServerSecurity:
 
     @classmethod
     def from_files(cls, token_file: str | Path | None = None, tls_cert: str | Path | None = None,
-                   tls_key: str | Path | None = None) -> "ServerSecurity":
+                   tls_key: str | Path | None = None, create: bool = True) -> "ServerSecurity":
         if (tls_cert is None) != (tls_key is None):
             raise SecurityError("--tls-cert and --tls-key go together")
         for path in (tls_cert, tls_key):
             if path is not None and not Path(path).is_file():
                 raise SecurityError(f"{path}: no such TLS file")
-        token = read_or_create_token(token_file) if token_file else None
+        token = (read_or_create_token if create else read_token)(token_file) if token_file else None
         return cls(token, Path(tls_cert).resolve() if tls_cert else None, Path(tls_key).resolve() if tls_key else None)
 
     def check_bind(self, host: str) -> None:
@@ -137,7 +137,8 @@ class ServerSecurity:
 def main(argv: list[str] | None = None) -> int:
     """Container entry point: `python -m diffugts.server_security --token-file F [--tls-cert C
     --tls-key K] -- tritonserver ARGS...` execs tritonserver with the flags above appended (one
-    place decides them, for `diffugts serve` and for deploy/). A token is required here."""
+    place decides them, for `diffugts serve` and for deploy/). A token file must exist here (a
+    mounted Secret): a token made up inside a container would be known to nobody."""
     import argparse
 
     parser = argparse.ArgumentParser(prog="python -m diffugts.server_security")
@@ -150,7 +151,7 @@ def main(argv: list[str] | None = None) -> int:
     if not command:
         parser.error("give the tritonserver command after --")
     try:
-        security = ServerSecurity.from_files(args.token_file, args.tls_cert, args.tls_key)
+        security = ServerSecurity.from_files(args.token_file, args.tls_cert, args.tls_key, create=False)
     except SecurityError as exc:
         print(f"diffugts: error: {exc}", file=sys.stderr)
         return 2
