@@ -18,8 +18,9 @@ from diffugts.stages import ONNX_STAGES, PIPELINE, StageSpec, Tensor, ensemble_s
 
 RUNTIMES = ("python-ort", "onnxruntime", "tensorrt")
 # bumped when stage signatures change, so that graphs exported by an older version are rebuilt
-# (2: the decoder takes cropped latent boxes; `decode_score` became `score`)
-REPOSITORY_FORMAT = 2
+# (2: the decoder takes cropped latent boxes; `decode_score` became `score`;
+#  3: Python models import diffugts_validation.py from their folder, configs carry input_limits)
+REPOSITORY_FORMAT = 3
 MODEL_SOURCES = Path(__file__).parent / "triton_models"
 # shipped beside every Python-backend model.py: the request checks they share
 VALIDATION_MODULE = "diffugts_validation.py"
@@ -93,10 +94,12 @@ def _parameters(values: dict[str, str]) -> str:
 
 
 def stage_config(spec: StageSpec, runtime: str, dynamic_batching: bool = True, threads: int = 0,
-                 trt_accelerator: bool = False) -> str:
+                 trt_accelerator: bool = False, preset: Preset | None = None) -> str:
+    """`preset` bounds the dynamic dims the Python-backend model accepts (`input_limits`)."""
     if runtime == "python-ort":
         text = _header(spec, 'backend: "python"') + _batching(spec.name, dynamic_batching)
-        return text + _parameters({"intra_op_threads": str(threads)})
+        text += _parameters({"intra_op_threads": str(threads)})
+        return text + (_limits_parameter(spec, preset) if preset is not None else "")
     if runtime == "onnxruntime":
         text = _header(spec, 'platform: "onnxruntime_onnx"')
         text += _batching(spec.name, dynamic_batching).replace("KIND_CPU", "KIND_GPU")
@@ -167,21 +170,19 @@ def write_repository(out: Path, preset: Preset, runtime: str = "python-ort", onn
         if source.resolve() != (version / artifact).resolve():
             for f in source.parent.glob(artifact + "*"):  # the graph and any external data
                 shutil.copy2(f, version / f.name)
-        config = stage_config(specs[name], runtime, dynamic_batching, threads, trt_accelerator)
         if runtime == "python-ort":
             shutil.copy2(MODEL_SOURCES / "onnx_runner.py", version / "model.py")
             shutil.copy2(MODEL_SOURCES / VALIDATION_MODULE, version / VALIDATION_MODULE)
-            config += _limits_parameter(specs[name], preset)
-        (out / name / "config.pbtxt").write_text(config)
+        (out / name / "config.pbtxt").write_text(
+            stage_config(specs[name], runtime, dynamic_batching, threads, trt_accelerator, preset))
     tok = out / "text_tokenizer" / "1"
     tok.mkdir(parents=True, exist_ok=True)
     shutil.copy2(MODEL_SOURCES / "tokenizer.py", tok / "model.py")
     shutil.copy2(MODEL_SOURCES / VALIDATION_MODULE, tok / VALIDATION_MODULE)
     shutil.copy2(tokenizer_json or bundled_tokenizer_json(), tok / "tokenizer.json")
     (out / "text_tokenizer" / "config.pbtxt").write_text(
-        stage_config(specs["text_tokenizer"], "python-ort", dynamic_batching).replace(
-            'parameters { key: "intra_op_threads", value: { string_value: "0" } }\n', "")
-        + _limits_parameter(specs["text_tokenizer"], preset))
+        stage_config(specs["text_tokenizer"], "python-ort", dynamic_batching, preset=preset).replace(
+            'parameters { key: "intra_op_threads", value: { string_value: "0" } }\n', ""))
     for name, text in ensemble_configs(preset).items():
         (out / name / "1").mkdir(parents=True, exist_ok=True)
         (out / name / "config.pbtxt").write_text(text)
