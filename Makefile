@@ -4,10 +4,12 @@ PY     := $(VENV)/bin/python
 # Debian's python3.11 matches the libpython3.11 that Triton's Python-backend stub embeds.
 PYTHON ?= $(shell command -v /usr/bin/python3.11 || command -v python3.11 || command -v python3)
 STAMP  := $(VENV)/.installed
+CHECKOV_VENV  ?= .venv-checkov
+CHECKOV_STAMP := $(CHECKOV_VENV)/.installed
 export HF_HUB_OFFLINE := 1
 export TRANSFORMERS_OFFLINE := 1
 
-.PHONY: demo test test-deploy eval calibrate bench install clean train perf-analyzer
+.PHONY: demo test test-deploy eval calibrate bench install clean train perf-analyzer checkov
 
 $(STAMP): pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -21,7 +23,7 @@ install: $(STAMP)
 demo: $(STAMP)
 	$(VENV)/bin/diffugts demo --out demo_out
 
-test: $(STAMP) corpus-sources perf-analyzer
+test: $(STAMP) corpus-sources perf-analyzer $(CHECKOV_STAMP)
 	$(PY) -m pytest
 
 # Debian packages the training corpus reads (`diffugts corpus`), installed when missing; without
@@ -47,6 +49,15 @@ test-deploy:
 	$(DEPLOY_VENV)/bin/python -m pip install -q --upgrade pip
 	$(DEPLOY_VENV)/bin/python -m pip install -q -e ".[dev,deploy]"
 	$(DEPLOY_VENV)/bin/python -m pytest tests/test_monai_deploy.py
+
+# checkov (policies on deploy/) pins packaging, networkx, ... below what our venv holds: a venv of its own.
+$(CHECKOV_STAMP):
+	test -x $(CHECKOV_VENV)/bin/python || $(PYTHON) -m venv $(CHECKOV_VENV)
+	$(CHECKOV_VENV)/bin/python -m pip install -q "checkov==3.3.30"
+	touch $@
+
+checkov: $(CHECKOV_STAMP)
+	$(CHECKOV_VENV)/bin/checkov -d deploy --framework kubernetes dockerfile --skip-download --compact --quiet
 
 # Zero-shot evaluation of the README's ablation tables: lesions the demo weights never saw, on the
 # phantoms and on real anatomy (the corpus's installed scans, lesion kinds kept out of training).
@@ -85,4 +96,4 @@ bench: $(STAMP) perf-analyzer
 	$(VENV)/bin/diffugts bench --preset demo --out bench_out --theta 0.05
 
 clean:
-	rm -rf $(VENV) $(DEPLOY_VENV) demo_out eval_data eval_out bench_out build *.egg-info .tools
+	rm -rf $(VENV) $(DEPLOY_VENV) $(CHECKOV_VENV) demo_out eval_data eval_out bench_out build *.egg-info .tools

@@ -167,12 +167,20 @@ def cmd_serve(args) -> int:
 
     from diffugts.export import build_repository, is_repository
     from diffugts.serve import ServerError, TritonServer
+    from diffugts.server_security import SecurityError, ServerSecurity
 
+    try:  # before anything is built or started
+        security = ServerSecurity.from_files(args.token_file, args.tls_cert, args.tls_key)
+        security.check_bind(args.host)
+    except SecurityError as exc:
+        fail(str(exc))
+        return 2
     repository = Path(args.repository)
     if not is_repository(repository):
         print(f"building {repository} (preset {args.preset}) first", file=sys.stderr)
         build_repository(repository, args.preset, args.weights)
-    server = TritonServer(repository, args.host, args.grpc_port, args.http_port, args.metrics_port, args.log)
+    server = TritonServer(repository, args.host, args.grpc_port, args.http_port, args.metrics_port, args.log,
+                          security)
     stop = threading.Event()
     for sig in (signal.SIGINT, signal.SIGTERM):
         signal.signal(sig, lambda *_: stop.set())
@@ -182,7 +190,9 @@ def cmd_serve(args) -> int:
         fail(str(exc))
         return 1
     print(f"tritonserver ready: grpc {server.host}:{server.grpc_port}  http {server.host}:{server.http_port}  "
-          f"metrics http://{server.host}:{server.metrics_port}/metrics  log {server.log_path}", flush=True)
+          f"metrics http://{server.host}:{server.metrics_port}/metrics  log {server.log_path}"
+          f"{'  token ' + args.token_file if args.token_file else ''}{'  grpc tls' if args.tls_cert else ''}",
+          flush=True)
     try:
         while not stop.wait(0.5):
             if server.process.poll() is not None:
@@ -426,6 +436,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--http-port", type=int, default=8000)
     p.add_argument("--metrics-port", type=int, default=8002)
     p.add_argument("--log", default=None, help="server log file (default: beside the repository)")
+    p.add_argument("--token-file", default=None,
+                   help="require this token (created 0600 with a random one if missing); needed off loopback")
+    p.add_argument("--tls-cert", default=None, help="gRPC TLS: PEM certificate (with --tls-key)")
+    p.add_argument("--tls-key", default=None, help="gRPC TLS: PEM private key")
     p.set_defaults(func=cmd_serve)
 
     p = sub.add_parser("train", help="train the demo preset: `backbone` (VAE + UNet), then `heads`")

@@ -17,6 +17,8 @@ import tempfile
 import time
 from pathlib import Path
 
+from .server_security import ServerSecurity
+
 
 class ServerError(RuntimeError):
     pass
@@ -66,10 +68,13 @@ def server_env() -> dict[str, str]:
 class TritonServer:
     def __init__(self, repository: str | Path, host: str = "127.0.0.1", grpc_port: int = 8001,
                  http_port: int = 8000, metrics_port: int = 8002, log_path: str | Path | None = None,
-                 extra_args: list[str] | tuple[str, ...] = ()):
+                 extra_args: list[str] | tuple[str, ...] = (), security: ServerSecurity | None = None):
         self.repository = Path(repository).resolve()
         self.extra_args = list(extra_args)  # passed to tritonserver as they are (after ours)
         self.host = host
+        # without a token: loopback only, admin APIs locked (see server_security)
+        self.security = security or ServerSecurity()
+        self.security.check_bind(host)
         self.grpc_port = grpc_port or free_port(host)
         self.http_port = http_port or free_port(host)
         self.metrics_port = metrics_port or free_port(host)
@@ -88,9 +93,9 @@ class TritonServer:
             f"--grpc-address={self.host}", f"--grpc-port={self.grpc_port}",
             f"--http-address={self.host}", f"--http-port={self.http_port}",
             f"--metrics-address={self.host}", f"--metrics-port={self.metrics_port}",
-            "--allow-metrics=true", "--allow-gpu-metrics=false", "--strict-readiness=true",
+            "--allow-metrics=true", "--allow-gpu-metrics=false",
             "--exit-timeout-secs=10", "--log-verbose=0",
-        ] + self.extra_args
+        ] + self.security.triton_flags() + self.extra_args
 
     def start(self, timeout_s: float = 180.0) -> "TritonServer":
         if not (self.repository / "diffugts_pipeline" / "config.pbtxt").is_file():
@@ -113,24 +118,52 @@ class TritonServer:
         errors = [line for line in text if line.startswith("E") or "error" in line.lower()]
         return "\n".join((errors or text)[-lines:])
 
-    def wait_ready(self, timeout_s: float) -> None:
-        import tritonclient.grpc as grpcclient
+    @property
+    def health_url(self) -> str:
+        """Plain HTTP health (never restricted; gRPC may be TLS-only with a certificate we cannot verify)."""
+        host = "127.0.0.1" if self.host in ("0.0.0.0", "") else "[::1]" if self.host == "::" else self.host
+        return f"http://{host}:{self.http_port}/v2/health/ready"
 
-        client = grpcclient.InferenceServerClient(self.grpc_url)
+    def wait_ready(self, timeout_s: float) -> None:
+        import urllib.request
+
+        direct = urllib.request.build_opener(urllib.request.ProxyHandler({}))  # never via a proxy
         deadline = time.monotonic() + timeout_s
         while time.monotonic() < deadline:
             if self.process.poll() is not None:
                 raise ServerError(f"tritonserver exited with code {self.process.returncode}; "
                                   f"log {self.log_path}:\n{self.log_tail()}")
             try:
-                if client.is_server_ready():
-                    client.close()
-                    return
-            except Exception:  # not listening yet
+                with direct.open(self.health_url, timeout=5) as response:
+                    if response.status == 200:
+                        return
+            except OSError:  # not listening yet, or not ready (400)
                 pass
             time.sleep(0.5)
         self.stop()
         raise ServerError(f"tritonserver not ready after {timeout_s:.0f} s; log {self.log_path}:\n{self.log_tail()}")
+
+    def rss_bytes(self) -> int:
+        """Resident memory of the server and its backend stub processes (Linux /proc), 0 when stopped."""
+        if not self.process or self.process.poll() is not None:
+            return 0
+        children: dict[int, list[int]] = {}
+        for stat in Path("/proc").glob("[0-9]*/stat"):
+            try:
+                parent = int(stat.read_text().rsplit(")", 1)[1].split()[1])
+            except (OSError, IndexError, ValueError):  # gone meanwhile
+                continue
+            children.setdefault(parent, []).append(int(stat.parent.name))
+        total, todo = 0, [self.process.pid]
+        while todo:
+            pid = todo.pop()
+            todo += children.get(pid, [])
+            try:
+                status = Path(f"/proc/{pid}/status").read_text()
+            except OSError:
+                continue
+            total += sum(int(line.split()[1]) * 1024 for line in status.splitlines() if line.startswith("VmRSS:"))
+        return total
 
     def stop(self, timeout_s: float = 30.0) -> None:
         if self.process and self.process.poll() is None:

@@ -21,9 +21,15 @@ from diffugts.stages import ONNX_STAGES, PIPELINE, StageSpec, Tensor, ensemble_s
 
 RUNTIMES = ("python-ort", "onnxruntime", "openvino", "tensorrt")
 # bumped when stage signatures change, so that graphs exported by an older version are rebuilt
-# (2: the decoder takes cropped latent boxes; `decode_score` became `score`)
-REPOSITORY_FORMAT = 2
+# (2: the decoder takes cropped latent boxes; `decode_score` became `score`;
+#  3: Python models import diffugts_validation.py from their folder, configs carry input_limits)
+REPOSITORY_FORMAT = 3
 MODEL_SOURCES = Path(__file__).parent / "triton_models"
+# shipped beside every Python-backend model.py: the request checks they share
+VALIDATION_MODULE = "diffugts_validation.py"
+# upper bounds of the dynamic (-1) dims the server accepts (see `input_limits`)
+MAX_PROMPTS = 64
+MAX_VOLUME_DIM = 2048
 
 # per stage: (instances, preferred batch sizes, max queue delay in microseconds).
 # No queue delay: Triton still batches the requests that queue while an instance is busy (the
@@ -68,15 +74,34 @@ def _batching(name: str, dynamic: bool) -> str:
     return text
 
 
+def input_limits(spec: StageSpec, preset: Preset) -> dict[str, list[int]]:
+    """Per input, its dims with each -1 replaced by the largest value a sound client sends:
+    latent boxes are at most the latent patch, volumes MAX_VOLUME_DIM a side, prompt sets
+    MAX_PROMPTS. Checked by the Python-backend models before any work."""
+    def bound(t: Tensor) -> int:
+        if len(t.dims) == 4 and t.dims[0] == preset.latent_channels:
+            return preset.latent_patch
+        if len(t.dims) == 3:
+            return MAX_VOLUME_DIM
+        return MAX_PROMPTS
+    return {t.name: [bound(t) if d == -1 else d for d in t.dims] for t in spec.inputs}
+
+
+def _limits_parameter(spec: StageSpec, preset: Preset) -> str:
+    return _parameters({"input_limits": json.dumps(input_limits(spec, preset))})
+
+
 def _parameters(values: dict[str, str]) -> str:
     return "".join(f'parameters {{ key: "{k}", value: {{ string_value: {json.dumps(v)} }} }}\n'
                    for k, v in values.items())
 
 
 def stage_config(spec: StageSpec, runtime: str, dynamic_batching: bool = True, threads: int = 0,
-                 trt_accelerator: bool = False, engine: str | None = None, precision: str | None = None) -> str:
+                 trt_accelerator: bool = False, engine: str | None = None, precision: str | None = None,
+                 preset: Preset | None = None) -> str:
     """`engine` / `precision`: the python-ort runner's engine (onnxruntime, openvino) and
-    precision (fp32, int8: OpenVINO only) for this stage; unset, it runs ONNX Runtime in fp32."""
+    precision (fp32, int8: OpenVINO only) for this stage; unset, it runs ONNX Runtime in fp32.
+    `preset` bounds the dynamic dims the Python-backend model accepts (`input_limits`)."""
     if runtime == "python-ort":
         text = _header(spec, 'backend: "python"') + _batching(spec.name, dynamic_batching)
         params = {"intra_op_threads": str(threads)}
@@ -84,7 +109,7 @@ def stage_config(spec: StageSpec, runtime: str, dynamic_batching: bool = True, t
             params["runtime"] = engine
         if precision and precision != "fp32":
             params["precision"] = precision
-        return text + _parameters(params)
+        return text + _parameters(params) + (_limits_parameter(spec, preset) if preset is not None else "")
     if runtime == "openvino":
         # Triton's OpenVINO backend reads the ONNX graph itself; one stream, latency first, as in process
         text = _header(spec, 'backend: "openvino"') + 'default_model_filename: "model.onnx"\n'
@@ -144,7 +169,7 @@ def pipeline_config(preset: Preset, instances: int = 1, model_sha256: str = "") 
     values = {"preset": json.dumps(preset.to_dict())}
     if model_sha256:
         values["model_sha256"] = model_sha256
-    return text + _parameters(values)
+    return text + _parameters(values) + _limits_parameter(PIPELINE, preset)
 
 
 def artifacts_sha256(out: Path) -> str:
@@ -187,15 +212,17 @@ def write_repository(out: Path, preset: Preset, runtime: str = "python-ort", onn
                     shutil.copy2(f, version / f.name)
         if runtime == "python-ort":
             shutil.copy2(MODEL_SOURCES / "onnx_runner.py", version / "model.py")
+            shutil.copy2(MODEL_SOURCES / VALIDATION_MODULE, version / VALIDATION_MODULE)
         (out / name / "config.pbtxt").write_text(
             stage_config(specs[name], runtime, dynamic_batching, threads, trt_accelerator,
-                         engines.get(name), precisions.get(name)))
+                         engines.get(name), precisions.get(name), preset))
     tok = out / "text_tokenizer" / "1"
     tok.mkdir(parents=True, exist_ok=True)
     shutil.copy2(MODEL_SOURCES / "tokenizer.py", tok / "model.py")
+    shutil.copy2(MODEL_SOURCES / VALIDATION_MODULE, tok / VALIDATION_MODULE)
     shutil.copy2(tokenizer_json or bundled_tokenizer_json(), tok / "tokenizer.json")
     (out / "text_tokenizer" / "config.pbtxt").write_text(
-        stage_config(specs["text_tokenizer"], "python-ort", dynamic_batching).replace(
+        stage_config(specs["text_tokenizer"], "python-ort", dynamic_batching, preset=preset).replace(
             'parameters { key: "intra_op_threads", value: { string_value: "0" } }\n', ""))
     for name, text in ensemble_configs(preset).items():
         (out / name / "1").mkdir(parents=True, exist_ok=True)
@@ -203,6 +230,7 @@ def write_repository(out: Path, preset: Preset, runtime: str = "python-ort", onn
     bls = out / PIPELINE.name / "1"
     bls.mkdir(parents=True, exist_ok=True)
     shutil.copy2(MODEL_SOURCES / "pipeline.py", bls / "model.py")
+    shutil.copy2(MODEL_SOURCES / VALIDATION_MODULE, bls / VALIDATION_MODULE)
     (out / PIPELINE.name / "config.pbtxt").write_text(pipeline_config(preset, model_sha256=artifacts_sha256(out)))
     (out / "export_report.json").write_text(json.dumps(
         {"format": REPOSITORY_FORMAT, "preset": preset.name, "runtime": runtime,

@@ -78,7 +78,7 @@ def test_committed_repository_configs_are_what_the_writer_generates():
     load_weights(models, bundled_weights(models.preset))  # the trained scale factor is in the preset
     demo = models.preset
     specs = stage_specs(demo)
-    expected = {name: stage_config(specs[name], "python-ort") for name in ONNX_STAGES}
+    expected = {name: stage_config(specs[name], "python-ort", preset=demo) for name in ONNX_STAGES}
     expected.update(ensemble_configs(demo))
     expected["diffugts_pipeline"] = pipeline_config(demo)
     for name, text in expected.items():

@@ -84,15 +84,12 @@ def test_health_metrics_and_statistics(triton_server):
     base = f"http://{triton_server.host}:{triton_server.http_port}"
     assert urllib.request.urlopen(f"{base}/v2/health/ready").status == 200
     assert urllib.request.urlopen(f"{base}/v2/models/unet/ready").status == 200
+    TritonExecutor(triton_server.grpc_url).unet(np.zeros((1, 4, 8, 8, 8), np.float32), 10.0)
     metrics = urllib.request.urlopen(f"http://{triton_server.host}:{triton_server.metrics_port}/metrics").read().decode()
     assert "nv_inference_request_success" in metrics
-    import tritonclient.grpc as grpcclient
-
-    client = grpcclient.InferenceServerClient(triton_server.grpc_url)
-    TritonExecutor(triton_server.grpc_url).unet(np.zeros((1, 4, 8, 8, 8), np.float32), 10.0)
-    stats = client.get_inference_statistics("unet", as_json=True)["model_stats"][0]
-    assert int(stats["inference_count"]) >= 1
-    client.close()
+    # the statistics API needs a token (tests/test_server_security.py); Prometheus has the counts
+    unet = [line for line in metrics.splitlines() if line.startswith('nv_inference_count{model="unet"')]
+    assert unet and float(unet[0].split()[-1]) >= 1
 
 
 def test_server_validates_inputs(triton_server, rng):

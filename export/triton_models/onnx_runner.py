@@ -1,7 +1,8 @@
 """Triton Python-backend model: one ONNX graph run by ONNX Runtime or OpenVINO on CPU.
 
 Requests that arrive together (dynamic batching) and share shapes are concatenated along the
-batch axis and run as one call. Inputs are validated before they reach the graph.
+batch axis and run as one call. Inputs are checked before they reach the graph
+(`diffugts_validation`, shipped beside this file); a bad request fails alone.
 """
 
 import json
@@ -9,6 +10,7 @@ import os
 
 import numpy as np
 import triton_python_backend_utils as pb_utils
+from diffugts_validation import error_text, input_specs, read_request
 
 from diffugts.client.runtimes import open_session
 
@@ -21,23 +23,23 @@ class TritonPythonModel:
         self.session = open_session(os.path.join(args["model_repository"], args["model_version"]),
                                     params.get("runtime", "onnxruntime"), int(params.get("intra_op_threads", "0")),
                                     params.get("precision", "fp32"))
-        self.inputs = [(i["name"], [int(d) for d in i["dims"]]) for i in config["input"]]
+        self.specs = input_specs(config)
+        self.inputs = [(spec.name, spec.dims) for spec in self.specs]
         self.outputs = [o["name"] for o in config["output"]]
+        self.max_batch = int(config.get("max_batch_size", 0))
 
     def _read(self, request):
-        arrays = {}
-        for name, dims in self.inputs:
-            tensor = pb_utils.get_input_tensor_by_name(request, name)
-            if tensor is None:
-                raise ValueError(f"missing input {name}")
-            array = tensor.as_numpy()
-            fixed = [(got, want) for got, want in zip(array.shape[1:], dims) if want != -1 and got != want]
-            if array.ndim != len(dims) + 1 or fixed:
-                raise ValueError(f"input {name} has shape {list(array.shape)}, expected [batch] + {dims}")
-            if array.dtype.kind == "f" and not np.isfinite(array).all():
-                raise ValueError(f"input {name} has NaN or Inf values")
-            arrays[name] = array
-        return arrays
+        return read_request(request, self.specs, pb_utils.get_input_tensor_by_name, self.max_batch)
+
+    def _run(self, members, responses):
+        feed = {name: np.concatenate([a[name] for _, a in members]) for name, _ in self.inputs}
+        results = self.session.run(self.outputs, feed)
+        start = 0
+        for i, arrays in members:
+            n = next(iter(arrays.values())).shape[0]
+            tensors = [pb_utils.Tensor(name, r[start:start + n]) for name, r in zip(self.outputs, results)]
+            responses[i] = pb_utils.InferenceResponse(output_tensors=tensors)
+            start += n
 
     def execute(self, requests):
         responses = [None] * len(requests)
@@ -45,23 +47,18 @@ class TritonPythonModel:
         for i, request in enumerate(requests):
             try:
                 arrays = self._read(request)
-            except ValueError as exc:
-                responses[i] = pb_utils.InferenceResponse(error=pb_utils.TritonError(str(exc)))
+            except Exception as exc:  # any bad request fails alone, the instance lives on
+                responses[i] = pb_utils.InferenceResponse(error=pb_utils.TritonError(error_text(exc)))
                 continue
             key = tuple((k, v.shape[1:]) for k, v in arrays.items())
             groups.setdefault(key, []).append((i, arrays))
         for members in groups.values():
-            feed = {name: np.concatenate([a[name] for _, a in members]) for name, _ in self.inputs}
             try:
-                results = self.session.run(self.outputs, feed)
-            except Exception as exc:  # report to the caller instead of killing the instance
-                for i, _ in members:
-                    responses[i] = pb_utils.InferenceResponse(error=pb_utils.TritonError(str(exc)))
-                continue
-            start = 0
-            for i, arrays in members:
-                n = next(iter(arrays.values())).shape[0]
-                tensors = [pb_utils.Tensor(name, r[start:start + n]) for name, r in zip(self.outputs, results)]
-                responses[i] = pb_utils.InferenceResponse(output_tensors=tensors)
-                start += n
+                self._run(members, responses)
+            except Exception:  # a graph error: run each request alone, so that only its culprit fails
+                for member in members:
+                    try:
+                        self._run([member], responses)
+                    except Exception as exc:
+                        responses[member[0]] = pb_utils.InferenceResponse(error=pb_utils.TritonError(error_text(exc)))
         return responses

@@ -8,11 +8,12 @@ import json
 
 import numpy as np
 import triton_python_backend_utils as pb_utils
+from diffugts_validation import error_text, input_specs, read_request
 
 from diffugts.client.executor import RepositoryExecutor
 from diffugts.client.transports import BlsTransport
 from diffugts.config import Preset
-from diffugts.io import InputError, Volume, validate_affine, validate_array
+from diffugts.io import Volume, validate_affine, validate_array
 from diffugts.pipeline import LoopOptions, segment_volume
 
 
@@ -34,8 +35,12 @@ class TritonPythonModel:
         config = json.loads(args["model_config"])
         preset = Preset.from_dict(json.loads(config["parameters"]["preset"]["string_value"]))
         self.executor = RepositoryExecutor(BlsTransport(pb_utils), preset)
+        self.specs = input_specs(config)
 
     def _segment(self, request):
+        read_request(request, self.specs, pb_utils.get_input_tensor_by_name, optional=("modality", "seed", "crop"))
+        if _text(request, "modality").upper() not in ("", "CT", "MR"):
+            raise ValueError("modality must be CT or MR")
         volume = pb_utils.get_input_tensor_by_name(request, "volume").as_numpy()
         affine = pb_utils.get_input_tensor_by_name(request, "affine").as_numpy()
         volume = Volume(validate_array("volume", volume), validate_affine("affine", affine), "request")
@@ -51,6 +56,6 @@ class TritonPythonModel:
         for request in requests:
             try:
                 responses.append(pb_utils.InferenceResponse(self._segment(request)))
-            except (InputError, ValueError, RuntimeError) as exc:
-                responses.append(pb_utils.InferenceResponse(error=pb_utils.TritonError(str(exc))))
+            except Exception as exc:  # a bad request fails alone, the instance lives on
+                responses.append(pb_utils.InferenceResponse(error=pb_utils.TritonError(error_text(exc))))
         return responses

@@ -1,9 +1,11 @@
 """Triton Python-backend model: prompt strings -> MiniLM token ids (fixed length)."""
 
+import json
 import os
 
 import numpy as np
 import triton_python_backend_utils as pb_utils
+from diffugts_validation import error_text, input_specs, read_request
 
 from diffugts.tokenizer import load_tokenizer, tokenize_array
 
@@ -14,6 +16,8 @@ class TritonPythonModel:
     def initialize(self, args):
         self.path = os.path.join(args["model_repository"], args["model_version"], "tokenizer.json")
         load_tokenizer(self.path)  # fail at load time, not on the first request
+        config = json.loads(args["model_config"])
+        self.specs, self.max_batch = input_specs(config), int(config.get("max_batch_size", 0))
 
     def _tokenize(self, prompts: np.ndarray):
         texts = [p.decode("utf-8") if isinstance(p, bytes) else str(p) for p in prompts.reshape(-1)]
@@ -27,9 +31,10 @@ class TritonPythonModel:
         responses = []
         for request in requests:
             try:
-                ids, mask = self._tokenize(pb_utils.get_input_tensor_by_name(request, "prompts").as_numpy())
+                prompts = read_request(request, self.specs, pb_utils.get_input_tensor_by_name, self.max_batch)["prompts"]
+                ids, mask = self._tokenize(prompts)
                 responses.append(pb_utils.InferenceResponse(
                     [pb_utils.Tensor("input_ids", ids), pb_utils.Tensor("attention_mask", mask)]))
-            except (ValueError, UnicodeDecodeError) as exc:
-                responses.append(pb_utils.InferenceResponse(error=pb_utils.TritonError(str(exc))))
+            except Exception as exc:  # a bad request fails alone, the instance lives on
+                responses.append(pb_utils.InferenceResponse(error=pb_utils.TritonError(error_text(exc))))
         return responses
