@@ -17,9 +17,9 @@ import SimpleITK as sitk
 from diffugts.batch import (ClientOptions, Endpoint, EndpointDown, EndpointPool, NoEndpoint, collect_inputs,
                             run_batch, triton_pool)
 from diffugts.cli import main
-from diffugts.client.transports import GrpcTransport
 from diffugts.phantom import write_dataset
 from diffugts.serve import TritonServer
+from diffugts.server_security import ServerSecurity
 
 PROMPTS = ["kidney tumor", "liver cyst", "brain tumor", "lung nodule"]
 
@@ -222,30 +222,15 @@ def self_signed(tmp_path):
     return tmp_path / "cert.pem", tmp_path / "key.pem"
 
 
-class TlsServer(TritonServer):
-    """The raw Triton flags the serve command will set: readiness is probed over TLS."""
-
-    def wait_ready(self, timeout_s):
-        probe = GrpcTransport(self.grpc_url, 5.0, root_certificates=str(self.ca))
-        deadline = time.monotonic() + timeout_s
-        while time.monotonic() < deadline and self.process.poll() is None:
-            if probe.is_ready():
-                return probe.close()
-            time.sleep(0.5)
-        self.stop()
-        raise RuntimeError(f"TLS tritonserver not ready:\n{self.log_tail()}")
-
-
 def test_token_and_tls(tiny_repository, dataset, reference, tmp_path, capsys):
     cert, key = self_signed(tmp_path)
     token = tmp_path / "token"
-    token.write_text("s3cret-token\n")
+    token.write_text("s3cret-token-0123456789\n")
     token.chmod(0o600)
-    restricted = "inference,metadata,model-config,model-repository,shared-memory,statistics,trace,logging"
-    server = TlsServer(tiny_repository, grpc_port=0, http_port=0, metrics_port=0, log_path=tmp_path / "tls.log",
-                       extra_args=[f"--grpc-restricted-protocol={restricted}:diffugts-token=s3cret-token",
-                                   "--grpc-use-ssl=true", f"--grpc-server-cert={cert}", f"--grpc-server-key={key}"])
-    server.ca = cert
+    # the server half of issue 15: `diffugts serve --token-file --tls-cert --tls-key` sets these
+    security = ServerSecurity.from_files(token, cert, key, create=False)
+    server = TritonServer(tiny_repository, grpc_port=0, http_port=0, metrics_port=0, log_path=tmp_path / "tls.log",
+                          security=security)
     server.start()
     try:
         image = dataset / "imagesTs" / "case_000.nii.gz"
