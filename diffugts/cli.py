@@ -180,7 +180,7 @@ def cmd_serve(args) -> int:
         print(f"building {repository} (preset {args.preset}) first", file=sys.stderr)
         build_repository(repository, args.preset, args.weights)
     server = TritonServer(repository, args.host, args.grpc_port, args.http_port, args.metrics_port, args.log,
-                          security)
+                          security=security)
     stop = threading.Event()
     for sig in (signal.SIGINT, signal.SIGTERM):
         signal.signal(sig, lambda *_: stop.set())
