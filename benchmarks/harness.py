@@ -126,12 +126,22 @@ def unet_load(url: str, preset, concurrency: int, requests: int) -> dict:
             "latency_p95_ms": 1e3 * float(np.percentile(latencies, 95))}
 
 
-def run_perf_analyzer(url: str, preset, out: Path, concurrency: tuple[int, ...], say=print) -> dict:
-    """perf_analyzer on the UNet (`make perf-analyzer` installs it); where it cannot run, one line
-    says why and the bench's own load generator (`unet_load`) stands in."""
-    from .perf_analyzer import run_unet
+def run_perf_analyzer(repository: Path, preset, out: Path, concurrency: tuple[int, ...], say=print) -> dict:
+    """perf_analyzer on the UNet (`make perf-analyzer` installs it), against a server of its own
+    with a token: perf_analyzer reads the statistics, which `diffugts serve` keeps behind the token.
+    Where it cannot run, one line says why and the bench's own load generator (`unet_load`) stands in."""
+    from diffugts.serve import TritonServer
+    from diffugts.server_security import ServerSecurity
 
-    result = run_unet(url, preset, out, concurrency)
+    from .perf_analyzer import missing_reason, run_unet
+
+    if missing_reason() is not None:
+        result = run_unet("", preset, out, concurrency)
+    else:
+        security = ServerSecurity.from_files(Path(out) / "perf_analyzer.token")
+        with TritonServer(repository, grpc_port=0, http_port=0, metrics_port=0,
+                          log_path=Path(out) / "tritonserver_perf_analyzer.log", security=security) as server:
+            result = run_unet(f"{server.host}:{server.http_port}", preset, out, concurrency, token=security.token)
     if result["status"] != "ok":
         why = result.get("reason") or (result.get("stderr", "").strip().splitlines() or ["no output"])[-1]
         say(f"perf_analyzer {result['status']}: {why}; the UNet load figures come from the bench's own load generator")

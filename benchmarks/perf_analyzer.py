@@ -100,9 +100,11 @@ def _system_has(library: str) -> bool:
 
 
 def run_unet(url: str, preset, out: Path, concurrency: tuple[int, ...], tools: Path = TOOLS,
-             measurement_ms: int = 5000, stability: int = 10) -> dict:
-    """perf_analyzer against `unet` over gRPC, zero-filled inputs (its random bytes include NaN,
-    which the stage models refuse); the CSV is kept beside the results."""
+             measurement_ms: int = 5000, stability: int = 10, token: str | None = None) -> dict:
+    """perf_analyzer against `unet`, zero-filled inputs (its random bytes include NaN, which the
+    stage models refuse); the CSV is kept beside the results. perf_analyzer reads the server's
+    statistics, which `diffugts serve` restricts: with `token` (and `url` the HTTP address) it goes
+    over HTTP with the `diffugts-token` header, since its -H is ignored for gRPC."""
     reason = missing_reason(tools)
     if reason:
         return {"status": "unavailable", "reason": reason}
@@ -111,14 +113,16 @@ def run_unet(url: str, preset, out: Path, concurrency: tuple[int, ...], tools: P
     rows = []
     for c in concurrency:  # one run per level: perf_analyzer's range steps linearly, 1:8 would run 8
         part = csv_path.with_name(f"perf_analyzer_unet_c{c}.csv")
-        cmd = [str(binary_path(tools)), "-m", "unet", "-u", url, "-i", "grpc", "--concurrency-range", str(c),
+        protocol = ["-i", "http", "-H", f"diffugts-token:{token}"] if token else ["-i", "grpc"]
+        cmd = [str(binary_path(tools)), "-m", "unet", "-u", url, *protocol, "--concurrency-range", str(c),
                "--shape", f"latent:{preset.latent_channels},{lat},{lat},{lat}", "--shape", "timestep:1",
                "--input-data", "zero", "--stability-percentage", str(stability), "--max-trials", "20",
                "-f", str(part),
                "--measurement-interval", str(measurement_ms)]
         proc = subprocess.run(cmd, capture_output=True, text=True, timeout=600, env=environment(tools))
         if proc.returncode != 0:
-            return {"status": "failed", "command": " ".join(cmd), "stderr": (proc.stdout + proc.stderr)[-2000:]}
+            shown = " ".join(cmd).replace(token, "<token>") if token else " ".join(cmd)
+            return {"status": "failed", "command": shown, "stderr": (proc.stdout + proc.stderr)[-2000:]}
         rows += parse_csv(part)
         part.unlink()
     with open(csv_path, "w", newline="") as f:

@@ -112,7 +112,9 @@ def run_bench(preset_name: str = "demo", out: str | Path = "bench_out", quick: b
             measure_throughput(lambda: TritonExecutor(url), cases, c, plan.per_client) for c in plan.concurrency]}
         say("UNet load and perf_analyzer")
         results["unet_load"] = [unet_load(url, preset, c, plan.unet_requests) for c in plan.concurrency]
-        results["perf_analyzer"] = run_perf_analyzer(url, preset, out, plan.concurrency, say)
+    results["perf_analyzer"] = run_perf_analyzer(repo, preset, out, plan.concurrency, say)
+    with TritonServer(repo, grpc_port=0, http_port=0, metrics_port=0, log_path=out / "tritonserver_sizes.log") as server:
+        url = server.grpc_url
         say("cost curve: 1, 8, 27 windows through the client loop")
         client = TritonExecutor(url)
         results["cost_curve"] = cost_curve(client, preset, plan.windows_per_axis)

@@ -30,13 +30,22 @@ def test_missing_binary_is_one_line_and_the_bench_falls_back(tmp_path):
 
 
 @pytest.mark.slow
-def test_perf_analyzer_against_the_served_unet(triton_server, tmp_path):
+def test_perf_analyzer_against_the_served_unet(tiny_repository, tmp_path):
+    from diffugts.serve import TritonServer
+    from diffugts.server_security import ServerSecurity
+
     reason = missing_reason()
     if reason is not None:  # `make perf-analyzer` could not install it here: the bench says why
         assert "\n" not in reason
         pytest.skip(reason)
-    result = run_unet(triton_server.grpc_url, get_preset("tiny"), tmp_path, (1, 2), measurement_ms=1000,
-                      stability=100)
+    # statistics, which perf_analyzer reads, sit behind the token (over HTTP: its -H skips gRPC)
+    security = ServerSecurity.from_files(tmp_path / "token")
+    with TritonServer(tiny_repository, grpc_port=0, http_port=0, metrics_port=0, log_path=tmp_path / "pa.log",
+                      security=security) as server:
+        refused = run_unet(server.grpc_url, get_preset("tiny"), tmp_path, (1,), measurement_ms=500, stability=100)
+        assert refused["status"] == "failed"
+        result = run_unet(f"{server.host}:{server.http_port}", get_preset("tiny"), tmp_path, (1, 2),
+                          measurement_ms=1000, stability=100, token=security.token)
     assert result["status"] == "ok", result
     assert [r["concurrency"] for r in result["rows"]] == [1, 2]
     for r in result["rows"]:
