@@ -8,7 +8,6 @@ in int8, and where it is faster than the engine the stage runs now.
 
 from __future__ import annotations
 
-import time
 from pathlib import Path
 
 import numpy as np
@@ -16,6 +15,8 @@ import numpy as np
 from diffugts.client.runtimes import INT8_MODEL, open_session
 from diffugts.client.transports import LocalTransport
 from diffugts.stages import stage_specs
+
+from .runtime_choice import median_call_seconds
 
 QUANTIZED_STAGES = ("vae_encoder_aova", "unet", "vae_decoder")
 MAX_DICE_CHANGE = 0.01
@@ -64,16 +65,6 @@ def quantize_stage(repository: Path, stage: str, samples: list[dict[str, np.ndar
     return version / INT8_MODEL
 
 
-def _median_call(session, inputs, outputs, repeats: int) -> float:
-    session.run(outputs, inputs)
-    times = []
-    for _ in range(repeats):
-        start = time.perf_counter()
-        session.run(outputs, inputs)
-        times.append(time.perf_counter() - start)
-    return float(np.median(times))
-
-
 def mean_dice(repository: Path, cases, precision: dict[str, str]) -> float:
     from diffugts.client.executor import RepositoryExecutor
     from diffugts.export import read_preset
@@ -105,10 +96,10 @@ def quantize_and_gate(repository: Path, calibration_cases, eval_cases, max_dice_
         inputs = example_inputs(preset, stage)
         outputs = [t.name for t in stage_specs(preset)[stage].outputs]
         version = repository / stage / "1"
-        fp32_s = _median_call(open_session(version, "openvino"), inputs, outputs, repeats)
-        int8_s = _median_call(open_session(version, "openvino", precision="int8"), inputs, outputs, repeats)
+        fp32_s = median_call_seconds(open_session(version, "openvino"), inputs, outputs, repeats)
+        int8_s = median_call_seconds(open_session(version, "openvino", precision="int8"), inputs, outputs, repeats)
         engine, _ = local.stage_engine(stage)
-        current_s = fp32_s if engine == "openvino" else _median_call(open_session(version, engine), inputs,
+        current_s = fp32_s if engine == "openvino" else median_call_seconds(open_session(version, engine), inputs,
                                                                       outputs, repeats)
         dice_int8 = mean_dice(repository, eval_cases, {stage: "int8"})
         change = dice_int8 - baseline

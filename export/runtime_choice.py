@@ -27,7 +27,10 @@ def available_engines() -> tuple[str, ...]:
 
 def time_engine(version_dir: Path, engine: str, inputs: dict[str, np.ndarray], outputs: list[str],
                 repeats: int = 5) -> float:
-    session = open_session(version_dir, engine)
+    return median_call_seconds(open_session(version_dir, engine), inputs, outputs, repeats)
+
+
+def median_call_seconds(session, inputs: dict[str, np.ndarray], outputs: list[str], repeats: int) -> float:
     session.run(outputs, inputs)  # warm-up (OpenVINO compiles shape-specific kernels on first call)
     times = []
     for _ in range(repeats):
