@@ -94,6 +94,7 @@ perf-analyzer: $(STAMP)
 
 bench: $(STAMP) perf-analyzer
 	$(VENV)/bin/diffugts bench --preset demo --out bench_out --theta 0.05
+	$(PY) -m diffugts.benchmarks.int8_latency bench_out
 
 clean:
 	rm -rf $(VENV) $(DEPLOY_VENV) $(CHECKOV_VENV) demo_out eval_data eval_out bench_out build *.egg-info .tools

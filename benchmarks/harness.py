@@ -149,28 +149,28 @@ def run_perf_analyzer(repository: Path, preset, out: Path, concurrency: tuple[in
 
 
 def stage_flops(repository: Path, preset, peak_gflops: float, repeats: int = 5) -> dict:
-    """FLOPs per ONNX graph at the loop's shapes, timed in ONNX Runtime: fraction of peak."""
-    import onnxruntime as ort
+    """FLOPs per ONNX graph at the loop's shapes, timed in the engine Triton serves the stage with
+    (the export's choice; ONNX Runtime where the report names none): fraction of peak."""
+    import json
 
+    from diffugts.client.runtimes import open_session
     from diffugts.export.onnx_export import example_inputs
-    from diffugts.stages import ONNX_STAGES
+    from diffugts.export.runtime_choice import median_call_seconds
+    from diffugts.stages import ONNX_STAGES, stage_specs
 
     from .flops import graph_flops
 
+    chosen = json.loads((repository / "export_report.json").read_text()).get("stage_runtime", {})
+    specs = stage_specs(preset)
     report = {}
     for stage in ONNX_STAGES:
         path = repository / stage / "1" / "model.onnx"
         inputs = example_inputs(preset, stage)
         flops = graph_flops(str(path), {k: v.shape for k, v in inputs.items()})
-        session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
-        session.run(None, inputs)
-        times = []
-        for _ in range(repeats):
-            start = time.perf_counter()
-            session.run(None, inputs)
-            times.append(time.perf_counter() - start)
-        seconds = float(np.median(times))
-        report[stage] = {"gflop": flops / 1e9, "median_s": seconds, "gflops": flops / seconds / 1e9,
+        engine = chosen.get(stage, {}).get("engine", "onnxruntime")
+        seconds = median_call_seconds(open_session(path.parent, engine), inputs,
+                                      [t.name for t in specs[stage].outputs], repeats)
+        report[stage] = {"engine": engine, "gflop": flops / 1e9, "median_s": seconds, "gflops": flops / seconds / 1e9,
                          "fraction_of_peak": flops / seconds / 1e9 / peak_gflops}
     return report
 

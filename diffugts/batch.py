@@ -33,7 +33,7 @@ from pathlib import Path
 
 from diffugts.client.transports import TritonError  # numpy only: tritonclient loads on first use
 
-from .io import ITK_SUFFIXES, NIFTI_SUFFIXES, InputError, read_volume, stem_of
+from .io import ITK_SUFFIXES, NIFTI_SUFFIXES, InputError, read_volume, sha256_file, stem_of
 from .outputs import check_format
 from .pipeline import LoopOptions, run_segmentation
 from .prompts import normalize_target
@@ -210,24 +210,15 @@ def collect_inputs(specs: list[str], prompt: str | None = None, modality: str | 
 
 # ------------------------------------------------------------------------- checksums
 
-def _sha256_file(path: Path, digest=None):
-    own = digest is None
-    digest = digest or hashlib.sha256()
-    with open(path, "rb") as handle:
-        for block in iter(lambda: handle.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest() if own else digest
-
-
 def input_checksum(path: str | Path) -> str:
     """sha256 of a file, or of a DICOM folder's files (names and bytes, in name order)."""
     path = Path(path)
     if path.is_file():
-        return _sha256_file(path)
+        return sha256_file(path)
     digest = hashlib.sha256()
     for f in sorted(p for p in path.iterdir() if p.is_file()):
         digest.update(f.name.encode() + b"\0")
-        _sha256_file(f, digest)
+        sha256_file(f, digest)
     return digest.hexdigest()
 
 
@@ -241,11 +232,10 @@ def local_identity(backend: str, executor, weights: str | None) -> dict:
 
         identity["model_sha256"] = artifacts_sha256(executor.transport.repository)
     else:
-        from .config import WEIGHTS_DIR
+        from .config import weights_sha256
 
-        path = Path(weights) if weights else WEIGHTS_DIR / preset.weights if preset.weights else None
-        # no weights file: the preset's seeded random initialisation (tests, CI)
-        identity["weights_sha256"] = _sha256_file(path) if path is not None and path.is_file() else None
+        # None: no weights file, the preset's seeded random initialisation (tests, CI)
+        identity["weights_sha256"] = weights_sha256(preset, weights)
     return identity
 
 
@@ -502,7 +492,7 @@ class RunManifest:
 
 def outputs_intact(out: Path, outputs: dict) -> bool:
     try:
-        return bool(outputs) and all(_sha256_file(out / name) == sha for name, sha in outputs.items())
+        return bool(outputs) and all(sha256_file(out / name) == sha for name, sha in outputs.items())
     except OSError:
         return False
 
@@ -547,7 +537,7 @@ def write_outputs(out: Path, key: str, volume, seg, prompt: str, meta: dict,
                           title=f"{key}: {prompt} ({seg.modality})", modality=seg.modality, affine=volume.affine)
         (staging / f"{key}_timings.json").write_text(json.dumps(
             {**meta, "seconds": seg.timings, "mask_voxels": int(seg.mask.sum())}, indent=2, default=float))
-        outputs = {f.name: _sha256_file(f) for f in sorted(staging.iterdir())}
+        outputs = {f.name: sha256_file(f) for f in sorted(staging.iterdir())}
         for name in outputs:
             os.replace(staging / name, out / name)
         return outputs

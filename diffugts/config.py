@@ -117,6 +117,20 @@ PRESETS: dict[str, Preset] = {
 }
 
 
+def weights_file(preset: Preset, weights: str | Path | None = None) -> Path | None:
+    """The weights a preset runs: a given file, else the bundled one; None for random init."""
+    path = Path(weights) if weights else (WEIGHTS_DIR / preset.weights if preset.weights else None)
+    return path if path is not None and path.is_file() else None
+
+
+def weights_sha256(preset: Preset, weights: str | Path | None = None) -> str | None:
+    """SHA-256 of `weights_file`: the model identity in run records and DICOM SEGs."""
+    from .io import sha256_file
+
+    path = weights_file(preset, weights)
+    return sha256_file(path) if path else None
+
+
 def get_preset(name: str) -> Preset:
     try:
         return PRESETS[name]

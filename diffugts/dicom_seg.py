@@ -8,14 +8,13 @@ and the study / series / frame-of-reference references from the source headers.
 
 from __future__ import annotations
 
-import hashlib
 import re
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 
-from .config import WEIGHTS_DIR
+from .config import weights_sha256
 
 # SNOMED CT concepts for what a prompt asks for (Segmentation Property Type, DICOM CID 7151 and
 # neighbours); the first word found wins. Anything else is coded as the generic "Lesion".
@@ -55,20 +54,11 @@ class AlgorithmIdentity:
         return {"preset": self.preset, "weights_sha256": self.weights_sha256, "backend": self.backend}
 
 
-def file_sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
-
-
 def algorithm_identity(preset, weights: str | None = None, backend: str = "torch") -> AlgorithmIdentity:
     """The preset's name and the SHA-256 of the weights it runs (a given file or the bundled one)."""
     from . import __version__
 
-    path = Path(weights) if weights else (WEIGHTS_DIR / preset.weights if preset.weights else None)
-    digest = file_sha256(path) if path is not None and path.is_file() else "none (random init)"
+    digest = weights_sha256(preset, weights) or "none (random init)"
     return AlgorithmIdentity(__version__, preset.name, digest, backend)
 
 

@@ -6,6 +6,7 @@ Every failure is an `InputError` naming the file and the problem in one line.
 
 from __future__ import annotations
 
+import hashlib
 import os
 import tempfile
 from collections.abc import Callable
@@ -18,6 +19,16 @@ NIFTI_SUFFIXES = (".nii", ".nii.gz")
 ITK_SUFFIXES = (".nrrd", ".nhdr", ".mha", ".mhd")
 LPS_TO_RAS = np.diag([-1.0, -1.0, 1.0, 1.0])
 MAX_VOXELS = 1024**3
+
+
+def sha256_file(path: Path, digest=None):
+    """Hex SHA-256 of a file, read in 1 MiB blocks; with `digest`, feeds that one and returns it."""
+    own = digest is None
+    digest = digest or hashlib.sha256()
+    with open(path, "rb") as handle:
+        for block in iter(lambda: handle.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest() if own else digest
 
 
 class InputError(ValueError):

@@ -282,6 +282,52 @@ class Recorder:
         return self.inner.score(image, healthy, anomaly, encoded, prompts)
 
 
+def _fingerprint(models, cases, seed: int) -> str:
+    """What the loop outputs depend on: the cases and every network the loop runs."""
+    import hashlib
+
+    digest = hashlib.sha256(str((seed, len(cases), [c.prompt for c in cases])).encode())
+    for case in cases:
+        digest.update(np.ascontiguousarray(case.image).tobytes())
+        digest.update(np.ascontiguousarray(case.label).tobytes())
+    for part in ("vae", "unet", "aova", "projection", "text_encoder"):
+        for value in getattr(models, part).state_dict().values():
+            digest.update(value.detach().float().cpu().numpy().tobytes())
+    return digest.hexdigest()
+
+
+def loop_outputs(models, cases, prompt_sets, seed: int, cache: Path) -> list[torch.Tensor]:
+    """The residual head's input views for every case, from the frozen loop (CPU, torch executor).
+
+    Every other case also inpaints its (dilated) lesion: the head sees lesions that the inpainting
+    removed as well as lesions the map missed. The views are kept in `cache` (float16) under a
+    fingerprint of the cases and networks: a resumed or retuned head phase does not recompute
+    them (they are most of a heads run on CPU)."""
+    preset = models.preset
+    fingerprint = _fingerprint(models, cases, seed)
+    if cache.exists():
+        kept = torch.load(cache, map_location="cpu", weights_only=True)
+        if kept["fingerprint"] == fingerprint:
+            return [v.float() for v in kept["views"]]
+    recorder = Recorder(TorchExecutor(models))
+    views = []  # the head's input channels per case (its six raw inputs are not kept: ~6 MB each)
+    progress, task = _progress(len(cases), "loop outputs")
+    with torch.no_grad(), progress:
+        for i, case in enumerate(cases):
+            lesion = inpainting_mask(case.label, preset.latent_factor, 0.5, preset.mask_dilation) if i % 2 else None
+            segment_patch(recorder, case.image, prompt_sets[i], LoopOptions(seed=seed + i, inpaint_also=lesion),
+                          np.random.default_rng(seed + i), Timings())
+            views.append(models.head.views(*recorder.records.pop()))
+            progress.update(task, advance=1)
+    views = [v.half() for v in views]
+    tmp = cache.with_suffix(".tmp")
+    labels = [torch.from_numpy(c.label.astype(np.uint8)) for c in cases]  # for whoever studies the head apart
+    torch.save({"fingerprint": fingerprint, "views": views, "labels": labels,
+                "prompts": [c.prompt for c in cases]}, tmp)
+    tmp.replace(cache)
+    return [v.float() for v in views]  # as a cached run reads them: resumed runs train on the same values
+
+
 def head_cases(preset, n_phantoms: int, seed: int, sources: Sources, contrast=(0.35, 1.0)) -> list:
     """Seen-category lesions: phantoms, real anatomy with seen lesion kinds, and a user's labelled data."""
     from .lesions import SEEN_KINDS
@@ -310,6 +356,7 @@ def train_heads(preset_name: str = "demo", work: Path = Path("train_work"), seed
                 sources: Sources = Sources()) -> dict:
     preset = get_preset(preset_name)
     device = _device(sources.device)
+    work.mkdir(parents=True, exist_ok=True)  # a first run may start from weights elsewhere (--backbone)
     torch.manual_seed(seed)
     rng = np.random.default_rng(seed)
     models = build_models(preset, seed)
@@ -349,19 +396,7 @@ def train_heads(preset_name: str = "demo", work: Path = Path("train_work"), seed
                                 rng, amp=sources.autocast)}
     report["training_cases"] = len(cases)
     models.eval().cpu()  # the loop outputs come from the torch executor, on the CPU
-    executor = TorchExecutor(models)
-    recorder = Recorder(executor)
-    views = []  # the head's input channels per case (its six raw inputs are not kept: ~6 MB each)
-    progress, task = _progress(len(cases), "loop outputs")
-    with torch.no_grad(), progress:
-        for i, case in enumerate(cases):
-            # every other case also inpaints its (dilated) lesion: the head sees lesions that the
-            # inpainting removed as well as lesions the map missed
-            lesion = inpainting_mask(case.label, preset.latent_factor, 0.5, preset.mask_dilation) if i % 2 else None
-            segment_patch(recorder, case.image, prompt_sets[i], LoopOptions(seed=seed + i, inpaint_also=lesion),
-                          np.random.default_rng(seed + i), Timings())
-            views.append(models.head.views(*recorder.records.pop()))
-            progress.update(task, advance=1)
+    views = loop_outputs(models, cases, prompt_sets, seed, work / "loop_outputs.pt")
     head = models.head.train().to(device)
 
     def head_loss(step):

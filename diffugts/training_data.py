@@ -19,7 +19,7 @@ from .augment import Anatomy, randomize_anatomy, random_crop, scanner_effects
 from .io import Volume, read_volume
 from .lesions import KINDS, draw_lesion
 from .phantom import CATEGORIES, make_case
-from .preprocess import labels_to_model_grid, to_model_grid
+from .preprocess import labels_to_model_grid, scale_intensity, to_model_grid
 
 
 # phantom categories the heads train on, and those kept for zero-shot evaluation
@@ -102,6 +102,8 @@ def anatomy_cases(anatomies: list[Anatomy], preset, n: int, seed: int, kinds=Non
             image, label, _ = draw_lesion(image, anatomy.organs == organ, kind, spacing, rng)
         if randomize:
             image = scanner_effects(image, rng, spacing, ct=realistic and anatomy.modality == "CT")
+        if anatomy.modality == "MR":  # as inference sees it: MR rescaled to its own 99.5th percentile
+            image = scale_intensity(image, "MR")
         prompt = kind.prompt if kind is not None and label.any() else "brain tumor"
         cases.append(Case(image, label.astype(np.float32), prompt, anatomy.modality))
         if progress:

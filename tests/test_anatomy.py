@@ -237,3 +237,38 @@ def test_an_unfinished_heads_run_still_gives_weights_from_its_checkpoints(tmp_pa
         torch.testing.assert_close(a, b)
     with pytest.raises(ValueError, match="no checkpoint"):
         train.weights_from_checkpoints("tiny", tmp_path / "nothing")
+
+
+def test_training_cases_look_as_inference_preprocessing_makes_them(mni_corpus, tmp_path):
+    """A case written to disk and preprocessed as `evaluate` does gives back the image the heads
+    train on: MR is rescaled to its own 99.5th percentile on both sides of that line."""
+    from diffugts.io import read_volume
+    from diffugts.training_data import anatomy_cases, anatomy_on_model_grid, write_cases
+
+    preset = get_preset("tiny")
+    anatomies = [a for a in anatomy_on_model_grid(mni_corpus, preset) if a.modality == "MR"]
+    cases = anatomy_cases(anatomies, preset, 2, 5, list(SEEN_KINDS), synth_probability=1.0)
+    out = write_cases(cases, tmp_path / "set", preset.spacing[0], "test")
+    for i, case in enumerate(cases):
+        assert np.percentile(case.image, 99.5) == pytest.approx(1.0, abs=1e-3)
+        seen, _ = to_model_grid(read_volume(out / "imagesTs" / f"case_{i:03d}.nii.gz"), "MR", preset.spacing, preset.patch)
+        np.testing.assert_allclose(seen, case.image, atol=2e-3)
+
+
+def test_a_retuned_heads_run_reuses_the_loop_outputs_and_trains_the_same(tmp_path, monkeypatch):
+    train.train_backbone("tiny", tmp_path, vae_steps=1, unet_steps=1, n_volumes=2)
+    first = train.train_heads("tiny", tmp_path / "a", aova_steps=2, head_steps=3, n_cases=3,
+                              backbone=tmp_path / "backbone.safetensors")
+    cache = tmp_path / "a" / "loop_outputs.pt"
+    assert cache.exists()
+    (tmp_path / "b").mkdir()
+    for name in ("aova.pt", "loop_outputs.pt"):  # same AOVA, same cases: the loop need not run again
+        (tmp_path / "b" / name).write_bytes((tmp_path / "a" / name).read_bytes())
+    monkeypatch.setattr(train, "Recorder", None)  # running the loop now would fail
+    again = train.train_heads("tiny", tmp_path / "b", aova_steps=2, head_steps=3, n_cases=3,
+                              backbone=tmp_path / "backbone.safetensors")
+    assert again["head"]["final_loss"] == pytest.approx(first["head"]["final_loss"], rel=1e-6)
+    # other cases (one more): the fingerprint differs and the loop runs (and fails here)
+    with pytest.raises(TypeError):
+        train.train_heads("tiny", tmp_path / "b", aova_steps=2, head_steps=3, n_cases=4,
+                          backbone=tmp_path / "backbone.safetensors")

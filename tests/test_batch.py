@@ -1,8 +1,6 @@
 """Batch serving against real tritonservers on loopback: inputs of every kind, a server killed
 with SIGKILL mid-batch (two endpoints, and the only one), --resume, token and TLS."""
 
-import datetime
-import ipaddress
 import json
 import os
 import signal
@@ -20,6 +18,8 @@ from diffugts.cli import main
 from diffugts.phantom import write_dataset
 from diffugts.serve import TritonServer
 from diffugts.server_security import ServerSecurity
+
+from certificates import self_signed  # tests/certificates.py
 
 PROMPTS = ["kidney tumor", "liver cyst", "brain tumor", "lung nodule"]
 
@@ -199,27 +199,6 @@ def test_only_server_killed_restarted_and_resumed(tiny_repository, dataset, refe
         server.stop()
 
 
-def self_signed(tmp_path):
-    from cryptography import x509
-    from cryptography.hazmat.primitives import hashes, serialization
-    from cryptography.hazmat.primitives.asymmetric import ec
-    from cryptography.x509.oid import NameOID
-
-    key = ec.generate_private_key(ec.SECP256R1())
-    name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "localhost")])
-    now = datetime.datetime.now(datetime.timezone.utc)
-    cert = (x509.CertificateBuilder().subject_name(name).issuer_name(name).public_key(key.public_key())
-            .serial_number(x509.random_serial_number())
-            .not_valid_before(now - datetime.timedelta(minutes=5)).not_valid_after(now + datetime.timedelta(hours=2))
-            .add_extension(x509.SubjectAlternativeName([x509.DNSName("localhost"),
-                                                        x509.IPAddress(ipaddress.ip_address("127.0.0.1"))]), False)
-            .add_extension(x509.BasicConstraints(ca=True, path_length=None), True)
-            .sign(key, hashes.SHA256()))
-    (tmp_path / "cert.pem").write_bytes(cert.public_bytes(serialization.Encoding.PEM))
-    (tmp_path / "key.pem").write_bytes(key.private_bytes(serialization.Encoding.PEM,
-                                                         serialization.PrivateFormat.PKCS8,
-                                                         serialization.NoEncryption()))
-    return tmp_path / "cert.pem", tmp_path / "key.pem"
 
 
 def test_token_and_tls(tiny_repository, dataset, reference, tmp_path, capsys):
