@@ -70,6 +70,7 @@ eval: $(STAMP) corpus-sources
 	$(VENV)/bin/diffugts lesions --corpus eval_data/corpus --out eval_data/anatomy_unseen --n 18 --seed 2026 --kinds "$(UNSEEN_KINDS)"
 	$(VENV)/bin/diffugts evaluate eval_data/anatomy_unseen --out eval_out/anatomy_unseen.json --preset demo --ablation all
 	$(VENV)/bin/diffugts real-lesion --out eval_out --preset demo
+	$(PY) -m diffugts.benchmarks.served_vs_eager --out eval_out/served_vs_eager.json
 
 # The demo preset's inpainting theta and head threshold: chosen on seen categories only.
 SEEN := kidney tumor,liver tumor,lung nodule,brain tumor
