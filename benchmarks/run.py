@@ -48,6 +48,7 @@ def run_int8(repo: Path, out: Path, plan, cases, preset, say) -> dict:
     report["repository"] = copy.name
     return report
 
+
 def maisi_section(out: Path, plan, say) -> dict:
     """The published sizes on this CPU: a failure there (memory, time) is reported, not fatal to
     the figures measured before it."""

@@ -460,7 +460,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="your MSD dataset: healthy images (backbone); images + labels + prompt (heads)")
     p.add_argument("--anatomy-volumes", type=int, default=96, help="randomized corpus patches / lesion cases")
     p.add_argument("--init", default=None, help="backbone: start from these weights when no checkpoint exists")
-    p.add_argument("--backbone", default=None, help="heads: weights to start from (default WORK/backbone.safetensors); a file that also "
+    p.add_argument("--backbone", default=None,
+                   help="heads: weights to start from (default WORK/backbone.safetensors); a file that also "
                         "holds AOVA and head weights (e.g. the bundled one) fine-tunes them")
     p.add_argument("--device", default="cpu", help="cpu (default) or cuda")
     p.add_argument("--amp", action="store_true", help="bfloat16 autocast (mixed precision) on the device")

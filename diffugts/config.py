@@ -118,9 +118,14 @@ PRESETS: dict[str, Preset] = {
 }
 
 
+def bundled_weights(preset: Preset) -> Path | None:
+    """The safetensors file shipped with the package for this preset (None: it ships none)."""
+    return WEIGHTS_DIR / preset.weights if preset.weights else None
+
+
 def weights_file(preset: Preset, weights: str | Path | None = None) -> Path | None:
     """The weights a preset runs: a given file, else the bundled one; None for random init."""
-    path = Path(weights) if weights else (WEIGHTS_DIR / preset.weights if preset.weights else None)
+    path = Path(weights) if weights else bundled_weights(preset)
     return path if path is not None and path.is_file() else None
 
 

@@ -72,7 +72,8 @@ def test_every_runtime_config_parses(runtime, dynamic):
 
 def test_committed_repository_configs_are_what_the_writer_generates():
     from diffugts.models import build_models
-    from diffugts.models.weights import bundled_weights, load_weights
+    from diffugts.config import bundled_weights
+    from diffugts.models.weights import load_weights
 
     models = build_models(get_preset("demo"))
     load_weights(models, bundled_weights(models.preset))  # the trained scale factor is in the preset

@@ -122,7 +122,7 @@ def test_bundled_demo_weights():
     from safetensors import safe_open
 
     from diffugts.models import build_models
-    from diffugts.models.weights import bundled_weights
+    from diffugts.config import bundled_weights
 
     preset = get_preset("demo")
     path = bundled_weights(preset)

@@ -5,9 +5,9 @@ from __future__ import annotations
 import numpy as np
 import torch
 
-from ..config import get_preset
+from ..config import bundled_weights, get_preset
 from ..models import build_models
-from ..models.weights import bundled_weights, load_weights
+from ..models.weights import load_weights
 from ..prompts import PromptSet
 from ..tokenizer import tokenize
 from .base import Denoised, Encoded

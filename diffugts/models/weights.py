@@ -7,7 +7,6 @@ from pathlib import Path
 
 import torch
 
-from ..config import WEIGHTS_DIR, Preset
 from ..io import InputError
 from .pipeline_models import FROZEN, TRAINABLE, DiffuGTSModels
 
@@ -77,10 +76,6 @@ def load_weights(models: DiffuGTSModels, path: str | Path) -> dict:
     if "scale_factor" in metadata:
         models.preset = models.preset.with_(scale_factor=float(metadata["scale_factor"]))
     return metadata
-
-
-def bundled_weights(preset: Preset) -> Path | None:
-    return WEIGHTS_DIR / preset.weights if preset.weights else None
 
 
 def _torch_checkpoint(path: Path) -> dict:
