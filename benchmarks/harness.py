@@ -153,9 +153,8 @@ def stage_flops(repository: Path, preset, peak_gflops: float, repeats: int = 5) 
     (the export's choice; ONNX Runtime where the report names none): fraction of peak."""
     import json
 
-    from diffugts.client.runtimes import open_session
     from diffugts.export.onnx_export import example_inputs
-    from diffugts.export.runtime_choice import median_call_seconds
+    from diffugts.export.runtime_choice import median_call_seconds, serving_session
     from diffugts.stages import ONNX_STAGES, stage_specs
 
     from .flops import graph_flops
@@ -168,7 +167,7 @@ def stage_flops(repository: Path, preset, peak_gflops: float, repeats: int = 5) 
         inputs = example_inputs(preset, stage)
         flops = graph_flops(str(path), {k: v.shape for k, v in inputs.items()})
         engine = chosen.get(stage, {}).get("engine", "onnxruntime")
-        seconds = median_call_seconds(open_session(path.parent, engine), inputs,
+        seconds = median_call_seconds(serving_session(path.parent, engine, inputs), inputs,
                                       [t.name for t in specs[stage].outputs], repeats)
         report[stage] = {"engine": engine, "gflop": flops / 1e9, "median_s": seconds, "gflops": flops / seconds / 1e9,
                          "fraction_of_peak": flops / seconds / 1e9 / peak_gflops}

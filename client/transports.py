@@ -4,6 +4,7 @@ ONNX Runtime in process (with the repository's ensembles interpreted step by ste
 from __future__ import annotations
 
 import itertools
+import json
 import os
 from pathlib import Path
 
@@ -206,7 +207,10 @@ class LocalTransport:
             from .runtimes import open_session
 
             engine, precision = self.stage_engine(model)
-            self._sessions[model] = open_session(self.repository / model / "1", engine, self.threads, precision)
+            params = self._config(model).parameters
+            static = json.loads(params["static_shapes"].string_value) if "static_shapes" in params else None
+            self._sessions[model] = open_session(self.repository / model / "1", engine, self.threads, precision,
+                                                 static)
         return self._sessions[model]
 
     def infer(self, model: str, inputs: dict[str, np.ndarray], outputs: list[str]) -> dict[str, np.ndarray]:

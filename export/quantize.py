@@ -12,11 +12,11 @@ from pathlib import Path
 
 import numpy as np
 
-from diffugts.client.runtimes import INT8_MODEL, open_session
+from diffugts.client.runtimes import INT8_MODEL
 from diffugts.client.transports import LocalTransport
 from diffugts.stages import stage_specs
 
-from .runtime_choice import median_call_seconds
+from .runtime_choice import median_call_seconds, serving_session
 
 QUANTIZED_STAGES = ("vae_encoder_aova", "unet", "vae_decoder")
 MAX_DICE_CHANGE = 0.01
@@ -96,11 +96,11 @@ def quantize_and_gate(repository: Path, calibration_cases, eval_cases, max_dice_
         inputs = example_inputs(preset, stage)
         outputs = [t.name for t in stage_specs(preset)[stage].outputs]
         version = repository / stage / "1"
-        fp32_s = median_call_seconds(open_session(version, "openvino"), inputs, outputs, repeats)
-        int8_s = median_call_seconds(open_session(version, "openvino", precision="int8"), inputs, outputs, repeats)
+        fp32_s = median_call_seconds(serving_session(version, "openvino", inputs), inputs, outputs, repeats)
+        int8_s = median_call_seconds(serving_session(version, "openvino", inputs, "int8"), inputs, outputs, repeats)
         engine, _ = local.stage_engine(stage)
-        current_s = fp32_s if engine == "openvino" else median_call_seconds(open_session(version, engine), inputs,
-                                                                      outputs, repeats)
+        current_s = fp32_s if engine == "openvino" else median_call_seconds(serving_session(version, engine, inputs),
+                                                                            inputs, outputs, repeats)
         dice_int8 = mean_dice(repository, eval_cases, {stage: "int8"})
         change = dice_int8 - baseline
         ships = abs(change) <= max_dice_change and int8_s < current_s

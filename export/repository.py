@@ -22,8 +22,9 @@ from diffugts.stages import ONNX_STAGES, PIPELINE, StageSpec, Tensor, ensemble_s
 RUNTIMES = ("python-ort", "onnxruntime", "openvino", "tensorrt")
 # bumped when stage signatures change, so that graphs exported by an older version are rebuilt
 # (2: the decoder takes cropped latent boxes; `decode_score` became `score`;
-#  3: Python models import diffugts_validation.py from their folder, configs carry input_limits)
-REPOSITORY_FORMAT = 3
+#  3: Python models import diffugts_validation.py from their folder, configs carry input_limits;
+#  4: group norms exported as moments, OpenVINO stages carry static_shapes)
+REPOSITORY_FORMAT = 4
 MODEL_SOURCES = Path(__file__).parent / "triton_models"
 # shipped beside every Python-backend model.py: the request checks they share
 VALIDATION_MODULE = "diffugts_validation.py"
@@ -87,6 +88,14 @@ def input_limits(spec: StageSpec, preset: Preset) -> dict[str, list[int]]:
     return {t.name: [bound(t) if d == -1 else d for d in t.dims] for t in spec.inputs}
 
 
+def whole_patch_shapes(stage: str, preset: Preset) -> dict[str, list[int]]:
+    """The input shapes of a stage for one whole patch (batch 1): the call every case makes,
+    which OpenVINO stages also compile for these fixed shapes (`static_shapes`)."""
+    from .onnx_export import example_inputs
+
+    return {name: list(array.shape) for name, array in example_inputs(preset, stage).items()}
+
+
 def _limits_parameter(spec: StageSpec, preset: Preset) -> str:
     return _parameters({"input_limits": json.dumps(input_limits(spec, preset))})
 
@@ -109,6 +118,8 @@ def stage_config(spec: StageSpec, runtime: str, dynamic_batching: bool = True, t
             params["runtime"] = engine
         if precision and precision != "fp32":
             params["precision"] = precision
+        if engine == "openvino" and preset is not None:
+            params["static_shapes"] = json.dumps(whole_patch_shapes(spec.name, preset))
         return text + _parameters(params) + (_limits_parameter(spec, preset) if preset is not None else "")
     if runtime == "openvino":
         # Triton's OpenVINO backend reads the ONNX graph itself; one stream, latency first, as in process

@@ -25,9 +25,16 @@ def available_engines() -> tuple[str, ...]:
     return tuple(e for e in ENGINES if engine_available(e))
 
 
+def serving_session(version_dir: Path, engine: str, inputs: dict[str, np.ndarray], precision: str = "fp32"):
+    """A stage's session as served for `inputs` (whole-patch shapes): an OpenVINO stage also
+    compiles these fixed shapes, as the repository's `static_shapes` make it do."""
+    return open_session(version_dir, engine, precision=precision,
+                        static_shapes={k: list(v.shape) for k, v in inputs.items()})
+
+
 def time_engine(version_dir: Path, engine: str, inputs: dict[str, np.ndarray], outputs: list[str],
                 repeats: int = 5) -> float:
-    return median_call_seconds(open_session(version_dir, engine), inputs, outputs, repeats)
+    return median_call_seconds(serving_session(version_dir, engine, inputs), inputs, outputs, repeats)
 
 
 def median_call_seconds(session, inputs: dict[str, np.ndarray], outputs: list[str], repeats: int,

@@ -8,6 +8,7 @@ from pathlib import Path
 import numpy as np
 import onnx
 import pytest
+import torch
 
 from diffugts.config import get_preset
 from diffugts.export import is_repository
@@ -160,12 +161,36 @@ def test_python_ort_repository_writer_copies_graphs(tiny_repository, tmp_path):
     assert json.loads(parse_config(out / "diffugts_pipeline" / "config.pbtxt").parameters["preset"].string_value)["name"] == "tiny"
 
 
-def test_vae_group_norms_export_fused_and_the_module_stays_as_monai_ships_it(tiny_repository, tiny_models):
+def test_group_norms_export_without_regrouping_feature_maps(tiny_repository, tiny_models):
     from monai.apps.generation.maisi.networks.autoencoderkl_maisi import MaisiGroupNorm3D
 
-    for stage in ("vae_encoder_aova", "vae_decoder"):
+    # InstanceNormalization over a (B, groups, -1) reshape is how torch exports nn.GroupNorm; the
+    # graphs keep only the AOVA adapters' own instance norms (one per encoder tap)
+    for stage, expected in (("vae_encoder_aova", len(tiny_models.aova.adapters)), ("vae_decoder", 0), ("unet", 0)):
         ops = [n.op_type for n in onnx.load(str(tiny_repository / stage / "1" / "model.onnx")).graph.node]
-        norms = sum(isinstance(m, MaisiGroupNorm3D) for m in tiny_models.vae.modules())
-        assert ops.count("InstanceNormalization") >= norms // 2 > 0, stage  # one op per norm it uses
+        assert ops.count("InstanceNormalization") == expected, stage
+        assert "ReduceMean" in ops, stage  # the norms are there, as moments
+    assert sum(isinstance(m, MaisiGroupNorm3D) for m in tiny_models.vae.modules()) > 0
     # the swap lasts only as long as the export: the torch reference keeps MONAI's forward
-    assert not any("forward" in vars(m) for m in tiny_models.vae.modules() if isinstance(m, MaisiGroupNorm3D))
+    assert not any("forward" in vars(m) for m in tiny_models.modules() if isinstance(m, torch.nn.GroupNorm))
+
+
+@pytest.mark.parametrize("shape,offset", [((2, 16, 6, 5, 4), 0.0), ((1, 16, 7, 3, 5), 100.0), ((2, 8, 30), 0.0)])
+def test_group_norm_from_moments_is_torch_group_norm(shape, offset):
+    from monai.apps.generation.maisi.networks.autoencoderkl_maisi import MaisiGroupNorm3D
+
+    from diffugts.export.onnx_export import group_norm_from_moments
+
+    generator = torch.Generator().manual_seed(0)
+    x = torch.randn(shape, generator=generator) * 3.0 + offset  # offset: a large mean, small spread
+    for norm in (torch.nn.GroupNorm(4, shape[1]), torch.nn.GroupNorm(2, shape[1], affine=False),
+                 MaisiGroupNorm3D(num_groups=4, num_channels=shape[1])):
+        if norm.affine:
+            torch.nn.init.normal_(norm.weight, generator=generator)
+            torch.nn.init.normal_(norm.bias, generator=generator)
+        reference = torch.nn.functional.group_norm(x.double(), norm.num_groups,
+                                                   None if not norm.affine else norm.weight.double(),
+                                                   None if not norm.affine else norm.bias.double(), norm.eps)
+        with torch.no_grad():
+            ours = group_norm_from_moments(norm, x)
+        torch.testing.assert_close(ours.double(), reference, rtol=1e-5, atol=1e-5)

@@ -154,3 +154,17 @@ def test_residual_head_local_contrast_is_a_gaussian_high_pass():
     assert float(views[0, 2].abs().max()) == 0.0 and float(views[0, 5].abs().max()) < 1e-5
     np.testing.assert_allclose(views[0, 3].numpy(), 1.0, atol=1e-6)
     assert float(views[0, 4].abs().max()) == 0.0
+
+
+def test_aova_adapter_is_its_linear_layers_applied_per_voxel():
+    from diffugts.models.aova import FeatureAdapter
+
+    torch.manual_seed(0)
+    adapter = FeatureAdapter(12, ratio=0.3).eval()
+    features = torch.randn(2, 12, 5, 4, 3) * 7.0
+    with torch.no_grad():  # the channels-last formula the 1x1x1 convolutions replace
+        x = torch.nn.functional.instance_norm(features).permute(0, 2, 3, 4, 1)
+        reference = (0.3 * adapter.transform(x) + 0.7 * x).permute(0, 4, 1, 2, 3)
+        torch.testing.assert_close(adapter(features), reference, rtol=1e-5, atol=1e-5)
+    assert set(adapter.state_dict()) == {"transform.0.weight", "transform.0.bias", "transform.2.weight",
+                                         "transform.2.bias"}  # bundled weights keep loading

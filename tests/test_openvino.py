@@ -7,7 +7,7 @@ import json
 import numpy as np
 import pytest
 
-from diffugts.client.runtimes import open_session
+from diffugts.client.runtimes import _shape_key, open_session
 from diffugts.config import get_preset
 from diffugts.export.onnx_export import example_inputs, export_onnx
 from diffugts.export.repository import parse_config, stage_config, write_repository
@@ -126,3 +126,20 @@ def test_triton_serves_the_stages_in_openvino(openvino_repository, torch_executo
             served, ref = segment_volume(client, volume, prompt), segment_volume(torch_executor, volume, prompt)
             assert ref.mask.any() and dice(served.mask, ref.mask) >= 0.99
         client.close()
+
+
+def test_whole_patch_shapes_are_compiled_static_and_other_shapes_stay_dynamic(openvino_repository):
+    repo, _ = openvino_repository
+    config = parse_config(repo / "unet" / "config.pbtxt")
+    static = json.loads(config.parameters["static_shapes"].string_value)
+    whole = example_inputs(TINY, "unet", seed=4)
+    assert static == {name: list(array.shape) for name, array in whole.items()}
+    names = ["prediction", "attention"]
+    session = open_session(repo / "unet" / "1", "openvino", static_shapes=static)
+    dynamic = open_session(repo / "unet" / "1", "openvino")
+    assert list(session.static) == [_shape_key(static)] and not dynamic.static
+    cropped = example_inputs(TINY, "unet", batch=2, crop=TINY.unet_multiple, seed=5)
+    for inputs in (whole, cropped):  # the static model for the whole patch; the dynamic one for a crop
+        for a, b in zip(session.run(names, inputs), dynamic.run(names, inputs)):
+            assert a.shape == b.shape
+            np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-5)

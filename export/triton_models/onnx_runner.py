@@ -22,7 +22,8 @@ class TritonPythonModel:
         # the graph in the runtime the export measured fastest for this stage (ONNX Runtime or OpenVINO)
         self.session = open_session(os.path.join(args["model_repository"], args["model_version"]),
                                     params.get("runtime", "onnxruntime"), int(params.get("intra_op_threads", "0")),
-                                    params.get("precision", "fp32"))
+                                    params.get("precision", "fp32"),
+                                    json.loads(params.get("static_shapes", "null")))
         self.specs = input_specs(config)
         self.inputs = [(spec.name, spec.dims) for spec in self.specs]
         self.outputs = [o["name"] for o in config["output"]]
