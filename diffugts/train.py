@@ -366,8 +366,15 @@ def train_heads(preset_name: str = "demo", work: Path = Path("train_work"), seed
     head_crop = min(32, preset.patch)
     images = torch.from_numpy(np.stack([c.image for c in cases])[:, None])
     labels = torch.from_numpy(np.stack([c.label for c in cases])[:, None])
+    taps: dict[int, list[torch.Tensor]] = {}  # per case, on its first AOVA step: none when that phase is done
+
+    def taps_of(i: int) -> list[torch.Tensor]:
+        if i not in taps:
+            with torch.no_grad():
+                taps[i] = encode_with_taps(models.vae, images[i:i + 1])[1]
+        return taps[i]
+
     with torch.no_grad():
-        taps = [encode_with_taps(models.vae, images[i:i + 1])[1] for i in range(len(cases))]
         prompt_sets = [build_prompt_set(c.prompt, c.modality) for c in cases]
         texts = sorted({t for p in prompt_sets for t in p.texts})
         ids, mask = tokenize(texts)
@@ -379,7 +386,7 @@ def train_heads(preset_name: str = "demo", work: Path = Path("train_work"), seed
         prompts = prompt_sets[i]
         emb = projection(torch.stack([sentence[t] for t in prompts.texts]).to(device))[None]
         abnormal = torch.from_numpy(prompts.abnormal_mask)[None].to(device)
-        projected = aova.project([tap.to(device) for tap in taps[i]])
+        projected = aova.project([tap.to(device) for tap in taps_of(i)])
         loss = 0.0
         for level, p in enumerate(projected):  # supervise every scale at its own resolution
             log_abnormal, log_normal = aova.log_masses(p, emb, abnormal)  # no dead clamp gradients
