@@ -5,7 +5,7 @@ import json
 
 import pytest
 
-from diffugts.benchmarks.flops import graph_flops
+from diffugts.benchmarks.flops import graph_flops, graph_flops_by_op
 from diffugts.cli import main
 
 pytestmark = pytest.mark.slow
@@ -51,6 +51,30 @@ def test_flop_count_of_a_known_convolution(tmp_path):
                       dynamic_axes={"x": {0: "b", 2: "d"}})
     # 2 FLOPs x output voxels (4 x 8^3) x kernel (2 x 27)
     assert graph_flops(str(path), {"x": (1, 2, 8, 8, 8)}) == 2 * 4 * 512 * 2 * 27
+
+
+def test_flop_count_follows_shapes_through_the_unets_timestep_arithmetic(tiny_models, tmp_path):
+    import torch
+
+    from diffugts.export.onnx_export import example_inputs, export_stage
+
+    preset = tiny_models.preset
+    stage = tiny_models.stages()["unet"].eval()
+    path = tmp_path / "unet" / "model.onnx"
+    export_stage(preset, "unet", stage, path)
+    inputs = example_inputs(preset, "unet")
+    counted = []  # every Conv3d as torch runs it: 2 x output elements x kernel volume x input channels
+
+    def count(module, args, output):
+        counted.append(2.0 * output.numel() * module.weight[0].numel())
+
+    hooks = [m.register_forward_hook(count) for m in stage.modules() if isinstance(m, torch.nn.Conv3d)]
+    with torch.no_grad():
+        stage(*(torch.from_numpy(v) for v in inputs.values()))
+    for hook in hooks:
+        hook.remove()
+    by_op = graph_flops_by_op(str(path), {k: v.shape for k, v in inputs.items()})
+    assert by_op["Conv"] == sum(counted) > 0
 
 
 def test_inpainting_check_measures_the_true_lesion_and_restores_the_preset():
