@@ -175,6 +175,17 @@ def test_group_norms_export_without_regrouping_feature_maps(tiny_repository, tin
     assert not any("forward" in vars(m) for m in tiny_models.modules() if isinstance(m, torch.nn.GroupNorm))
 
 
+def test_no_exported_convolution_has_a_single_output_channel(tiny_repository, tiny_models):
+    # the residual head ends in a 1->1 convolution: exported with zero filters beside it, then sliced
+    assert any(type(m) is torch.nn.Conv3d and m.out_channels == 1 for m in tiny_models.head.modules())
+    for stage in ONNX_STAGES:
+        model = onnx.load(str(tiny_repository / stage / "1" / "model.onnx"))
+        weights = {init.name: init.dims for init in model.graph.initializer}
+        convs = [n for n in model.graph.node if n.op_type == "Conv" and n.input[1] in weights]
+        assert all(weights[n.input[1]][0] > 1 for n in convs), stage
+    assert not any("forward" in vars(m) for m in tiny_models.modules() if isinstance(m, torch.nn.Conv3d))
+
+
 @pytest.mark.parametrize("shape,offset", [((2, 16, 6, 5, 4), 0.0), ((1, 16, 7, 3, 5), 100.0), ((2, 8, 30), 0.0)])
 def test_group_norm_from_moments_is_torch_group_norm(shape, offset):
     from monai.apps.generation.maisi.networks.autoencoderkl_maisi import MaisiGroupNorm3D
