@@ -14,6 +14,7 @@ from pathlib import Path
 import numpy as np
 import onnx
 import torch
+import torch.nn.functional as F
 
 from diffugts.config import Preset
 from diffugts.prompts import build_prompt_set
@@ -182,6 +183,47 @@ def padded_single_output_convs(module: torch.nn.Module, width: int = 8):
             del m.forward
 
 
+# per axis, the 4 taps of a stride-2 transposed convolution from the 3 of a convolution that
+# follows a nearest x2 upsampling: even outputs see (w-1) x[m-1] + (w0 + w+1) x[m], odd ones
+# (w-1 + w0) x[m] + (w+1) x[m+1]; zero padding at either resolution is the same zeros
+_UPSAMPLED_TAPS = ((0, 0, 1), (0, 1, 1), (1, 1, 0), (1, 0, 0))
+
+
+def upsampled_conv_as_transposed(conv: torch.nn.Conv3d, x: torch.Tensor, emb=None) -> torch.Tensor:
+    """Nearest x2 upsampling, then a 3x3x3 convolution (padding 1), as one transposed convolution
+    on the coarse map: the same function with 27/8 fewer multiply-adds and no upsampled copy."""
+    taps = torch.tensor(_UPSAMPLED_TAPS, dtype=conv.weight.dtype)
+    kernel = torch.einsum("oiabc,xa,yb,zc->ioxyz", conv.weight, taps, taps, taps)
+    return F.conv_transpose3d(x, kernel, conv.bias, stride=2, padding=1)
+
+
+def _nearest_upsampling_conv(module: torch.nn.Module) -> torch.nn.Conv3d | None:
+    """The convolution of a MONAI `Upsample` that is exactly nearest x2 -> 3x3x3 conv, else None."""
+    children = list(module.children()) if isinstance(module, torch.nn.Sequential) else []
+    if len(children) != 2 or not isinstance(children[0], torch.nn.Upsample):
+        return None
+    up, conv = children[0], getattr(children[1], "conv", children[1])
+    scale = up.scale_factor if isinstance(up.scale_factor, tuple) else (up.scale_factor,) * 3
+    if up.mode != "nearest" or tuple(float(f) for f in scale) != (2.0, 2.0, 2.0) or type(conv) is not torch.nn.Conv3d:
+        return None
+    plain = conv.kernel_size == (3, 3, 3) and conv.padding == (1, 1, 1) and conv.stride == (1, 1, 1)
+    return conv if plain and conv.dilation == (1, 1, 1) and conv.groups == 1 else None
+
+
+@contextmanager
+def transposed_upsamplings(module: torch.nn.Module):
+    """Export every nearest-x2-then-convolution block (the UNet's upsamplers) as
+    `upsampled_conv_as_transposed`: 11% of the demo UNet's time in OpenVINO on this CPU."""
+    swapped = [(m, conv) for m in module.modules() if (conv := _nearest_upsampling_conv(m)) is not None]
+    for m, conv in swapped:
+        m.forward = partial(upsampled_conv_as_transposed, conv)
+    try:
+        yield
+    finally:
+        for m, _ in swapped:
+            del m.forward
+
+
 def export_stage(preset: Preset, stage: str, module: torch.nn.Module, path: Path, rtol: float = 1e-3,
                  engines: tuple[str, ...] = ("onnxruntime",)) -> dict:
     """Export and check one stage: ONNX Runtime's parity errors, or (several engines) {engine: errors}."""
@@ -190,7 +232,7 @@ def export_stage(preset: Preset, stage: str, module: torch.nn.Module, path: Path
     path.parent.mkdir(parents=True, exist_ok=True)
     module = module.eval()
     with warnings.catch_warnings(), torch.inference_mode(False), torch.no_grad(), \
-            layout_free_group_norms(module), padded_single_output_convs(module):
+            layout_free_group_norms(module), padded_single_output_convs(module), transposed_upsamplings(module):
         warnings.simplefilter("ignore")
         torch.onnx.export(
             module, tuple(torch.from_numpy(v) for v in inputs.values()), str(path), dynamo=False,

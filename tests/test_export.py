@@ -186,6 +186,33 @@ def test_no_exported_convolution_has_a_single_output_channel(tiny_repository, ti
     assert not any("forward" in vars(m) for m in tiny_models.modules() if isinstance(m, torch.nn.Conv3d))
 
 
+def test_upsampling_then_convolution_is_one_transposed_convolution(tiny_repository, tiny_models):
+    from monai.networks.blocks import Upsample
+
+    from diffugts.export.onnx_export import transposed_upsamplings
+
+    torch.manual_seed(0)
+    block = Upsample(3, in_channels=6, out_channels=6, scale_factor=2, mode="nontrainable", interp_mode="nearest",
+                     align_corners=None,
+                     post_conv=torch.nn.Conv3d(6, 6, 3, padding=1))
+    x = torch.randn(2, 6, 5, 4, 3)
+    with torch.no_grad():
+        reference = block(x)
+        with transposed_upsamplings(block):
+            ours = block(x)
+    assert ours.shape == reference.shape == (2, 6, 10, 8, 6)
+    torch.testing.assert_close(ours, reference, rtol=1e-5, atol=1e-5)
+    assert "forward" not in vars(block)
+    # the UNet's upsamplers are exported so: its graph upsamples by transposed convolutions only
+    ops = [n.op_type for n in onnx.load(str(tiny_repository / "unet" / "1" / "model.onnx")).graph.node]
+    assert ops.count("ConvTranspose") >= 1 and "Resize" not in ops
+    # a block that is not exactly nearest x2 -> 3x3x3 stays as it is
+    trilinear = Upsample(3, in_channels=6, out_channels=6, scale_factor=2, mode="nontrainable",
+                         interp_mode="trilinear", post_conv=torch.nn.Conv3d(6, 6, 3, padding=1))
+    with transposed_upsamplings(trilinear):
+        assert "forward" not in vars(trilinear)
+
+
 @pytest.mark.parametrize("shape,offset", [((2, 16, 6, 5, 4), 0.0), ((1, 16, 7, 3, 5), 100.0), ((2, 8, 30), 0.0)])
 def test_group_norm_from_moments_is_torch_group_norm(shape, offset):
     from monai.apps.generation.maisi.networks.autoencoderkl_maisi import MaisiGroupNorm3D
