@@ -40,10 +40,10 @@ def _shape_table(model: onnx.ModelProto) -> dict[str, list[int]]:
 
 
 def graph_flops_by_op(path: str, shapes: dict[str, tuple[int, ...]]) -> dict[str, float]:
-    """Multiply-adds counted as 2 FLOPs, per op type: Conv, MatMul, Gemm and Einsum nodes."""
+    """Multiply-adds counted as 2 FLOPs, per op type: Conv, ConvTranspose, MatMul, Gemm and Einsum nodes."""
     model = _concrete(onnx.load(path), shapes)
     table = _shape_table(model)
-    totals = {"Conv": 0.0, "MatMul": 0.0, "Gemm": 0.0, "Einsum": 0.0}
+    totals = {"Conv": 0.0, "ConvTranspose": 0.0, "MatMul": 0.0, "Gemm": 0.0, "Einsum": 0.0}
     for node in model.graph.node:
         out = table.get(node.output[0]) if node.output else None
         if out is None:
@@ -51,6 +51,9 @@ def graph_flops_by_op(path: str, shapes: dict[str, tuple[int, ...]]) -> dict[str
         if node.op_type == "Conv" and node.input[1] in table:
             weight = table[node.input[1]]  # (Cout, Cin/groups, k...)
             totals["Conv"] += 2.0 * np.prod(out) * np.prod(weight[1:])
+        elif node.op_type == "ConvTranspose" and node.input[0] in table and node.input[1] in table:
+            inputs, weight = table[node.input[0]], table[node.input[1]]  # (B, Cin, ...), (Cin, Cout/groups, k...)
+            totals["ConvTranspose"] += 2.0 * inputs[0] * np.prod(inputs[2:]) * np.prod(weight)
         elif node.op_type in ("MatMul", "Gemm") and node.input[0] in table:
             totals[node.op_type] += 2.0 * np.prod(out) * table[node.input[0]][-1]
         elif node.op_type == "Einsum":

@@ -51,18 +51,26 @@ def test_flop_count_of_a_known_convolution(tmp_path):
                       dynamic_axes={"x": {0: "b", 2: "d"}})
     # 2 FLOPs x output voxels (4 x 8^3) x kernel (2 x 27)
     assert graph_flops(str(path), {"x": (1, 2, 8, 8, 8)}) == 2 * 4 * 512 * 2 * 27
+    up = torch.nn.ConvTranspose3d(2, 4, 4, stride=2, padding=1)
+    torch.onnx.export(up, (torch.zeros(1, 2, 8, 8, 8),), str(path), dynamo=False, input_names=["x"],
+                      dynamic_axes={"x": {0: "b", 2: "d"}})
+    # every input voxel (2 x 8^3) spreads over a 4^3 kernel into 4 output channels
+    assert graph_flops(str(path), {"x": (2, 2, 8, 8, 8)}) == 2 * 2 * 512 * 2 * 4 * 64
 
 
 def test_flop_count_follows_shapes_through_the_unets_timestep_arithmetic(tiny_models, tmp_path):
     import torch
 
-    from diffugts.export.onnx_export import example_inputs, export_stage
+    from diffugts.export.onnx_export import OPSET, dynamic_axes, example_inputs
 
     preset = tiny_models.preset
     stage = tiny_models.stages()["unet"].eval()
-    path = tmp_path / "unet" / "model.onnx"
-    export_stage(preset, "unet", stage, path)
+    path = tmp_path / "unet.onnx"
     inputs = example_inputs(preset, "unet")
+    # traced as torch runs it (not the export's rewritten forms), with the export's dynamic axes
+    torch.onnx.export(stage, tuple(torch.from_numpy(v) for v in inputs.values()), str(path), dynamo=False,
+                      input_names=list(inputs), output_names=["prediction", "attention"],
+                      dynamic_axes=dynamic_axes(preset, "unet"), opset_version=OPSET)
     counted = []  # every Conv3d as torch runs it: 2 x output elements x kernel volume x input channels
 
     def count(module, args, output):
