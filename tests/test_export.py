@@ -189,7 +189,7 @@ def test_no_exported_convolution_has_a_single_output_channel(tiny_repository, ti
 def test_upsampling_then_convolution_is_one_transposed_convolution(tiny_repository, tiny_models):
     from monai.networks.blocks import Upsample
 
-    from diffugts.export.onnx_export import transposed_upsamplings
+    from diffugts.export.export_forms import transposed_upsamplings
 
     torch.manual_seed(0)
     block = Upsample(3, in_channels=6, out_channels=6, scale_factor=2, mode="nontrainable", interp_mode="nearest",
@@ -217,7 +217,7 @@ def test_upsampling_then_convolution_is_one_transposed_convolution(tiny_reposito
 def test_group_norm_from_moments_is_torch_group_norm(shape, offset):
     from monai.apps.generation.maisi.networks.autoencoderkl_maisi import MaisiGroupNorm3D
 
-    from diffugts.export.onnx_export import group_norm_from_moments
+    from diffugts.export.export_forms import group_norm_from_moments
 
     generator = torch.Generator().manual_seed(0)
     x = torch.randn(shape, generator=generator) * 3.0 + offset  # offset: a large mean, small spread
