@@ -87,7 +87,7 @@ calibrate: $(STAMP) corpus-sources
 train: $(STAMP) corpus-sources
 	$(VENV)/bin/diffugts corpus --out train_work/corpus
 	$(VENV)/bin/diffugts train heads --work train_work/v8 --corpus train_work/corpus \
-	  --backbone diffugts/weights/demo.safetensors --aova-steps 0 --anatomy-volumes 160 --cases 136 --head-steps 16000
+	  --backbone diffugts/weights/demo.safetensors --aova-steps 0 --anatomy-volumes 160 --cases 136 --head-steps 40000
 
 # Triton's perf_analyzer (tritonclient 2.40.0's wheel, libb64 from Debian, libcudart from PyPI) under
 # .tools/; optional: where it cannot be installed, the bench says so and uses its own load generator.
