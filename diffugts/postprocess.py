@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import cc3d
 import numpy as np
+from scipy import ndimage
 
 
 def components_filter(mask: np.ndarray, min_voxels: int = 0, top_k: int = 0) -> np.ndarray:
@@ -29,18 +30,61 @@ def mask_on_input_grid(grid, prob: np.ndarray, threshold: float, spacing, min_co
     """`probability_to_mask(grid.to_input_grid(prob), ...)` without resampling the whole map.
 
     A linearly interpolated voxel exceeds the threshold only if one of the two model voxels it
-    falls between on each axis does, so only the input-grid box over the model voxels above the
-    threshold (grown by one) is resampled, thresholded and filtered: on a CT-sized input that is
-    a small part of the volume. The mask is the same, voxel for voxel (components are found in the
-    input orientation, so even top-k ties break as before)."""
+    falls between on each axis does. So only input-grid boxes over the model voxels above the
+    threshold (grown by one) are resampled, one box per cluster of them (a scattered map's one
+    bounding box spans most of a CT-sized volume), and boxes that touch are merged: then no
+    component crosses from one box to another, and each box's components are its own. The mask is
+    the same, voxel for voxel (with `top_k`, components of equal size may break the tie differently)."""
     model = prob[grid.unpadded]
     above = model > threshold
     mask = np.zeros(grid.input_shape, np.uint8)
     if not above.any():
         return mask
+    clusters = cc3d.connected_components(above.view(np.uint8), connectivity=26)
+    boxes = _apart([_canonical_box(above[box], box, model.shape, grid.canonical_shape)
+                    for box in ndimage.find_objects(clusters)])
+    voxel_mm3 = float(np.prod(spacing))
+    min_voxels = max(int(np.ceil(min_component_mm3 / voxel_mm3)) if min_component_mm3 > 0 else 0, 1)
+    labels, found = [], []  # found: (size, box, label) of every component kept by size
+    for i, box in enumerate(boxes):
+        hits = (grid.box_to_input_grid(prob, box) > threshold).view(np.uint8)
+        labels.append(cc3d.connected_components(hits, connectivity=26))
+        sizes = np.bincount(labels[-1].ravel())
+        found += [(int(sizes[label]), i, label) for label in np.flatnonzero(sizes >= min_voxels) if label]
+    if top_k > 0:
+        found = sorted(found, key=lambda f: -f[0])[:top_k]
+    for i, box in enumerate(boxes):
+        keep = [label for _, j, label in found if j == i]
+        if keep:
+            mask[grid.input_box(box)] = np.isin(labels[i], keep)
+    return mask
+
+
+def _apart(boxes: list[tuple[slice, ...]]) -> list[tuple[slice, ...]]:
+    """Boxes merged (into their bounding box) until no two overlap or touch."""
+    boxes = list(boxes)
+    merged = True
+    while merged:
+        merged = False
+        for i in range(len(boxes)):
+            for j in range(i + 1, len(boxes)):
+                a, b = boxes[i], boxes[j]
+                if all(p.start <= q.stop and q.start <= p.stop for p, q in zip(a, b)):
+                    boxes[i] = tuple(slice(min(p.start, q.start), max(p.stop, q.stop)) for p, q in zip(a, b))
+                    del boxes[j]
+                    merged = True
+                    break
+            if merged:
+                break
+    return boxes
+
+
+def _canonical_box(above: np.ndarray, model_box: tuple[slice, ...], model_shape, canonical_shape) -> tuple[slice, ...]:
+    """The canonical-grid voxels whose interpolation reads a voxel of `above` (a `model_box` of the
+    unpadded model grid), grown by one."""
     box = []
-    for axis, (m, n) in enumerate(zip(model.shape, grid.canonical_shape)):
-        idx = np.flatnonzero(above.any(axis=tuple(a for a in range(above.ndim) if a != axis)))
+    for axis, (sl, m, n) in enumerate(zip(model_box, model_shape, canonical_shape)):
+        idx = sl.start + np.flatnonzero(above.any(axis=tuple(a for a in range(above.ndim) if a != axis)))
         scale = (m - 1) / max(n - 1, 1)
         if scale == 0:
             box.append(slice(0, n))
@@ -49,9 +93,4 @@ def mask_on_input_grid(grid, prob: np.ndarray, threshold: float, spacing, min_co
         lo = max(int(np.floor((idx[0] - 1) / scale)) - 1, 0)
         hi = min(int(np.ceil((idx[-1] + 1) / scale)) + 2, n)
         box.append(slice(lo, hi))
-    box = tuple(box)
-    values = grid.box_to_input_grid(prob, box)
-    voxel_mm3 = float(np.prod(spacing))
-    min_voxels = int(np.ceil(min_component_mm3 / voxel_mm3)) if min_component_mm3 > 0 else 0
-    mask[grid.input_box(box)] = components_filter(values > threshold, min_voxels, top_k)
-    return mask
+    return tuple(box)

@@ -38,6 +38,28 @@ def test_box_mask_equals_the_full_resample_mask(ct, threshold, min_mm3, top_k):
     np.testing.assert_array_equal(new, old)
 
 
+def test_scattered_map_with_many_boxes_gives_the_full_resample_mask(ct):
+    """Speckle above the threshold all over the model grid: many clusters, boxes that touch and merge."""
+    volume, _ = ct
+    _, grid = to_model_grid(volume, "CT", (3.0, 3.0, 3.0), 32)
+    padded = tuple(lo + n + hi for (lo, hi), n in zip(grid.pad, grid.resampled_shape))
+    rng = np.random.default_rng(7)
+    prob = model_probability(padded, rng, blobs=6)
+    prob[rng.random(padded) > 0.997] = 0.95  # isolated voxels, some next to each other
+    for top_k in (0, 3):
+        old = probability_to_mask(grid.to_input_grid(prob), volume.spacing, 0.5, 0.0, top_k)
+        np.testing.assert_array_equal(mask_on_input_grid(grid, prob, 0.5, volume.spacing, 0.0, top_k), old)
+        assert old.any()
+
+
+def test_touching_boxes_merge_and_apart_ones_stay():
+    from diffugts.postprocess import _apart
+
+    a, b = (slice(0, 4), slice(0, 4)), (slice(4, 6), slice(2, 3))  # b starts where a stops: touching
+    c = (slice(10, 12), slice(10, 12))
+    assert sorted(_apart([a, c, b]), key=lambda box: box[0].start) == [(slice(0, 6), slice(0, 4)), c]
+
+
 def test_box_resample_has_the_full_grid_values():
     rng = np.random.default_rng(1)
     small = rng.random((17, 13, 11), dtype=np.float32)
