@@ -39,11 +39,11 @@ class RepositoryExecutor:
             self._prompt_cache[prompts.texts] = out["prompt_embeddings"][0]
         return Encoded(out["latent"], out["anomaly"], out["features"])
 
-    def unet(self, latent: np.ndarray, timestep: float) -> Denoised:
+    def unet(self, latent: np.ndarray, timestep: float, attention: bool = True) -> Denoised:
         out = self.transport.infer("unet", {"latent": np.ascontiguousarray(latent, np.float32),
                                             "timestep": np.full((latent.shape[0], 1), timestep, np.float32)},
-                                   _names(self._stages["unet"]))
-        return Denoised(out["prediction"], out["attention"])
+                                   _names(self._stages["unet"]) if attention else ["prediction"])
+        return Denoised(out["prediction"], out.get("attention"))
 
     def decode(self, latent: np.ndarray) -> np.ndarray:
         return self.transport.infer("vae_decoder", {"latent": np.ascontiguousarray(latent, np.float32)},

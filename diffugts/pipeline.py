@@ -159,7 +159,7 @@ def inpaint_latent(executor: StageExecutor, sampler, latent: np.ndarray, mask: n
     timesteps = sampler.timesteps(strength)
     sample = sampler.add_noise(latent, noise, timesteps[0])
     for t in timesteps:
-        prediction = executor.unet(sample, sampler.model_timestep(t)).prediction
+        prediction = executor.unet(sample, sampler.model_timestep(t), attention=False).prediction
         sample = sampler.step(prediction, t, sample)
         known = sampler.add_noise(latent, noise, sampler.next_timestep(t))
         sample = (mask * sample + (1.0 - mask) * known).astype(np.float32)

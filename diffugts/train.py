@@ -271,8 +271,8 @@ class Recorder:
     def encode(self, image, prompts):
         return self.inner.encode(image, prompts)
 
-    def unet(self, latent, timestep):
-        return self.inner.unet(latent, timestep)
+    def unet(self, latent, timestep, attention=True):
+        return self.inner.unet(latent, timestep, attention)
 
     def decode(self, latent):
         return self.inner.decode(latent)

@@ -94,9 +94,9 @@ class ShapeSpy:
     def encode(self, image, prompts):
         return self.inner.encode(image, prompts)
 
-    def unet(self, latent, timestep):
+    def unet(self, latent, timestep, attention=True):
         self.unet_shapes.append(latent.shape[2:])
-        return self.inner.unet(latent, timestep)
+        return self.inner.unet(latent, timestep, attention)
 
     def decode(self, latent):
         self.decode_shapes.append(latent.shape)

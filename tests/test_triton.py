@@ -57,6 +57,12 @@ def test_stage_outputs_match_torch(triton_server, torch_executor, rng):
     crop = rng.standard_normal((1, 4, 4, 8, 4)).astype(np.float32)
     a, b = remote.unet(crop, 300.0), torch_executor.unet(crop, 300.0)
     assert relative(a.prediction, b.prediction) < 1e-3 and relative(a.attention, b.attention) < 1e-3
+    # an inpainting step asks for the prediction alone (the attention is 1 MB a step at the demo size)
+    asked, infer = [], remote.transport.infer
+    remote.transport.infer = lambda model, inputs, outputs: asked.append(outputs) or infer(model, inputs, outputs)
+    step = remote.unet(crop, 300.0, attention=False)
+    assert asked == [["prediction"]] and step.attention is None
+    np.testing.assert_array_equal(step.prediction, a.prediction)
     remote.close()
 
 

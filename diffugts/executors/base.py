@@ -23,7 +23,7 @@ class Encoded:
 @dataclass
 class Denoised:
     prediction: np.ndarray  # like the latent: epsilon or velocity
-    attention: np.ndarray  # (1, N, N) self-attention of the finest attention level, mean over heads
+    attention: np.ndarray | None  # (1, N, N) self-attention of the finest attention level, mean over heads
 
 
 class StageExecutor(Protocol):
@@ -32,8 +32,10 @@ class StageExecutor(Protocol):
     def encode(self, image: np.ndarray, prompts: PromptSet) -> Encoded:
         """Text embeddings + VAE encoder taps + AOVA map (the `encode_aova` ensemble)."""
 
-    def unet(self, latent: np.ndarray, timestep: float) -> Denoised:
-        """One UNet pass on a (scaled) latent, with the attention hook."""
+    def unet(self, latent: np.ndarray, timestep: float, attention: bool = True) -> Denoised:
+        """One UNet pass on a (scaled) latent, with the attention hook. `attention=False`: the
+        caller does not read it (the inpainting steps), and it is not returned (None): over the
+        wire it is a 1 MB tensor per step at the demo size."""
 
     def decode(self, latent: np.ndarray) -> np.ndarray:
         """(B, C, l, m, n) unscaled latents, a cropped box or the whole patch -> (B, 1, 4l, 4m, 4n) images."""

@@ -52,9 +52,9 @@ class TorchExecutor:
         return Encoded(latent.numpy(), anomaly.numpy(), features.numpy())
 
     @torch.inference_mode()
-    def unet(self, latent: np.ndarray, timestep: float) -> Denoised:
-        prediction, attention = self.stages["unet"](_t(latent), torch.tensor([timestep], dtype=torch.float32))
-        return Denoised(prediction.numpy(), attention.numpy())
+    def unet(self, latent: np.ndarray, timestep: float, attention: bool = True) -> Denoised:
+        prediction, weights = self.stages["unet"](_t(latent), torch.tensor([timestep], dtype=torch.float32))
+        return Denoised(prediction.numpy(), weights.numpy() if attention else None)
 
     @torch.inference_mode()
     def decode(self, latent: np.ndarray) -> np.ndarray:

@@ -33,12 +33,13 @@ class TritonPythonModel:
         return read_request(request, self.specs, pb_utils.get_input_tensor_by_name, self.max_batch)
 
     def _run(self, members, responses):
-        feed = {name: np.concatenate([a[name] for _, a in members]) for name, _ in self.inputs}
+        feed = {name: np.concatenate([a[name] for _, a, _ in members]) for name, _ in self.inputs}
         results = self.session.run(self.outputs, feed)
         start = 0
-        for i, arrays in members:
+        for i, arrays, wanted in members:
             n = next(iter(arrays.values())).shape[0]
-            tensors = [pb_utils.Tensor(name, r[start:start + n]) for name, r in zip(self.outputs, results)]
+            tensors = [pb_utils.Tensor(name, r[start:start + n]) for name, r in zip(self.outputs, results)
+                       if name in wanted]
             responses[i] = pb_utils.InferenceResponse(output_tensors=tensors)
             start += n
 
@@ -52,7 +53,9 @@ class TritonPythonModel:
                 responses[i] = pb_utils.InferenceResponse(error=pb_utils.TritonError(error_text(exc)))
                 continue
             key = tuple((k, v.shape[1:]) for k, v in arrays.items())
-            groups.setdefault(key, []).append((i, arrays))
+            # only the outputs asked for go back (the UNet's attention is unread in the inpainting steps)
+            wanted = set(request.requested_output_names()) or set(self.outputs)
+            groups.setdefault(key, []).append((i, arrays, wanted))
         for members in groups.values():
             try:
                 self._run(members, responses)
