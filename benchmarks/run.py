@@ -260,7 +260,7 @@ def plot(r: dict, out: Path) -> None:
         return
     stages = ("encode", "attention", "inpaint", "score")
     names = list(r["executors"])
-    fig, ax = plt.subplots(figsize=(8, 4))
+    fig, ax = plt.subplots(figsize=(9.5, 4))
     width = 0.8 / len(names)
     for i, name in enumerate(names):
         values = [r["executors"][name]["stages"][s]["p50"] for s in stages]
@@ -268,7 +268,7 @@ def plot(r: dict, out: Path) -> None:
     ax.set_xticks([j + 0.4 - width / 2 for j in range(len(stages))], stages)
     ax.set_ylabel("p50 seconds per volume")
     ax.set_title(f"Latency per stage ({r['preset']})")
-    ax.legend()
+    ax.legend(loc="upper left", bbox_to_anchor=(1.01, 1.0), frameon=False)  # beside the bars, never over them
     fig.tight_layout()
     fig.savefig(out / "latency_per_stage.png", dpi=90)
     plt.close(fig)
