@@ -7,22 +7,31 @@ import numpy as np
 from scipy import ndimage
 
 
+def kept_components(sizes: np.ndarray, min_voxels: int = 0, top_k: int = 0) -> np.ndarray:
+    """Indices into `sizes` (voxels per component) of the components kept: at least `min_voxels`,
+    then the `top_k` largest when `top_k` > 0."""
+    keep = np.flatnonzero(sizes >= max(min_voxels, 1))
+    if top_k > 0:
+        keep = keep[np.argsort(sizes[keep])[::-1][:top_k]]
+    return keep
+
+
 def components_filter(mask: np.ndarray, min_voxels: int = 0, top_k: int = 0) -> np.ndarray:
     labels, n = cc3d.connected_components(mask.astype(np.uint8), connectivity=26, return_N=True)
     if n == 0:
         return np.zeros(mask.shape, np.uint8)
-    sizes = np.bincount(labels.ravel())[1:]
-    keep = np.flatnonzero(sizes >= max(min_voxels, 1)) + 1
-    if top_k > 0:
-        keep = keep[np.argsort(sizes[keep - 1])[::-1][:top_k]]
+    keep = kept_components(np.bincount(labels.ravel())[1:], min_voxels, top_k) + 1
     return np.isin(labels, keep).astype(np.uint8)
+
+
+def min_component_voxels(spacing, min_component_mm3: float) -> int:
+    """The smallest component kept, in voxels of this spacing."""
+    return int(np.ceil(min_component_mm3 / float(np.prod(spacing)))) if min_component_mm3 > 0 else 0
 
 
 def probability_to_mask(prob: np.ndarray, spacing, threshold: float = 0.5,
                         min_component_mm3: float = 0.0, top_k: int = 0) -> np.ndarray:
-    voxel_mm3 = float(np.prod(spacing))
-    min_voxels = int(np.ceil(min_component_mm3 / voxel_mm3)) if min_component_mm3 > 0 else 0
-    return components_filter(prob > threshold, min_voxels, top_k)
+    return components_filter(prob > threshold, min_component_voxels(spacing, min_component_mm3), top_k)
 
 
 def mask_on_input_grid(grid, prob: np.ndarray, threshold: float, spacing, min_component_mm3: float = 0.0,
@@ -43,19 +52,15 @@ def mask_on_input_grid(grid, prob: np.ndarray, threshold: float, spacing, min_co
     clusters = cc3d.connected_components(above.view(np.uint8), connectivity=26)
     boxes = _apart([_canonical_box(above[box], box, model.shape, grid.canonical_shape)
                     for box in ndimage.find_objects(clusters)])
-    voxel_mm3 = float(np.prod(spacing))
-    min_voxels = max(int(np.ceil(min_component_mm3 / voxel_mm3)) if min_component_mm3 > 0 else 0, 1)
-    labels, found = [], []  # found: (size, box, label) of every component kept by size
+    labels = [cc3d.connected_components((grid.box_to_input_grid(prob, box) > threshold).view(np.uint8),
+                                        connectivity=26) for box in boxes]
+    sizes = [np.bincount(found.ravel(), minlength=1)[1:] for found in labels]  # per box, labels 1..n
+    owner = np.repeat(np.arange(len(boxes)), [len(s) for s in sizes])
+    label = np.concatenate([np.arange(1, len(s) + 1) for s in sizes])
+    kept = kept_components(np.concatenate(sizes), min_component_voxels(spacing, min_component_mm3), top_k)
     for i, box in enumerate(boxes):
-        hits = (grid.box_to_input_grid(prob, box) > threshold).view(np.uint8)
-        labels.append(cc3d.connected_components(hits, connectivity=26))
-        sizes = np.bincount(labels[-1].ravel())
-        found += [(int(sizes[label]), i, label) for label in np.flatnonzero(sizes >= min_voxels) if label]
-    if top_k > 0:
-        found = sorted(found, key=lambda f: -f[0])[:top_k]
-    for i, box in enumerate(boxes):
-        keep = [label for _, j, label in found if j == i]
-        if keep:
+        keep = label[kept[owner[kept] == i]]
+        if keep.size:
             mask[grid.input_box(box)] = np.isin(labels[i], keep)
     return mask
 
@@ -63,19 +68,15 @@ def mask_on_input_grid(grid, prob: np.ndarray, threshold: float, spacing, min_co
 def _apart(boxes: list[tuple[slice, ...]]) -> list[tuple[slice, ...]]:
     """Boxes merged (into their bounding box) until no two overlap or touch."""
     boxes = list(boxes)
-    merged = True
-    while merged:
-        merged = False
-        for i in range(len(boxes)):
-            for j in range(i + 1, len(boxes)):
-                a, b = boxes[i], boxes[j]
-                if all(p.start <= q.stop and q.start <= p.stop for p, q in zip(a, b)):
-                    boxes[i] = tuple(slice(min(p.start, q.start), max(p.stop, q.stop)) for p, q in zip(a, b))
-                    del boxes[j]
-                    merged = True
-                    break
-            if merged:
-                break
+
+    def touching(a, b):
+        return all(p.start <= q.stop and q.start <= p.stop for p, q in zip(a, b))
+
+    while pair := next(((i, j) for i in range(len(boxes)) for j in range(i + 1, len(boxes))
+                        if touching(boxes[i], boxes[j])), None):
+        i, j = pair
+        b = boxes.pop(j)
+        boxes[i] = tuple(slice(min(p.start, q.start), max(p.stop, q.stop)) for p, q in zip(boxes[i], b))
     return boxes
 
 
