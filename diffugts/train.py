@@ -262,6 +262,19 @@ def lesion_crop(volume: torch.Tensor, label: torch.Tensor, size: int, rng: np.ra
     return volume[region], label[region]
 
 
+def mirror_crop(views: torch.Tensor, label: torch.Tensor, rng: np.random.Generator) -> tuple[torch.Tensor, torch.Tensor]:
+    """Flip a crop's views and label together along each spatial axis with probability 1/2
+    (nnU-Net's mirroring): every view is local, so a mirrored lesion is as real as the original,
+    and the head sees eight orientations of the few lesion shapes one sitting draws."""
+    from monai.transforms import Flip
+
+    axes = [axis for axis in range(3) if rng.random() < 0.5]
+    if not axes:
+        return views, label
+    flip = Flip(spatial_axis=axes)  # channel-first: spatial axes after the channel
+    return flip(views[0]).as_tensor()[None], flip(label[0]).as_tensor()[None]
+
+
 class Recorder:
     """A torch executor that keeps the residual head's inputs of every `score` call (head training data)."""
 
@@ -408,7 +421,8 @@ def train_heads(preset_name: str = "demo", work: Path = Path("train_work"), seed
 
     def head_loss(step):
         # crops around lesions (two thirds of them) and anywhere: lesions are ~0.5% of a patch
-        batch = [lesion_crop(views[i], labels[i:i + 1], head_crop, rng) for i in rng.integers(len(cases), size=4)]
+        batch = [mirror_crop(*lesion_crop(views[i], labels[i:i + 1], head_crop, rng), rng)
+                 for i in rng.integers(len(cases), size=4)]
         logits = head.net(drop_view_groups(torch.cat([v for v, _ in batch]), VIEW_GROUPS, 0.6, rng).to(device))
         target = torch.cat([t for _, t in batch]).to(device)
         logits = logits.float()

@@ -50,6 +50,21 @@ def test_lesion_crops_hold_the_lesion_when_asked():
         assert float(target.sum()) > 0
 
 
+def test_mirrored_crops_keep_views_and_label_aligned_and_visit_every_orientation():
+    import numpy as np
+
+    views = torch.rand(1, 6, 5, 6, 7)
+    label = (views[:, :1] > 0.7).float()  # a label that is a function of the views, voxel by voxel
+    rng, seen = np.random.default_rng(0), set()
+    for _ in range(64):
+        mirrored, target = train.mirror_crop(views, label, rng)
+        assert mirrored.shape == views.shape and target.shape == label.shape
+        torch.testing.assert_close(target, (mirrored[:, :1] > 0.7).float())
+        seen.add(tuple(int(torch.equal(mirrored, views.flip(dims))) for dims in ([2], [3], [4], [2, 3, 4])))
+    # each single-axis flip, all three together and the original all occur
+    assert {(1, 0, 0, 0), (0, 1, 0, 0), (0, 0, 1, 0), (0, 0, 0, 1), (0, 0, 0, 0)} <= seen
+
+
 def test_a_resumed_phase_ends_where_an_uninterrupted_one_does(tmp_path):
     """The numpy generator the loss draws from is checkpointed with the weights and the torch generator."""
     import numpy as np
