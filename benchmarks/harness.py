@@ -38,11 +38,12 @@ class Plan:
     real_size_shape: tuple[int, int, int] = (512, 512, 300)
     int8: bool = True
     maisi: bool = True
+    flops_rounds: int = 5  # per stage: a peak read, then its timed calls
 
 
 FULL = Plan(volumes=4, repeats=5, concurrency=(1, 2, 4, 8), per_client=2, steps=(2, 5, 10, 20), unet_requests=20)
 QUICK = Plan(volumes=1, repeats=1, concurrency=(1, 2), per_client=1, steps=(2, 4), unet_requests=4,
-             windows_per_axis=(1,), real_size_shape=(96, 96, 60), int8=False, maisi=False)
+             windows_per_axis=(1,), real_size_shape=(96, 96, 60), int8=False, maisi=False, flops_rounds=1)
 
 
 def percentiles(values) -> dict:
@@ -148,16 +149,21 @@ def run_perf_analyzer(repository: Path, preset, out: Path, concurrency: tuple[in
     return result
 
 
-def stage_flops(repository: Path, preset, peak_gflops: float, repeats: int = 5) -> dict:
+def stage_flops(repository: Path, preset, rounds: int = 5, repeats: int = 5) -> dict:
     """FLOPs per ONNX graph at the loop's shapes, timed in the engine Triton serves the stage with
-    (the export's choice; ONNX Runtime where the report names none): fraction of peak."""
+    (the export's choice; ONNX Runtime where the report names none): fraction of peak.
+
+    The host's speed drifts by up to ~40% between minutes (the same UNet read 38 and 54 ms a call
+    within one quarter of an hour), so each stage is timed in `rounds` short rounds, each right
+    after its own peak read, and its share is the median of the per-round ratios: the stage and
+    the machine measured in the same minute."""
     import json
 
     from diffugts.export.onnx_export import example_inputs
     from diffugts.export.runtime_choice import median_call_seconds, serving_session
     from diffugts.stages import ONNX_STAGES, stage_specs
 
-    from .flops import graph_flops
+    from .flops import graph_flops, machine_peak_gflops
 
     chosen = json.loads((repository / "export_report.json").read_text()).get("stage_runtime", {})
     specs = stage_specs(preset)
@@ -167,10 +173,17 @@ def stage_flops(repository: Path, preset, peak_gflops: float, repeats: int = 5) 
         inputs = example_inputs(preset, stage)
         flops = graph_flops(str(path), {k: v.shape for k, v in inputs.items()})
         engine = chosen.get(stage, {}).get("engine", "onnxruntime")
-        seconds = median_call_seconds(serving_session(path.parent, engine, inputs), inputs,
-                                      [t.name for t in specs[stage].outputs], repeats)
-        report[stage] = {"engine": engine, "gflop": flops / 1e9, "median_s": seconds, "gflops": flops / seconds / 1e9,
-                         "fraction_of_peak": flops / seconds / 1e9 / peak_gflops}
+        session = serving_session(path.parent, engine, inputs)
+        outputs = [t.name for t in specs[stage].outputs]
+        peaks, seconds = [], []
+        for _ in range(rounds):
+            peaks.append(machine_peak_gflops(repeats=3))
+            seconds.append(median_call_seconds(session, inputs, outputs, repeats))
+        shares = [flops / s / 1e9 / p for s, p in zip(seconds, peaks)]
+        median_s = float(np.median(seconds))
+        report[stage] = {"engine": engine, "gflop": flops / 1e9, "median_s": median_s, "gflops": flops / median_s / 1e9,
+                         "peak_gflops": float(np.median(peaks)), "fraction_of_peak": float(np.median(shares)),
+                         "rounds": [{"peak_gflops": p, "seconds": s} for p, s in zip(peaks, seconds)]}
     return report
 
 

@@ -22,6 +22,9 @@ def test_quick_bench_writes_results(tmp_path, capsys):
     assert all(not t["errors"] for t in results["throughput"]["dynamic_batching_off"])
     assert results["cropping"]["inpaint_speedup"] > 0
     assert results["flops"]["unet"]["gflop"] > 0 and results["machine"]["peak_gflops_fp32_matmul"] > 0
+    for stage in results["flops"].values():  # the quick plan: one round, its share against its own peak read
+        (only,) = stage["rounds"]
+        assert stage["fraction_of_peak"] == pytest.approx(stage["gflop"] / only["seconds"] / only["peak_gflops"])
     assert results["perf_analyzer"]["status"] in ("ok", "unavailable", "failed")
     if results["perf_analyzer"]["status"] == "ok":
         assert [r["concurrency"] for r in results["perf_analyzer"]["rows"]] == [1, 2]
