@@ -82,3 +82,34 @@ def machine_peak_gflops(size: int = 2048, repeats: int = 5) -> float:
         a @ b
         best = min(best, time.perf_counter() - start)
     return 2.0 * size**3 / best / 1e9
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Re-measure the share of peak of an exported repository's stages alone (the bench's section)."""
+    import argparse
+    import json
+    from pathlib import Path
+
+    from diffugts.config import get_preset
+
+    from .harness import stage_flops
+
+    parser = argparse.ArgumentParser(prog="python -m diffugts.benchmarks.flops", description=main.__doc__)
+    parser.add_argument("repository", type=Path, help="a model repository written by `diffugts export`")
+    parser.add_argument("--preset", default="demo")
+    parser.add_argument("--rounds", type=int, default=5)
+    parser.add_argument("--out", type=Path, help="write the figures here as JSON")
+    args = parser.parse_args(argv)
+    if not (args.repository / "export_report.json").is_file():
+        parser.error(f"{args.repository} has no export_report.json: not a repository from `diffugts export`")
+    report = stage_flops(args.repository, get_preset(args.preset), args.rounds)
+    for stage, r in report.items():
+        print(f"{stage:18s} {r['engine']:12s} {r['gflop']:6.2f} GFLOP  {1000 * r['median_s']:8.1f} ms  "
+              f"{r['gflops']:6.1f} GFLOP/s  peak {r['peak_gflops']:5.0f}  share {100 * r['fraction_of_peak']:5.1f}%")
+    if args.out:
+        args.out.write_text(json.dumps(report, indent=2))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

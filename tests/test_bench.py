@@ -128,3 +128,11 @@ def test_inpainting_check_rejects_no_cases_and_writes_nothing(tmp_path, capsys):
     out = tmp_path / "inpainting.json"
     assert main(["inpainting-check", "--preset", "tiny", "--n", "0", "--out", str(out)]) == 2
     assert "--n must be at least 1" in capsys.readouterr().err and not out.exists()
+
+
+def test_flops_section_alone_refuses_a_folder_that_is_no_repository(tmp_path, capsys):
+    from diffugts.benchmarks.flops import main as flops_main
+
+    with pytest.raises(SystemExit) as exc:
+        flops_main([str(tmp_path)])
+    assert exc.value.code == 2 and "not a repository from `diffugts export`" in capsys.readouterr().err
