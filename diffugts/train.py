@@ -448,17 +448,18 @@ def install_weights(work: Path, name: str = "demo.safetensors") -> Path:
 def weights_from_checkpoints(preset_name: str, work: Path, backbone: Path | None = None) -> dict:
     """`work/demo.safetensors` from the last checkpoints of an unfinished `train heads` run: a phase
     stopped early (Ctrl-C, the end of a sitting) still gives usable weights, and the run can resume
-    later from the same checkpoints. Says which step each phase had reached."""
-    for phase in ("aova", "head"):
-        if not (work / f"{phase}.pt").exists():
-            raise ValueError(f"{work / f'{phase}.pt'}: no checkpoint; run `diffugts train heads` first")
+    later from the same checkpoints. Says which step each phase had reached. A phase with no
+    checkpoint (a fine-tune with `--aova-steps 0`) keeps what the backbone file holds for it."""
+    phases = [(phase, parts) for phase, parts in (("aova", ("aova", "projection")), ("head", ("head",)))
+              if (work / f"{phase}.pt").exists()]
+    if not phases:
+        raise ValueError(f"{work}: no checkpoint (aova.pt, head.pt); run `diffugts train heads` first")
     preset = get_preset(preset_name)
     models = build_models(preset, 0)
     load_weights(models, backbone or work / "backbone.safetensors")
     steps = {}
-    for phase, parts in (("aova", ("aova", "projection")), ("head", ("head",))):
-        path = work / f"{phase}.pt"
-        state = torch.load(path, map_location="cpu", weights_only=False)
+    for phase, parts in phases:
+        state = torch.load(work / f"{phase}.pt", map_location="cpu", weights_only=False)
         for part in parts:
             getattr(models, part).load_state_dict(state["modules"][part])
         steps[phase] = int(state["step"])

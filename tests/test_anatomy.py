@@ -237,6 +237,15 @@ def test_an_unfinished_heads_run_still_gives_weights_from_its_checkpoints(tmp_pa
         torch.testing.assert_close(a, b)
     with pytest.raises(ValueError, match="no checkpoint"):
         train.weights_from_checkpoints("tiny", tmp_path / "nothing")
+    # a head-only fine-tune (no AOVA phase): the AOVA comes from the file it started from
+    (tmp_path / "aova.pt").unlink()
+    report = train.weights_from_checkpoints("tiny", tmp_path, backbone=tmp_path / "backbone.safetensors")
+    assert report["checkpoint_steps"] == {"head": 3}
+    started = build_models(get_preset("tiny"))
+    load_weights(started, tmp_path / "backbone.safetensors")
+    load_weights(snapshot, tmp_path / "demo.safetensors")
+    for a, b in zip(started.aova.state_dict().values(), snapshot.aova.state_dict().values()):
+        torch.testing.assert_close(a.half().float(), b)  # the snapshot is written in fp16
 
 
 def test_training_cases_look_as_inference_preprocessing_makes_them(mni_corpus, tmp_path):
