@@ -22,6 +22,7 @@ def test_quick_bench_writes_results(tmp_path, capsys):
     assert all(not t["errors"] for t in results["throughput"]["dynamic_batching_off"])
     assert results["cropping"]["inpaint_speedup"] > 0
     assert results["flops"]["unet"]["gflop"] > 0 and results["machine"]["peak_gflops_fp32_matmul"] > 0
+    assert results["flops"]["unet:prediction"]["gflop"] == results["flops"]["unet"]["gflop"]  # the inpainting call
     for stage in results["flops"].values():  # the quick plan: one round, its share against its own peak read
         (only,) = stage["rounds"]
         assert stage["fraction_of_peak"] == pytest.approx(stage["gflop"] / only["seconds"] / only["peak_gflops"])

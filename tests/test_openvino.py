@@ -137,9 +137,30 @@ def test_whole_patch_shapes_are_compiled_static_and_other_shapes_stay_dynamic(op
     names = ["prediction", "attention"]
     session = open_session(repo / "unet" / "1", "openvino", static_shapes=static)
     dynamic = open_session(repo / "unet" / "1", "openvino")
-    assert list(session.static) == [_shape_key(static)] and not dynamic.static
+    everything = (0, 1)  # output indices: both
+    assert set(session.compiled) == {(None, everything), (_shape_key(static), everything)}
+    assert set(dynamic.compiled) == {(None, everything)}
     cropped = example_inputs(TINY, "unet", batch=2, crop=TINY.unet_multiple, seed=5)
     for inputs in (whole, cropped):  # the static model for the whole patch; the dynamic one for a crop
         for a, b in zip(session.run(names, inputs), dynamic.run(names, inputs)):
             assert a.shape == b.shape
             np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-5)
+
+
+def test_a_call_for_the_prediction_alone_runs_a_graph_without_the_attention(openvino_repository):
+    """The inpainting steps read the UNet's prediction only: that call gets a graph cut down to it
+    (same values), compiled once per shape kind; unknown names are refused."""
+    repo, _ = openvino_repository
+    static = json.loads(parse_config(repo / "unet" / "config.pbtxt").parameters["static_shapes"].string_value)
+    session = open_session(repo / "unet" / "1", "openvino", static_shapes=static)
+    whole = example_inputs(TINY, "unet", seed=4)
+    cropped = example_inputs(TINY, "unet", batch=2, crop=TINY.unet_multiple, seed=5)
+    for inputs in (whole, cropped, whole):
+        full_prediction, attention = session.run(["prediction", "attention"], inputs)
+        (alone,) = session.run(["prediction"], inputs)
+        np.testing.assert_allclose(alone, full_prediction, rtol=1e-4, atol=1e-5)
+    cut = {key: compiled for key, (compiled, _) in session.compiled.items() if key[1] == (0,)}
+    assert set(cut) == {(None, (0,)), (_shape_key(static), (0,))}  # compiled once each
+    assert all(len(c.outputs) == 1 and "prediction" in c.outputs[0].get_names() for c in cut.values())
+    with pytest.raises(ValueError, match="unknown outputs"):
+        session.run(["attn"], whole)

@@ -34,11 +34,13 @@ class TritonPythonModel:
 
     def _run(self, members, responses):
         feed = {name: np.concatenate([a[name] for _, a, _ in members]) for name, _ in self.inputs}
-        results = self.session.run(self.outputs, feed)
+        # only the outputs some member asked for are computed (OpenVINO then runs a graph cut down to them)
+        computed = [name for name in self.outputs if any(name in wanted for _, _, wanted in members)]
+        results = self.session.run(computed, feed)
         start = 0
         for i, arrays, wanted in members:
             n = next(iter(arrays.values())).shape[0]
-            tensors = [pb_utils.Tensor(name, r[start:start + n]) for name, r in zip(self.outputs, results)
+            tensors = [pb_utils.Tensor(name, r[start:start + n]) for name, r in zip(computed, results)
                        if name in wanted]
             responses[i] = pb_utils.InferenceResponse(output_tensors=tensors)
             start += n
