@@ -64,7 +64,7 @@ class OpenVinoSession:
         """The graph, reshaped to the whole patch where `static_key` says so, and cut down to
         `outputs`: a call that does not read the UNet's attention (every inpainting step) runs a
         graph without it, where OpenVINO fuses each attention block into one kernel (its
-        matrices are no longer an output): ~7% of the demo UNet's call on this CPU."""
+        matrices are no longer an output): 10% of a whole-patch demo UNet call on this CPU."""
         key = (static_key, outputs)
         if key not in self.compiled:
             import openvino as ov
