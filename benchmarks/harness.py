@@ -167,26 +167,29 @@ def stage_flops(repository: Path, preset, rounds: int = 5, repeats: int = 5) -> 
 
     chosen = json.loads((repository / "export_report.json").read_text()).get("stage_runtime", {})
     specs = stage_specs(preset)
-    # the calls the loop makes: every stage with all its outputs, and the inpainting steps' UNet
-    # call, which reads the prediction alone (the same multiply-adds)
-    calls = [(stage, stage, [t.name for t in specs[stage].outputs]) for stage in ONNX_STAGES]
-    calls.insert([c[0] for c in calls].index("unet") + 1, ("unet:prediction", "unet", ["prediction"]))
     report = {}
-    for name, stage, outputs in calls:
+    for stage in ONNX_STAGES:
         path = repository / stage / "1" / "model.onnx"
         inputs = example_inputs(preset, stage)
         flops = graph_flops(str(path), {k: v.shape for k, v in inputs.items()})
         engine = chosen.get(stage, {}).get("engine", "onnxruntime")
         session = serving_session(path.parent, engine, inputs)
-        peaks, seconds = [], []
-        for _ in range(rounds):
-            peaks.append(machine_peak_gflops(repeats=3))
-            seconds.append(median_call_seconds(session, inputs, outputs, repeats))
-        shares = [flops / s / 1e9 / p for s, p in zip(seconds, peaks)]
-        median_s = float(np.median(seconds))
-        report[name] = {"engine": engine, "gflop": flops / 1e9, "median_s": median_s, "gflops": flops / median_s / 1e9,
-                        "peak_gflops": float(np.median(peaks)), "fraction_of_peak": float(np.median(shares)),
-                        "rounds": [{"peak_gflops": p, "seconds": s} for p, s in zip(peaks, seconds)]}
+        # the calls the loop makes: the stage with all its outputs, and for the UNet also the
+        # inpainting steps' call, which reads the prediction alone (the same multiply-adds)
+        calls = {stage: [t.name for t in specs[stage].outputs]}
+        if stage == "unet":
+            calls["unet:prediction"] = ["prediction"]
+        for name, outputs in calls.items():
+            peaks, seconds = [], []
+            for _ in range(rounds):
+                peaks.append(machine_peak_gflops(repeats=3))
+                seconds.append(median_call_seconds(session, inputs, outputs, repeats))
+            shares = [flops / s / 1e9 / p for s, p in zip(seconds, peaks)]
+            median_s = float(np.median(seconds))
+            report[name] = {"engine": engine, "gflop": flops / 1e9, "median_s": median_s,
+                            "gflops": flops / median_s / 1e9, "peak_gflops": float(np.median(peaks)),
+                            "fraction_of_peak": float(np.median(shares)),
+                            "rounds": [{"peak_gflops": p, "seconds": s} for p, s in zip(peaks, seconds)]}
     return report
 
 

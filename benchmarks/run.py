@@ -200,7 +200,7 @@ def markdown(r: dict) -> str:
     lines += ["", "| ONNX stage | engine | GFLOP / call | median s | GFLOP/s | peak read beside it | share of peak |",
               "|---|---|---|---|---|---|---|"]
     lines += [f"| {k} | {v.get('engine', 'onnxruntime')} | {v['gflop']:.2f} | {v['median_s']:.4f} | {v['gflops']:.1f} | "
-              f"{v.get('peak_gflops', m.get('peak_gflops_fp32_matmul', 0)):.0f} | {100 * v['fraction_of_peak']:.1f}% |"
+              f"{v['peak_gflops']:.0f} | {100 * v['fraction_of_peak']:.1f}% |"
               for k, v in r["flops"].items()]
     pa = r["perf_analyzer"]
     lines += ["", f"perf_analyzer on `unet`: {pa['status']}" + (f" ({pa['reason']})" if "reason" in pa else "")]

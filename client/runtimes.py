@@ -49,18 +49,19 @@ class OpenVinoSession:
         if threads > 0:
             self.config["INFERENCE_NUM_THREADS"] = str(threads)
         self.core, self.path = ov.Core(), str(path)
+        model = self.core.read_model(self.path)  # compiled as it is below; not kept (its weights are large)
         # each output's tensor names (an IR from NNCF may carry several per output)
-        self.outputs = [set(o.get_names()) for o in self.core.read_model(self.path).outputs]
+        self.outputs = [set(o.get_names()) for o in model.outputs]
         self.static_key = _shape_key(static_shapes) if static_shapes else None
         self.static_shapes = static_shapes
         # compiled models by (static or dynamic, outputs computed): the whole graph up front
         self.compiled = {}
         everything = tuple(range(len(self.outputs)))
-        self._compiled_for(None, everything)
+        self._compiled_for(None, everything, model)
         if static_shapes:
             self._compiled_for(self.static_key, everything)
 
-    def _compiled_for(self, static_key, outputs: tuple[int, ...]):
+    def _compiled_for(self, static_key, outputs: tuple[int, ...], model=None):
         """The graph, reshaped to the whole patch where `static_key` says so, and cut down to
         `outputs`: a call that does not read the UNet's attention (every inpainting step) runs a
         graph without it, where OpenVINO fuses each attention block into one kernel (its
@@ -69,7 +70,8 @@ class OpenVinoSession:
         if key not in self.compiled:
             import openvino as ov
 
-            model = self.core.read_model(self.path)
+            if model is None:  # reshaping below changes a model in place: a fresh read for each form
+                model = self.core.read_model(self.path)
             if static_key is not None:
                 model.reshape({name: list(shape) for name, shape in self.static_shapes.items()})
             if len(outputs) < len(self.outputs):
