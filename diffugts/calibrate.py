@@ -1,5 +1,6 @@
-"""`diffugts calibrate`: the inpainting theta and the head's threshold, chosen jointly on a
-dataset of *seen* categories by the full pipeline's mean Dice (never on the unseen set)."""
+"""`diffugts calibrate`: the inpainting theta, the head's threshold and the smallest component
+kept, chosen jointly on a dataset of *seen* categories by the full pipeline's mean Dice (never on
+the unseen set)."""
 
 from __future__ import annotations
 
@@ -15,9 +16,11 @@ from .pipeline import LoopOptions, segment_volume
 from .postprocess import probability_to_mask
 
 
-def calibrate(executor, datasets, thetas, thresholds, on_case=None) -> dict:
-    """Mean Dice for every (theta, threshold) over the cases of one or more datasets; needs an
-    in-process executor (its preset is swapped)."""
+def calibrate(executor, datasets, thetas, thresholds, min_components=None, on_case=None) -> dict:
+    """Mean Dice for every (theta, threshold, min component mm^3) over the cases of one or more
+    datasets; needs an in-process executor (its preset is swapped). The loop runs once per theta;
+    the threshold and component size only change the postprocessing of its probability.
+    `min_components`: None keeps the preset's. The result's `dice` nests theta -> threshold -> mm^3."""
     dirs = [Path(d) for d in ([datasets] if isinstance(datasets, (str, Path)) else datasets)]
     cases = []
     for dataset_dir in dirs:
@@ -28,6 +31,7 @@ def calibrate(executor, datasets, thetas, thresholds, on_case=None) -> dict:
     if not cases:
         raise InputError(", ".join(map(str, dirs)), "no case with a lesion to calibrate on")
     base, grid = executor.preset, {}
+    sizes = [float(m) for m in (min_components if min_components is not None else [base.min_component_mm3])]
     for theta in thetas:
         probabilities = []
         with preset_changes(executor, anomaly_threshold=float(theta)):
@@ -36,9 +40,16 @@ def calibrate(executor, datasets, thetas, thresholds, on_case=None) -> dict:
                 probabilities.append((seg.probability, label, volume.spacing))
                 if on_case:
                     on_case()
-        grid[float(theta)] = {float(t): float(np.mean([
-            dice(probability_to_mask(p, spacing, t, base.min_component_mm3, base.top_k_components), label)
-            for p, label, spacing in probabilities])) for t in thresholds}
-    theta, threshold = max(((a, b) for a in grid for b in grid[a]), key=lambda k: grid[k[0]][k[1]])
+        grid[float(theta)] = {float(t): {m: float(np.mean([
+            dice(probability_to_mask(p, spacing, t, m, base.top_k_components), label)
+            for p, label, spacing in probabilities])) for m in sizes} for t in thresholds}
+    cells = [(a, b, m) for a in grid for b in grid[a] for m in grid[a][b]]
+    theta, threshold, size = max(cells, key=lambda k: grid[k[0]][k[1]][k[2]])
+    best = {"anomaly_threshold": theta, "mask_threshold": threshold, "min_component_mm3": size,
+            "dice": grid[theta][threshold][size]}
+    # a best value on the grid's edge may be short of the real optimum: say which knob to widen
+    edges = [name for name, value, values in (("thetas", theta, thetas), ("thresholds", threshold, thresholds),
+                                              ("min components", size, sizes))
+             if len(values) > 1 and float(value) in (float(min(values)), float(max(values)))]
     return {"dataset": ", ".join(d.name for d in dirs), "preset": base.name, "cases": len(cases), "dice": grid,
-            "best": {"anomaly_threshold": theta, "mask_threshold": threshold, "dice": grid[theta][threshold]}}
+            "best": best, "on_grid_edge": edges}

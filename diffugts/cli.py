@@ -223,13 +223,18 @@ def cmd_calibrate(args) -> int:
     executor = TorchExecutor.from_preset(args.preset, args.weights)
     with Progress(console=_console(True)) as progress:
         task = progress.add_task("calibration runs", total=total)
-        result = calibrate(executor, args.dataset, args.thetas, args.thresholds, lambda: progress.advance(task))
+        result = calibrate(executor, args.dataset, args.thetas, args.thresholds, args.min_components,
+                           lambda: progress.advance(task))
     write_json(Path(args.out), result)
     for theta, row in result["dice"].items():
-        print(f"theta {theta:g}: " + "  ".join(f"{t:g} -> {d:.3f}" for t, d in row.items()))
+        for size in args.min_components:
+            print(f"theta {theta:g}, min component {size:g} mm^3: "
+                  + "  ".join(f"{t:g} -> {by_size[size]:.3f}" for t, by_size in row.items()))
     best = result["best"]
     print(f"best: anomaly_threshold={best['anomaly_threshold']:g} mask_threshold={best['mask_threshold']:g} "
-          f"(mean Dice {best['dice']:.3f} over {result['cases']} cases)")
+          f"min_component_mm3={best['min_component_mm3']:g} (mean Dice {best['dice']:.3f} over {result['cases']} cases)")
+    if result["on_grid_edge"]:
+        print(f"note: the best lies on the edge of the grid of {', '.join(result['on_grid_edge'])}; widen it to look further")
     return 0
 
 
@@ -404,14 +409,16 @@ def build_parser() -> argparse.ArgumentParser:
     _executor_args(p)
     p.set_defaults(func=cmd_evaluate)
 
-    p = sub.add_parser("calibrate", help="choose the inpainting theta and head threshold on seen categories")
+    p = sub.add_parser("calibrate", help="choose the inpainting theta, head threshold and smallest component on seen categories")
     p.add_argument("dataset", nargs="+",
                    help="MSD-layout sets of seen categories (diffugts phantom --categories / diffugts lesions --kinds)")
     p.add_argument("--out", required=True, help="results JSON")
     p.add_argument("--preset", default="demo")
     p.add_argument("--weights", default=None)
-    p.add_argument("--thetas", type=_floats, default=[0.03, 0.05, 0.08, 0.15])
+    p.add_argument("--thetas", type=_floats, default=[0.03, 0.05, 0.08, 0.15, 0.25, 0.4])
     p.add_argument("--thresholds", type=_floats, default=[0.3, 0.5, 0.7, 0.8, 0.9, 0.95])
+    p.add_argument("--min-components", type=_floats, default=[0, 50, 100, 200], dest="min_components",
+                   help="smallest component kept, mm^3 (postprocessing only: no extra loop runs)")
     p.set_defaults(func=cmd_calibrate)
 
     p = sub.add_parser("export", help="export every stage to ONNX and write a Triton model repository")

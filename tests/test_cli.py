@@ -134,17 +134,26 @@ def test_evaluate_all_ablations_writes_a_table(phantom_dir, tmp_path, capsys):
     assert table.count("\n") == 6 and "| baseline |" in table and "kidney tumor Dice / NSD / AUROC" in table
 
 
-def test_calibrate_sweeps_theta_and_threshold_and_keeps_the_best(phantom_dir, tmp_path, capsys):
+def test_calibrate_sweeps_theta_threshold_and_component_size_and_keeps_the_best(phantom_dir, tmp_path, capsys):
     out = tmp_path / "calibration.json"
     code, printed, _ = run(capsys, "calibrate", phantom_dir, "--out", out, "--preset", "tiny",
-                           "--thetas", "0.3,0.6", "--thresholds", "0.2,0.5,0.8")
+                           "--thetas", "0.3,0.6", "--thresholds", "0.2,0.5,0.8", "--min-components", "0,1e9")
     assert code == 0
     result = json.loads(out.read_text())
-    grid = {(float(a), float(b)): d for a, row in result["dice"].items() for b, d in row.items()}
-    assert len(grid) == 6 and all(0.0 <= d <= 1.0 for d in grid.values())
+    grid = {(float(a), float(b), float(m)): d for a, row in result["dice"].items()
+            for b, by_size in row.items() for m, d in by_size.items()}
+    assert len(grid) == 12 and all(0.0 <= d <= 1.0 for d in grid.values())
+    # a component of 1e9 mm^3 keeps nothing: the size reaches the postprocessing
+    assert all(d == 0.0 for (_, _, m), d in grid.items() if m == 1e9)
     best = result["best"]
-    assert grid[(best["anomaly_threshold"], best["mask_threshold"])] == max(grid.values()) == best["dice"]
-    assert result["cases"] == 4 and "best: anomaly_threshold=" in printed
+    key = (best["anomaly_threshold"], best["mask_threshold"], best["min_component_mm3"])
+    assert grid[key] == max(grid.values()) == best["dice"]
+    assert result["cases"] == 4 and "best: anomaly_threshold=" in printed and "min_component_mm3=" in printed
+    # each knob's best is checked against its grid's ends
+    ends = {"thetas": (0.3, 0.6), "thresholds": (0.2, 0.8), "min components": (0.0, 1e9)}
+    expected = [name for name, value in zip(ends, key) if value in ends[name]]
+    assert result["on_grid_edge"] == expected
+    assert ("widen it" in printed) == bool(expected)
 
 
 def test_calibrate_needs_lesions(tmp_path, capsys):
