@@ -54,12 +54,11 @@ class OpenVinoSession:
         self.outputs = [set(o.get_names()) for o in model.outputs]
         self.static_key = _shape_key(static_shapes) if static_shapes else None
         self.static_shapes = static_shapes
-        # compiled models by (static or dynamic, outputs computed): the whole graph up front
+        # compiled models by (static or dynamic, outputs computed). One form up front, the whole
+        # graph at the shapes every window's first call has; the others when a call first needs
+        # one: each holds its own copy of the weights (~1.5 GB for the maisi UNet)
         self.compiled = {}
-        everything = tuple(range(len(self.outputs)))
-        self._compiled_for(None, everything, model)
-        if static_shapes:
-            self._compiled_for(self.static_key, everything)
+        self._compiled_for(self.static_key, tuple(range(len(self.outputs))), model)
 
     def _compiled_for(self, static_key, outputs: tuple[int, ...], model=None):
         """The graph, reshaped to the whole patch where `static_key` says so, and cut down to
@@ -87,8 +86,7 @@ class OpenVinoSession:
         if unknown:
             raise ValueError(f"unknown outputs {unknown}: the graph has {[sorted(n) for n in self.outputs]}")
         static = _shape_key({k: v.shape for k, v in feed.items()}) == self.static_key
-        # only the whole patch gets a cut-down graph: on cropped boxes it measured no faster, and
-        # each form holds its own copy of the weights (~750 MB for the maisi UNet)
+        # only the whole patch gets a cut-down graph: on cropped boxes it measured no faster
         wanted = tuple(i for i, names in enumerate(self.outputs) if names & set(outputs)) if static else \
             tuple(range(len(self.outputs)))
         compiled, request = self._compiled_for(self.static_key if static else None, wanted)
