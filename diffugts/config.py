@@ -35,6 +35,9 @@ class Preset:
     embed_dim: int = 32
     adapter_ratio: float = 0.2
     head_channels: int = 16
+    # average the head's probability over the 8 mirrorings of its views (test-time augmentation,
+    # as nnU-Net does; the head trains on mirrored crops): 8x the head's compute
+    head_mirror_average: bool = False
     # loop
     scheduler: str = "ddim"  # "ddim" (epsilon prediction) or "flow" (rectified flow, velocity)
     flow_velocity_sign: float = 1.0  # +1: v = noise - x0 (diffusers); -1: v = x0 - noise (MONAI RFlow)
@@ -95,13 +98,16 @@ PRESETS: dict[str, Preset] = {
         unet_channels=(32, 64, 64), unet_attention=(False, True, True),
         unet_head_channels=(0, 16, 16), unet_norm_groups=8, unet_res_blocks=1,
         embed_dim=32, head_channels=16, inference_steps=10,
+        # seen sets (28 cases, `make calibrate`): pooled Dice 0.593 -> 0.613 with the thresholds
+        # recalibrated for it
+        head_mirror_average=True,
         # calibrated on seen categories only with the bundled weights: the map's threshold on the
         # aova+attention ablation's Dice (seen phantoms, seed 77); the inpainting theta and the
         # head's threshold jointly on the full pipeline's Dice over seen phantoms (seed 77) and
         # seen-kind lesions on real anatomy (`make calibrate`: theta 0.03-0.4 x head 0.3-0.95 x
-        # min component 0-200 mm^3; Dice falls as more is inpainted below theta 0.15, and is flat
-        # within 0.004 above it)
-        mask_threshold=0.7, map_threshold=0.03, anomaly_threshold=0.15,
+        # min component 0-200 mm^3; Dice falls as more is inpainted below theta 0.15; with the
+        # mirror-averaged head, theta 0.25 and 0.4 tie at 0.613, 0.15 reads 0.608)
+        mask_threshold=0.5, map_threshold=0.03, anomaly_threshold=0.25,
         # drops 2-4 voxel specks at 3 mm; on the seen sets 0-200 mm^3 are within 0.001 of each other
         min_component_mm3=200.0,
         weights="demo.safetensors",

@@ -168,3 +168,34 @@ def test_aova_adapter_is_its_linear_layers_applied_per_voxel():
         torch.testing.assert_close(adapter(features), reference, rtol=1e-5, atol=1e-5)
     assert set(adapter.state_dict()) == {"transform.0.weight", "transform.0.bias", "transform.2.weight",
                                          "transform.2.bias"}  # bundled weights keep loading
+
+
+def test_mirror_averaged_head_is_the_mean_over_eight_mirrorings_and_exports(tmp_path):
+    """Test-time mirroring: the mean probability of the net over the 8 flips of its views (each
+    flipped back), so a mirrored scan gets the mirrored mask; the graph agrees in both engines,
+    batch 2 included (the 8 mirrorings ride in the batch axis)."""
+    import itertools
+
+    from diffugts.export.onnx_export import export_stage
+    from diffugts.models import build_models
+    from diffugts.models.pipeline_models import ScoreStage
+
+    preset = get_preset("tiny").with_(head_mirror_average=True)
+    models = build_models(preset, seed=3)
+    head = models.head.eval()
+    torch.manual_seed(0)
+    inputs = [torch.rand(2, 1, 16, 16, 16) for _ in range(4)] + [torch.nn.functional.normalize(
+        torch.randn(2, preset.embed_dim, 4, 4, 4), dim=1) for _ in range(2)]
+    with torch.no_grad():
+        views = head.views(*inputs)
+        axes_sets = [a for k in range(4) for a in itertools.combinations((2, 3, 4), k)]
+        reference = torch.stack([torch.sigmoid(head.net(views.flip(a)).flip(a)) if a else torch.sigmoid(head.net(views))
+                                 for a in axes_sets]).mean(0)
+        averaged = torch.sigmoid(head(*inputs))
+        torch.testing.assert_close(averaged, reference, rtol=1e-4, atol=1e-5)
+        assert not torch.allclose(averaged, torch.sigmoid(head.net(views)), atol=1e-3)  # not the plain head
+        flipped = torch.sigmoid(head(*[x.flip(3) for x in inputs]))
+        torch.testing.assert_close(flipped, averaged.flip(3), rtol=1e-4, atol=1e-5)
+    report = export_stage(preset, "residual_head", ScoreStage(head), tmp_path / "head.onnx",
+                          engines=("onnxruntime", "openvino"))
+    assert all(isinstance(errors, dict) and errors for errors in report.values()), report

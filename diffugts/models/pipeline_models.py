@@ -24,7 +24,7 @@ class DiffuGTSModels(nn.Module):
         self.unet = build_unet(preset)
         self.projection = PromptProjection(preset.embed_dim)
         self.aova = AOVAHead(preset.vae_channels, preset.embed_dim, preset.adapter_ratio)
-        self.head = ResidualHead(preset.head_channels)
+        self.head = ResidualHead(preset.head_channels, mirror_average=preset.head_mirror_average)
         self.text_encoder = text_encoder or SentenceEncoder()
 
     def stages(self) -> dict[str, nn.Module]:

@@ -20,8 +20,9 @@ class ResidualHead(nn.Module):
     blur), the residuals and maps scaled up. Batch norm, not instance norm: the head is trained on
     crops around lesions and runs on whole patches, and per-crop statistics would differ."""
 
-    def __init__(self, channels: int, blur_sigma: float = 2.0):
+    def __init__(self, channels: int, blur_sigma: float = 2.0, mirror_average: bool = False):
         super().__init__()
+        self.mirror_average = mirror_average
         from monai.networks.layers.convutils import gaussian_1d
         from monai.networks.nets import UNet
 
@@ -53,4 +54,22 @@ class ResidualHead(nn.Module):
                           10.0 * anomaly, 10.0 * (anomaly - healthy_anomaly).clamp(min=0), 10.0 * distance], dim=1)
 
     def forward(self, image, healthy, anomaly, healthy_anomaly, features, healthy_features):
-        return self.net(self.views(image, healthy, anomaly, healthy_anomaly, features, healthy_features))
+        views = self.views(image, healthy, anomaly, healthy_anomaly, features, healthy_features)
+        if not self.mirror_average or self.training:
+            return self.net(views)
+        return mirror_averaged_logits(self.net, views)
+
+
+# every subset of the three spatial axes: the 8 mirrorings of a volume
+MIRRORS = ((), (2,), (3,), (4,), (2, 3), (2, 4), (3, 4), (2, 3, 4))
+
+
+def mirror_averaged_logits(net: nn.Module, views: torch.Tensor) -> torch.Tensor:
+    """`net` on the 8 mirrorings of `views` in one batch, each output mirrored back; the logit of
+    their mean probability (the pipeline takes the sigmoid, as of a plain head's logits)."""
+    logits = net(torch.cat([views.flip(axes) if axes else views for axes in MIRRORS]))
+    chunks = logits.unflatten(0, (len(MIRRORS), -1))  # (mirror, batch, ...): the batch stays dynamic in a graph
+    prob = torch.stack([torch.sigmoid(chunks[i].flip(axes) if axes else chunks[i])
+                        for i, axes in enumerate(MIRRORS)]).mean(0)
+    prob = prob.clamp(1e-6, 1 - 1e-6)  # finite logits where all 8 agree
+    return torch.log(prob) - torch.log1p(-prob)
