@@ -29,7 +29,8 @@ def forwards_replaced(replacements: list[tuple[torch.nn.Module, Callable]]) -> I
 def export_forms(module: torch.nn.Module) -> Iterator[None]:
     """Every rewrite below, on every submodule it applies to."""
     with ExitStack() as stack:
-        for form in (layout_free_group_norms, padded_single_output_convs, transposed_upsamplings):
+        for form in (layout_free_group_norms, padded_single_output_convs, transposed_upsamplings,
+                     coarse_single_channel_upsamplers):
             stack.enter_context(form(module))
         yield
 
@@ -113,3 +114,105 @@ def transposed_upsamplings(module: torch.nn.Module):
     `upsampled_conv_as_transposed`: 11% of the demo UNet's time in OpenVINO on this CPU."""
     return forwards_replaced([(m, partial(upsampled_conv_as_transposed, conv)) for m in module.modules()
                               if (conv := _nearest_upsampling_conv(m)) is not None])
+
+
+def transposed_as_parities(conv: torch.nn.ConvTranspose3d, x: torch.Tensor) -> torch.Tensor:
+    """A stride-2 transposed convolution (kernel 3, padding 1, output padding 1) to one channel,
+    as a 2x2x2 convolution on the coarse map with 8 outputs, one per parity of the fine voxel
+    (channel 4 r0 + 2 r1 + r2). Per axis, fine voxel 2i + r gets tap 1 from coarse voxel i if r
+    is even; tap 2 from i and tap 0 from i + 1 if odd."""
+    select = torch.zeros(2, 2, 3)  # (parity, coarse offset, tap)
+    select[0, 0, 1] = select[1, 0, 2] = select[1, 1, 0] = 1.0
+    s = select
+    kernel = torch.einsum("ioxyz,pax,qby,rcz->pqroiabc", conv.weight, s, s, s).reshape(8, conv.in_channels, 2, 2, 2)
+    bias = None if conv.bias is None else conv.bias.expand(8)
+    return F.conv3d(F.pad(x, (0, 1, 0, 1, 0, 1)), kernel, bias)
+
+
+def conv_on_parities(conv: torch.nn.Conv3d, parities: torch.Tensor) -> torch.Tensor:
+    """A 3x3x3 one-channel convolution (padding 1) of the fine map, computed on its 8 parity
+    channels: fine offset d from parity r reads parity (r + d) % 2 at coarse offset (r + d) // 2.
+    Zero padding of the fine map is zero padding of the coarse one."""
+    select = torch.zeros(2, 2, 3, 3)  # (parity, parity read, coarse offset + 1, fine offset + 1)
+    for parity in (0, 1):
+        for d in (-1, 0, 1):
+            select[parity, (parity + d) % 2, (parity + d) // 2 + 1, d + 1] = 1.0
+    s = select
+    kernel = torch.einsum("xyz,paux,qbvy,rcwz->pqrabcuvw", conv.weight[0, 0], s, s, s).reshape(8, 8, 3, 3, 3)
+    return F.conv3d(parities, kernel, None if conv.bias is None else conv.bias.expand(8), padding=1)
+
+
+def parities_to_fine(parities: torch.Tensor) -> torch.Tensor:
+    """(B, 8, X, Y, Z) parity channels -> (B, 1, 2X, 2Y, 2Z): a 3D depth-to-space."""
+    b, _, x, y, z = parities.shape
+    return parities.reshape(b, 2, 2, 2, x, y, z).permute(0, 4, 1, 5, 2, 6, 3).reshape(b, 1, 2 * x, 2 * y, 2 * z)
+
+
+def _pointwise_on_parities(layers, parities: torch.Tensor) -> torch.Tensor:
+    """A one-channel norm/dropout/activation applied to all 8 parity channels (eval mode)."""
+    for layer in layers:
+        if isinstance(layer, torch.nn.BatchNorm3d):
+            parities = F.batch_norm(parities, layer.running_mean.expand(8), layer.running_var.expand(8),
+                                    layer.weight.expand(8), layer.bias.expand(8), False, 0.0, layer.eps)
+        elif isinstance(layer, torch.nn.PReLU):
+            parities = F.prelu(parities, layer.weight)
+        elif not isinstance(layer, (torch.nn.Dropout, torch.nn.Identity)):
+            parities = layer(parities)  # parameter-free, elementwise (checked below)
+    return parities
+
+
+def _pointwise_one_channel(layers) -> bool:
+    for layer in layers:
+        if isinstance(layer, torch.nn.BatchNorm3d):
+            if layer.num_features != 1 or layer.training or not layer.track_running_stats or not layer.affine:
+                return False
+        elif isinstance(layer, torch.nn.PReLU):
+            if layer.num_parameters != 1:
+                return False
+        elif not isinstance(layer, (torch.nn.Dropout, torch.nn.Identity, torch.nn.ReLU, torch.nn.LeakyReLU,
+                                    torch.nn.GELU, torch.nn.SiLU, torch.nn.ELU, torch.nn.Tanh, torch.nn.Sigmoid)):
+            return False
+    return True
+
+
+def upsampler_on_parities(up, refine, x: torch.Tensor) -> torch.Tensor:
+    """MONAI UNet's top up-layer (transposed convolution to one channel, its norm and activation,
+    then a residual 3x3x3 one-channel convolution) computed on the coarse grid's 8 parity
+    channels, made fine once at the end. The same function: OpenVINO's CPU kernels block 8
+    output channels, and at one channel the fine-grid layers took 110 of the 8-mirror head's 350
+    ms on this CPU (the padded convolution above still wasted 7 of every 8 outputs)."""
+    parities = _pointwise_on_parities(list(up.adn.children()) if hasattr(up, "adn") else [],
+                                      transposed_as_parities(up.conv, x))
+    unit = refine.conv.unit0
+    refined = _pointwise_on_parities(list(unit.adn.children()) if hasattr(unit, "adn") else [],
+                                     conv_on_parities(unit.conv, parities))
+    return parities_to_fine(parities + refined)
+
+
+def _single_channel_upsampler(module: torch.nn.Module):
+    """(up, refine) where `module` is that top up-layer in eval mode, else None."""
+    from monai.networks.blocks import Convolution, ResidualUnit
+
+    children = list(module.children()) if type(module) is torch.nn.Sequential else []
+    if len(children) != 2 or not isinstance(children[0], Convolution) or not isinstance(children[1], ResidualUnit):
+        return None
+    up, refine = children
+    conv = up.conv
+    if type(conv) is not torch.nn.ConvTranspose3d or conv.out_channels != 1 or conv.groups != 1 or (
+            conv.kernel_size, conv.stride, conv.padding, conv.output_padding, conv.dilation) != (
+            (3, 3, 3), (2, 2, 2), (1, 1, 1), (1, 1, 1), (1, 1, 1)):
+        return None
+    if len(refine.conv) != 1 or type(refine.residual) is not torch.nn.Identity:
+        return None
+    inner = refine.conv.unit0.conv
+    if type(inner) is not torch.nn.Conv3d or inner.in_channels != 1 or inner.out_channels != 1 or (
+            inner.kernel_size, inner.stride, inner.padding, inner.dilation) != ((3, 3, 3), (1, 1, 1), (1, 1, 1), (1, 1, 1)):
+        return None
+    layers = [layer for unit in (up, refine.conv.unit0) if hasattr(unit, "adn") for layer in unit.adn.children()]
+    return (up, refine) if _pointwise_one_channel(layers) else None
+
+
+def coarse_single_channel_upsamplers(module: torch.nn.Module):
+    """Export MONAI UNets' one-channel top up-layers (the residual head's) as `upsampler_on_parities`."""
+    return forwards_replaced([(m, partial(upsampler_on_parities, *pair)) for m in module.modules()
+                              if (pair := _single_channel_upsampler(m)) is not None])

@@ -213,6 +213,40 @@ def test_upsampling_then_convolution_is_one_transposed_convolution(tiny_reposito
         assert "forward" not in vars(trilinear)
 
 
+def test_one_channel_top_upsampler_runs_on_coarse_parities(tiny_repository):
+    from monai.networks.nets import UNet
+
+    from diffugts.export.export_forms import coarse_single_channel_upsamplers
+
+    torch.manual_seed(0)
+    for out_channels, act in ((1, "PRELU"), (1, "RELU"), (2, "PRELU")):
+        net = UNet(3, in_channels=3, out_channels=out_channels, channels=(4, 8), strides=(2,), num_res_units=1,
+                   norm="batch", act=act)
+        for norm in net.modules():  # stats far from the identity, as trained ones are
+            if isinstance(norm, torch.nn.BatchNorm3d):
+                norm.running_mean.uniform_(-0.5, 0.5)
+                norm.running_var.uniform_(0.3, 3.0)
+                torch.nn.init.uniform_(norm.weight, 0.5, 1.5)
+                torch.nn.init.uniform_(norm.bias, -0.5, 0.5)
+        net.eval()
+        x = torch.randn(2, 3, 6, 4, 10)
+        with torch.no_grad():
+            reference = net(x)
+            with coarse_single_channel_upsamplers(net):
+                replaced = [m for m in net.modules() if "forward" in vars(m)]
+                ours = net(x)
+        # the top up-layer alone, and only where it makes one channel
+        assert len(replaced) == (1 if out_channels == 1 else 0)
+        assert ours.shape == reference.shape == (2, out_channels, 6, 4, 10)
+        torch.testing.assert_close(ours, reference, rtol=1e-5, atol=1e-5)
+        assert not any("forward" in vars(m) for m in net.modules())
+    # the exported head has no transposed convolution to one channel left
+    model = onnx.load(str(tiny_repository / "residual_head" / "1" / "model.onnx"))
+    weights = {init.name: init.dims for init in model.graph.initializer}
+    transposed = [weights[n.input[1]] for n in model.graph.node if n.op_type == "ConvTranspose"]
+    assert transposed and all(dims[1] > 1 for dims in transposed)
+
+
 @pytest.mark.parametrize("shape,offset", [((2, 16, 6, 5, 4), 0.0), ((1, 16, 7, 3, 5), 100.0), ((2, 8, 30), 0.0)])
 def test_group_norm_from_moments_is_torch_group_norm(shape, offset):
     from monai.apps.generation.maisi.networks.autoencoderkl_maisi import MaisiGroupNorm3D
