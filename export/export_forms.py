@@ -116,30 +116,27 @@ def transposed_upsamplings(module: torch.nn.Module):
                               if (conv := _nearest_upsampling_conv(m)) is not None])
 
 
-def transposed_as_parities(conv: torch.nn.ConvTranspose3d, x: torch.Tensor) -> torch.Tensor:
-    """A stride-2 transposed convolution (kernel 3, padding 1, output padding 1) to one channel,
-    as a 2x2x2 convolution on the coarse map with 8 outputs, one per parity of the fine voxel
-    (channel 4 r0 + 2 r1 + r2). Per axis, fine voxel 2i + r gets tap 1 from coarse voxel i if r
-    is even; tap 2 from i and tap 0 from i + 1 if odd."""
+def transposed_as_parities(conv: torch.nn.ConvTranspose3d) -> torch.Tensor:
+    """The kernel of a stride-2 transposed convolution (kernel 3, padding 1, output padding 1) to
+    one channel, as a 2x2x2 convolution of the coarse map (padded by one at the end) with 8
+    outputs, one per parity of the fine voxel (channel 4 r0 + 2 r1 + r2). Per axis, fine voxel
+    2i + r gets tap 1 from coarse voxel i if r is even; tap 2 from i and tap 0 from i + 1 if odd."""
     select = torch.zeros(2, 2, 3)  # (parity, coarse offset, tap)
     select[0, 0, 1] = select[1, 0, 2] = select[1, 1, 0] = 1.0
     s = select
-    kernel = torch.einsum("ioxyz,pax,qby,rcz->pqroiabc", conv.weight, s, s, s).reshape(8, conv.in_channels, 2, 2, 2)
-    bias = None if conv.bias is None else conv.bias.expand(8)
-    return F.conv3d(F.pad(x, (0, 1, 0, 1, 0, 1)), kernel, bias)
+    return torch.einsum("ioxyz,pax,qby,rcz->pqroiabc", conv.weight, s, s, s).reshape(8, conv.in_channels, 2, 2, 2)
 
 
-def conv_on_parities(conv: torch.nn.Conv3d, parities: torch.Tensor) -> torch.Tensor:
-    """A 3x3x3 one-channel convolution (padding 1) of the fine map, computed on its 8 parity
-    channels: fine offset d from parity r reads parity (r + d) % 2 at coarse offset (r + d) // 2.
-    Zero padding of the fine map is zero padding of the coarse one."""
+def conv_on_parities(conv: torch.nn.Conv3d) -> torch.Tensor:
+    """The kernel of a 3x3x3 one-channel convolution (padding 1) of the fine map, as a convolution
+    of its 8 parity channels (padding 1): fine offset d from parity r reads parity (r + d) % 2 at
+    coarse offset (r + d) // 2. Zero padding of the fine map is zero padding of the coarse one."""
     select = torch.zeros(2, 2, 3, 3)  # (parity, parity read, coarse offset + 1, fine offset + 1)
     for parity in (0, 1):
         for d in (-1, 0, 1):
             select[parity, (parity + d) % 2, (parity + d) // 2 + 1, d + 1] = 1.0
     s = select
-    kernel = torch.einsum("xyz,paux,qbvy,rcwz->pqrabcuvw", conv.weight[0, 0], s, s, s).reshape(8, 8, 3, 3, 3)
-    return F.conv3d(parities, kernel, None if conv.bias is None else conv.bias.expand(8), padding=1)
+    return torch.einsum("xyz,paux,qbvy,rcwz->pqrabcuvw", conv.weight[0, 0], s, s, s).reshape(8, 8, 3, 3, 3)
 
 
 def parities_to_fine(parities: torch.Tensor) -> torch.Tensor:
@@ -148,17 +145,21 @@ def parities_to_fine(parities: torch.Tensor) -> torch.Tensor:
     return parities.reshape(b, 2, 2, 2, x, y, z).permute(0, 4, 1, 5, 2, 6, 3).reshape(b, 1, 2 * x, 2 * y, 2 * z)
 
 
-def _pointwise_on_parities(layers, parities: torch.Tensor) -> torch.Tensor:
-    """A one-channel norm/dropout/activation applied to all 8 parity channels (eval mode)."""
+def _pointwise_on_parities(layers) -> list:
+    """A one-channel norm/dropout/activation as functions of all 8 parity channels (eval mode),
+    with their constants made here, not traced."""
+    functions = []
     for layer in layers:
         if isinstance(layer, torch.nn.BatchNorm3d):
-            parities = F.batch_norm(parities, layer.running_mean.expand(8), layer.running_var.expand(8),
-                                    layer.weight.expand(8), layer.bias.expand(8), False, 0.0, layer.eps)
+            scale = layer.weight / torch.sqrt(layer.running_var + layer.eps)
+            shift = layer.bias - layer.running_mean * scale
+            functions.append(partial(torch.addcmul, shift.expand(8).reshape(8, 1, 1, 1).clone(),
+                                     tensor2=scale.expand(8).reshape(8, 1, 1, 1).clone()))
         elif isinstance(layer, torch.nn.PReLU):
-            parities = F.prelu(parities, layer.weight)
+            functions.append(partial(F.prelu, weight=layer.weight.detach().clone()))
         elif not isinstance(layer, (torch.nn.Dropout, torch.nn.Identity)):
-            parities = layer(parities)  # parameter-free, elementwise (checked below)
-    return parities
+            functions.append(layer)  # parameter-free, elementwise (`_pointwise_one_channel`)
+    return functions
 
 
 def _pointwise_one_channel(layers) -> bool:
@@ -175,18 +176,33 @@ def _pointwise_one_channel(layers) -> bool:
     return True
 
 
-def upsampler_on_parities(up, refine, x: torch.Tensor) -> torch.Tensor:
+def _adn(unit) -> list:
+    return list(unit.adn.children()) if hasattr(unit, "adn") else []
+
+
+def upsampler_on_parities(up, refine):
     """MONAI UNet's top up-layer (transposed convolution to one channel, its norm and activation,
-    then a residual 3x3x3 one-channel convolution) computed on the coarse grid's 8 parity
-    channels, made fine once at the end. The same function: OpenVINO's CPU kernels block 8
-    output channels, and at one channel the fine-grid layers took 110 of the 8-mirror head's 350
-    ms on this CPU (the padded convolution above still wasted 7 of every 8 outputs)."""
-    parities = _pointwise_on_parities(list(up.adn.children()) if hasattr(up, "adn") else [],
-                                      transposed_as_parities(up.conv, x))
+    then a residual 3x3x3 one-channel convolution) as a function computed on the coarse grid's 8
+    parity channels, made fine once at the end. The same function: OpenVINO's CPU kernels block
+    8 output channels, and at one channel the fine-grid layers took 110 of the 8-mirror head's
+    290 ms on this CPU (the padded convolution above still wasted 7 of every 8 outputs). The
+    kernels are made here, once: a graph that built them would carry the einsums as nodes."""
     unit = refine.conv.unit0
-    refined = _pointwise_on_parities(list(unit.adn.children()) if hasattr(unit, "adn") else [],
-                                     conv_on_parities(unit.conv, parities))
-    return parities_to_fine(parities + refined)
+    with torch.no_grad():
+        up_kernel, refine_kernel = transposed_as_parities(up.conv), conv_on_parities(unit.conv)
+        up_bias = None if up.conv.bias is None else up.conv.bias.expand(8).clone()
+        refine_bias = None if unit.conv.bias is None else unit.conv.bias.expand(8).clone()
+        up_layers, refine_layers = _pointwise_on_parities(_adn(up)), _pointwise_on_parities(_adn(unit))
+
+    def forward(x: torch.Tensor) -> torch.Tensor:
+        parities = F.conv3d(F.pad(x, (0, 1, 0, 1, 0, 1)), up_kernel, up_bias)
+        for layer in up_layers:
+            parities = layer(parities)
+        refined = F.conv3d(parities, refine_kernel, refine_bias, padding=1)
+        for layer in refine_layers:
+            refined = layer(refined)
+        return parities_to_fine(parities + refined)
+    return forward
 
 
 def _single_channel_upsampler(module: torch.nn.Module):
@@ -208,11 +224,10 @@ def _single_channel_upsampler(module: torch.nn.Module):
     if type(inner) is not torch.nn.Conv3d or inner.in_channels != 1 or inner.out_channels != 1 or (
             inner.kernel_size, inner.stride, inner.padding, inner.dilation) != ((3, 3, 3), (1, 1, 1), (1, 1, 1), (1, 1, 1)):
         return None
-    layers = [layer for unit in (up, refine.conv.unit0) if hasattr(unit, "adn") for layer in unit.adn.children()]
-    return (up, refine) if _pointwise_one_channel(layers) else None
+    return (up, refine) if _pointwise_one_channel(_adn(up) + _adn(refine.conv.unit0)) else None
 
 
 def coarse_single_channel_upsamplers(module: torch.nn.Module):
     """Export MONAI UNets' one-channel top up-layers (the residual head's) as `upsampler_on_parities`."""
-    return forwards_replaced([(m, partial(upsampler_on_parities, *pair)) for m in module.modules()
+    return forwards_replaced([(m, upsampler_on_parities(*pair)) for m in module.modules()
                               if (pair := _single_channel_upsampler(m)) is not None])

@@ -199,3 +199,13 @@ def test_mirror_averaged_head_is_the_mean_over_eight_mirrorings_and_exports(tmp_
     report = export_stage(preset, "residual_head", ScoreStage(head), tmp_path / "head.onnx",
                           engines=("onnxruntime", "openvino"))
     assert all(isinstance(errors, dict) and errors for errors in report.values()), report
+    # the bench counts its FLOPs: 8 times the plain head's network at the same shapes (the views
+    # and the averaging add no convolutions to speak of)
+    from diffugts.benchmarks.flops import graph_flops
+    from diffugts.export.onnx_export import example_inputs
+
+    shapes = {k: v.shape for k, v in example_inputs(preset, "residual_head").items()}
+    head.mirror_average = False
+    export_stage(preset, "residual_head", ScoreStage(head), tmp_path / "plain.onnx")
+    mirrored, plain = graph_flops(str(tmp_path / "head.onnx"), shapes), graph_flops(str(tmp_path / "plain.onnx"), shapes)
+    assert 7.0 < mirrored / plain < 8.0, (mirrored, plain)

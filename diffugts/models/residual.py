@@ -68,7 +68,10 @@ def mirror_averaged_logits(net: nn.Module, views: torch.Tensor) -> torch.Tensor:
     """`net` on the 8 mirrorings of `views` in one batch, each output mirrored back; the logit of
     their mean probability (the pipeline takes the sigmoid, as of a plain head's logits)."""
     logits = net(torch.cat([views.flip(axes) if axes else views for axes in MIRRORS]))
-    chunks = logits.unflatten(0, (len(MIRRORS), -1))  # (mirror, batch, ...): the batch stays dynamic in a graph
+    # (mirror, batch, ...): the batch stays dynamic in a graph. Not `unflatten`, whose exported
+    # shape arithmetic (a Slice of the shape at computed bounds) stops ONNX Runtime's symbolic
+    # shape inference, and with it the bench's FLOP count
+    chunks = logits.reshape((len(MIRRORS), -1) + tuple(logits.shape[1:]))
     prob = torch.stack([torch.sigmoid(chunks[i].flip(axes) if axes else chunks[i])
                         for i, axes in enumerate(MIRRORS)]).mean(0)
     prob = prob.clamp(1e-6, 1 - 1e-6)  # finite logits where all 8 agree
