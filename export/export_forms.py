@@ -123,8 +123,8 @@ def transposed_as_parities(conv: torch.nn.ConvTranspose3d) -> torch.Tensor:
     2i + r gets tap 1 from coarse voxel i if r is even; tap 2 from i and tap 0 from i + 1 if odd."""
     select = torch.zeros(2, 2, 3)  # (parity, coarse offset, tap)
     select[0, 0, 1] = select[1, 0, 2] = select[1, 1, 0] = 1.0
-    s = select
-    return torch.einsum("ioxyz,pax,qby,rcz->pqroiabc", conv.weight, s, s, s).reshape(8, conv.in_channels, 2, 2, 2)
+    return torch.einsum("ioxyz,pax,qby,rcz->pqroiabc", conv.weight, select, select, select).reshape(
+        8, conv.in_channels, 2, 2, 2)
 
 
 def conv_on_parities(conv: torch.nn.Conv3d) -> torch.Tensor:
@@ -135,8 +135,8 @@ def conv_on_parities(conv: torch.nn.Conv3d) -> torch.Tensor:
     for parity in (0, 1):
         for d in (-1, 0, 1):
             select[parity, (parity + d) % 2, (parity + d) // 2 + 1, d + 1] = 1.0
-    s = select
-    return torch.einsum("xyz,paux,qbvy,rcwz->pqrabcuvw", conv.weight[0, 0], s, s, s).reshape(8, 8, 3, 3, 3)
+    return torch.einsum("xyz,paux,qbvy,rcwz->pqrabcuvw", conv.weight[0, 0], select, select, select).reshape(
+        8, 8, 3, 3, 3)
 
 
 def parities_to_fine(parities: torch.Tensor) -> torch.Tensor:
@@ -145,54 +145,69 @@ def parities_to_fine(parities: torch.Tensor) -> torch.Tensor:
     return parities.reshape(b, 2, 2, 2, x, y, z).permute(0, 4, 1, 5, 2, 6, 3).reshape(b, 1, 2 * x, 2 * y, 2 * z)
 
 
-def _pointwise_on_parities(layers) -> list:
-    """A one-channel norm/dropout/activation as functions of all 8 parity channels (eval mode),
-    with their constants made here, not traced."""
+_PARAMETER_FREE = (torch.nn.ReLU, torch.nn.LeakyReLU, torch.nn.GELU, torch.nn.SiLU, torch.nn.ELU, torch.nn.Tanh,
+                   torch.nn.Sigmoid)
+
+
+def _pointwise_on_parities(layers) -> list | None:
+    """One-channel norm/dropout/activation layers (eval mode) as functions of all 8 parity
+    channels, their constants made here, not traced; None where a layer is not one of those."""
     functions = []
     for layer in layers:
         if isinstance(layer, torch.nn.BatchNorm3d):
+            if layer.num_features != 1 or layer.training or not layer.track_running_stats or not layer.affine:
+                return None
             scale = layer.weight / torch.sqrt(layer.running_var + layer.eps)
             shift = layer.bias - layer.running_mean * scale
             functions.append(partial(torch.addcmul, shift.expand(8).reshape(8, 1, 1, 1).clone(),
                                      tensor2=scale.expand(8).reshape(8, 1, 1, 1).clone()))
         elif isinstance(layer, torch.nn.PReLU):
-            functions.append(partial(F.prelu, weight=layer.weight.detach().clone()))
-        elif not isinstance(layer, (torch.nn.Dropout, torch.nn.Identity)):
-            functions.append(layer)  # parameter-free, elementwise (`_pointwise_one_channel`)
-    return functions
-
-
-def _pointwise_one_channel(layers) -> bool:
-    for layer in layers:
-        if isinstance(layer, torch.nn.BatchNorm3d):
-            if layer.num_features != 1 or layer.training or not layer.track_running_stats or not layer.affine:
-                return False
-        elif isinstance(layer, torch.nn.PReLU):
             if layer.num_parameters != 1:
-                return False
-        elif not isinstance(layer, (torch.nn.Dropout, torch.nn.Identity, torch.nn.ReLU, torch.nn.LeakyReLU,
-                                    torch.nn.GELU, torch.nn.SiLU, torch.nn.ELU, torch.nn.Tanh, torch.nn.Sigmoid)):
-            return False
-    return True
+                return None
+            functions.append(partial(F.prelu, weight=layer.weight.detach().clone()))
+        elif isinstance(layer, _PARAMETER_FREE):
+            functions.append(layer)
+        elif not isinstance(layer, (torch.nn.Dropout, torch.nn.Identity)):
+            return None
+    return functions
 
 
 def _adn(unit) -> list:
     return list(unit.adn.children()) if hasattr(unit, "adn") else []
 
 
-def upsampler_on_parities(up, refine):
-    """MONAI UNet's top up-layer (transposed convolution to one channel, its norm and activation,
-    then a residual 3x3x3 one-channel convolution) as a function computed on the coarse grid's 8
-    parity channels, made fine once at the end. The same function: OpenVINO's CPU kernels block
-    8 output channels, and at one channel the fine-grid layers took 110 of the 8-mirror head's
-    290 ms on this CPU (the padded convolution above still wasted 7 of every 8 outputs). The
-    kernels are made here, once: a graph that built them would carry the einsums as nodes."""
+def upsampler_on_parities(module: torch.nn.Module):
+    """Where `module` is MONAI UNet's top up-layer in eval mode (a transposed convolution to one
+    channel, its norm and activation, then a residual 3x3x3 one-channel convolution), the same
+    function computed on the coarse grid's 8 parity channels and made fine once at the end; else
+    None. OpenVINO's CPU kernels block 8 output channels, and at one channel the fine-grid layers
+    took 110 of the 8-mirror head's 290 ms on this CPU (the padded convolution above still wasted
+    7 of every 8 outputs). The kernels are made here, once: a graph that built them would carry
+    the einsums as nodes."""
+    from monai.networks.blocks import Convolution, ResidualUnit
+
+    children = list(module.children()) if type(module) is torch.nn.Sequential else []
+    if len(children) != 2 or not isinstance(children[0], Convolution) or not isinstance(children[1], ResidualUnit):
+        return None
+    up, refine = children
+    if type(up.conv) is not torch.nn.ConvTranspose3d or up.conv.out_channels != 1 or up.conv.groups != 1 or (
+            up.conv.kernel_size, up.conv.stride, up.conv.padding, up.conv.output_padding, up.conv.dilation) != (
+            (3, 3, 3), (2, 2, 2), (1, 1, 1), (1, 1, 1), (1, 1, 1)):
+        return None
+    if len(refine.conv) != 1 or type(refine.residual) is not torch.nn.Identity:
+        return None
     unit = refine.conv.unit0
+    inner = unit.conv
+    if type(inner) is not torch.nn.Conv3d or inner.in_channels != 1 or inner.out_channels != 1 or (
+            inner.kernel_size, inner.stride, inner.padding, inner.dilation) != ((3, 3, 3), (1, 1, 1), (1, 1, 1), (1, 1, 1)):
+        return None
     with torch.no_grad():
-        up_kernel, refine_kernel = transposed_as_parities(up.conv), conv_on_parities(unit.conv)
-        up_bias = None if up.conv.bias is None else up.conv.bias.expand(8).clone()
-        refine_bias = None if unit.conv.bias is None else unit.conv.bias.expand(8).clone()
         up_layers, refine_layers = _pointwise_on_parities(_adn(up)), _pointwise_on_parities(_adn(unit))
+        if up_layers is None or refine_layers is None:
+            return None
+        up_kernel, refine_kernel = transposed_as_parities(up.conv), conv_on_parities(inner)
+        up_bias = None if up.conv.bias is None else up.conv.bias.expand(8).clone()
+        refine_bias = None if inner.bias is None else inner.bias.expand(8).clone()
 
     def forward(x: torch.Tensor) -> torch.Tensor:
         parities = F.conv3d(F.pad(x, (0, 1, 0, 1, 0, 1)), up_kernel, up_bias)
@@ -205,29 +220,7 @@ def upsampler_on_parities(up, refine):
     return forward
 
 
-def _single_channel_upsampler(module: torch.nn.Module):
-    """(up, refine) where `module` is that top up-layer in eval mode, else None."""
-    from monai.networks.blocks import Convolution, ResidualUnit
-
-    children = list(module.children()) if type(module) is torch.nn.Sequential else []
-    if len(children) != 2 or not isinstance(children[0], Convolution) or not isinstance(children[1], ResidualUnit):
-        return None
-    up, refine = children
-    conv = up.conv
-    if type(conv) is not torch.nn.ConvTranspose3d or conv.out_channels != 1 or conv.groups != 1 or (
-            conv.kernel_size, conv.stride, conv.padding, conv.output_padding, conv.dilation) != (
-            (3, 3, 3), (2, 2, 2), (1, 1, 1), (1, 1, 1), (1, 1, 1)):
-        return None
-    if len(refine.conv) != 1 or type(refine.residual) is not torch.nn.Identity:
-        return None
-    inner = refine.conv.unit0.conv
-    if type(inner) is not torch.nn.Conv3d or inner.in_channels != 1 or inner.out_channels != 1 or (
-            inner.kernel_size, inner.stride, inner.padding, inner.dilation) != ((3, 3, 3), (1, 1, 1), (1, 1, 1), (1, 1, 1)):
-        return None
-    return (up, refine) if _pointwise_one_channel(_adn(up) + _adn(refine.conv.unit0)) else None
-
-
 def coarse_single_channel_upsamplers(module: torch.nn.Module):
     """Export MONAI UNets' one-channel top up-layers (the residual head's) as `upsampler_on_parities`."""
-    return forwards_replaced([(m, upsampler_on_parities(*pair)) for m in module.modules()
-                              if (pair := _single_channel_upsampler(m)) is not None])
+    return forwards_replaced([(m, forward) for m in module.modules()
+                              if (forward := upsampler_on_parities(m)) is not None])
