@@ -59,19 +59,37 @@ def describe_machine() -> dict:
                                "unknown") if Path("/proc/cpuinfo").exists() else "unknown"}
 
 
-def measure_latency(executor, cases, repeats: int, options: LoopOptions | None = None) -> dict:
-    run_segmentation(executor, cases[0][0], cases[0][2], cases[0][3], options)  # warm-up
-    end_to_end, stages = [], {s: [] for s in STAGES}
-    for _ in range(repeats):
-        for volume, _, prompt, modality in cases:
+def measure_latencies(executors: dict, cases, repeats: int, options: LoopOptions | None = None) -> dict:
+    """Latency of several executors on the same cases, interleaved: every case runs on every
+    executor in turn, the executor that goes first rotating from run to run.
+
+    The host's speed drifts by tens of percent between minutes (torch eager's end to end read
+    1.71 and 2.47 s within the same hour, same code). Timed one executor after another, minutes
+    apart, that drift lands in their ratios; interleaved, it hits every executor alike."""
+    for executor in executors.values():  # warm-up
+        run_segmentation(executor, cases[0][0], cases[0][2], cases[0][3], options)
+    names = list(executors)
+    end_to_end = {n: [] for n in names}
+    stages = {n: {s: [] for s in STAGES} for n in names}
+    for run in range(repeats * len(cases)):
+        volume, _, prompt, modality = cases[run % len(cases)]
+        first = run % len(names)
+        for name in names[first:] + names[:first]:
             start = time.perf_counter()
-            seg = run_segmentation(executor, volume, prompt, modality, options)
-            end_to_end.append(time.perf_counter() - start)
+            seg = run_segmentation(executors[name], volume, prompt, modality, options)
+            end_to_end[name].append(time.perf_counter() - start)
             for s in STAGES:
-                stages[s].append(seg.timings.get(s, 0.0))
-    e2e = percentiles(end_to_end)
-    return {"end_to_end_p50_s": e2e["p50"], "end_to_end_p95_s": e2e["p95"], "runs": e2e["n"],
-            "stages": {s: percentiles(v) for s, v in stages.items()}}
+                stages[name][s].append(seg.timings.get(s, 0.0))
+    report = {}
+    for name in names:
+        e2e = percentiles(end_to_end[name])
+        report[name] = {"end_to_end_p50_s": e2e["p50"], "end_to_end_p95_s": e2e["p95"], "runs": e2e["n"],
+                        "stages": {s: percentiles(v) for s, v in stages[name].items()}}
+    return report
+
+
+def measure_latency(executor, cases, repeats: int, options: LoopOptions | None = None) -> dict:
+    return measure_latencies({"executor": executor}, cases, repeats, options)["executor"]
 
 
 def run_concurrently(client, concurrency: int) -> float:

@@ -1,6 +1,7 @@
 """Torch eager against Triton serving the int8 repository that `diffugts bench` gated
 (`bench_out/repo_int8`), on the bench's own volumes, in one run: the end-to-end ratio with the
-stages that passed the Dice gate in int8. `python -m diffugts.benchmarks.int8_latency [bench_out]`."""
+stages that passed the Dice gate in int8, the two
+interleaved run by run. `python -m diffugts.benchmarks.int8_latency [bench_out]`."""
 
 from __future__ import annotations
 
@@ -10,7 +11,7 @@ from pathlib import Path
 
 from diffugts.report import write_json
 
-from .harness import FULL, load_cases, measure_latency
+from .harness import FULL, load_cases, measure_latencies
 
 
 def main(out: str = "bench_out") -> dict:
@@ -23,11 +24,10 @@ def main(out: str = "bench_out") -> dict:
     cases = load_cases(out / "data", FULL.volumes)
     torch_ex = TorchExecutor.from_preset(bench["preset"])
     torch_ex.preset = torch_ex.preset.with_(anomaly_threshold=bench["anomaly_threshold"])
-    results = {"torch": measure_latency(torch_ex, cases, FULL.repeats)}
     with TritonServer(out / "repo_int8", grpc_port=0, http_port=0, metrics_port=0,
                       log_path=out / "tritonserver_int8.log") as server:
         client = TritonExecutor(server.grpc_url)
-        results["triton_int8"] = measure_latency(client, cases, FULL.repeats)
+        results = measure_latencies({"torch": torch_ex, "triton_int8": client}, cases, FULL.repeats)
         client.close()
     results["int8_stages"] = [k for k, v in bench["int8"]["stages"].items() if v["ships"]]
     results["triton_int8_over_torch"] = results["triton_int8"]["end_to_end_p50_s"] / results["torch"]["end_to_end_p50_s"]

@@ -11,7 +11,7 @@ from diffugts.phantom import write_dataset
 from diffugts.report import write_json
 
 from .flops import machine_peak_gflops
-from .harness import (FULL, QUICK, describe_machine, load_cases, measure_latency, measure_throughput,
+from .harness import (FULL, QUICK, describe_machine, load_cases, measure_latencies, measure_throughput,
                       quality_sweeps, run_perf_analyzer, stage_flops, unet_load)
 from .real_size import ct_sized_volume, run_real_size
 from .sizes import cost_curve, run_maisi
@@ -102,25 +102,19 @@ def run_bench(preset_name: str = "demo", out: str | Path = "bench_out", quick: b
                "executors": {}}
     results.update(triton_runtime(repo))
 
-    say("latency: torch, onnx, openvino, the served stages' runtimes in process")
-    results["executors"]["torch"] = measure_latency(torch_ex, cases, plan.repeats)
-    results["executors"]["onnx"] = measure_latency(onnx_ex, cases, plan.repeats)
-    results["executors"]["openvino"] = measure_latency(OpenVinoExecutor.from_repository(repo), cases, plan.repeats)
+    in_process = {"torch": torch_ex, "onnx": onnx_ex, "openvino": OpenVinoExecutor.from_repository(repo)}
     if results["triton_runtime"] == "exported_runtimes":  # mixed engines: the same mix in process
-        results["executors"]["exported_runtimes"] = measure_latency(ExportedRuntimeExecutor.from_repository(repo),
-                                                                     cases, plan.repeats)
+        in_process["exported_runtimes"] = ExportedRuntimeExecutor.from_repository(repo)
     with TritonServer(repo, grpc_port=0, http_port=0, metrics_port=0, log_path=out / "tritonserver.log") as server:
         url = server.grpc_url
-        say("latency: triton, triton-bls, shared memory")
-        client = TritonExecutor(url)
-        results["executors"]["triton"] = measure_latency(client, cases, plan.repeats)
-        client.close()
-        shm = TritonExecutor(url, shared_memory=True)
-        results["executors"]["triton"]["shared_memory_on"] = measure_latency(shm, cases, plan.repeats)
-        shm.close()
-        bls = BlsClient(url)
-        results["executors"]["triton-bls"] = measure_latency(bls, cases, plan.repeats)
-        bls.close()
+        served = {"triton": TritonExecutor(url), "triton_shared_memory": TritonExecutor(url, shared_memory=True),
+                  "triton-bls": BlsClient(url)}
+        say(f"latency, interleaved: {', '.join(list(in_process) + list(served))}")
+        latency = measure_latencies({**in_process, **served}, cases, plan.repeats)
+        for client in served.values():
+            client.close()
+        latency["triton"]["shared_memory_on"] = latency.pop("triton_shared_memory")
+        results["executors"].update(latency)
         say("throughput with dynamic batching")
         results["throughput"] = {"dynamic_batching_on": [
             measure_throughput(lambda: TritonExecutor(url), cases, c, plan.per_client) for c in plan.concurrency]}

@@ -137,3 +137,27 @@ def test_flops_section_alone_refuses_a_folder_that_is_no_repository(tmp_path, ca
     with pytest.raises(SystemExit) as exc:
         flops_main([str(tmp_path)])
     assert exc.value.code == 2 and "not a repository from `diffugts export`" in capsys.readouterr().err
+
+
+def test_latencies_interleave_executors_and_rotate_who_goes_first(monkeypatch):
+    """Each case runs on every executor before the next case; the first executor rotates, so the
+    host's drift over the section falls on every executor alike."""
+    from types import SimpleNamespace
+
+    from diffugts.benchmarks import harness
+
+    calls = []
+
+    def fake_run(executor, volume, prompt, modality, options=None):
+        calls.append((executor, volume))
+        return SimpleNamespace(timings={"encode": 0.5})
+
+    monkeypatch.setattr(harness, "run_segmentation", fake_run)
+    cases = [(f"v{i}", None, "kidney tumor", "CT") for i in range(2)]
+    report = harness.measure_latencies({"a": "A", "b": "B", "c": "C"}, cases, repeats=2)
+    assert calls[:3] == [("A", "v0"), ("B", "v0"), ("C", "v0")]  # warm-up, each once
+    assert calls[3:] == [("A", "v0"), ("B", "v0"), ("C", "v0"), ("B", "v1"), ("C", "v1"), ("A", "v1"),
+                         ("C", "v0"), ("A", "v0"), ("B", "v0"), ("A", "v1"), ("B", "v1"), ("C", "v1")]
+    assert set(report) == {"a", "b", "c"}
+    assert all(r["runs"] == 4 and r["stages"]["encode"]["p50"] == 0.5 for r in report.values())
+    assert report["a"]["stages"]["inpaint"]["p50"] == 0.0  # a stage the run skipped reads 0
