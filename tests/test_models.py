@@ -209,3 +209,31 @@ def test_mirror_averaged_head_is_the_mean_over_eight_mirrorings_and_exports(tmp_
     export_stage(preset, "residual_head", ScoreStage(head), tmp_path / "plain.onnx")
     mirrored, plain = graph_flops(str(tmp_path / "head.onnx"), shapes), graph_flops(str(tmp_path / "plain.onnx"), shapes)
     assert 7.0 < mirrored / plain < 8.0, (mirrored, plain)
+
+
+def test_mirror_average_keeps_its_digits_where_the_head_is_sure(tmp_path):
+    """Far from any lesion a trained head's logits reach -20 and below: the averaged logit must
+    follow them there too, in torch and in the exported graph (a clamped probability gave -13.8,
+    and engines' sigmoids disagreed by more than the export's tolerance)."""
+    import itertools
+
+    import onnxruntime as ort
+
+    from diffugts.models.residual import mirror_averaged_logits
+
+    class Sure(torch.nn.Module):
+        def forward(self, views):
+            return mirror_averaged_logits(lambda v: 60.0 * v - 40.0, views)  # logits in [-40, 20]
+
+    views = torch.rand(2, 1, 6, 5, 4)
+    axes_sets = [a for k in range(4) for a in itertools.combinations((2, 3, 4), k)]
+    logits = (60.0 * views - 40.0).double()
+    p = torch.stack([torch.sigmoid(logits.flip(a).flip(a)) if a else torch.sigmoid(logits) for a in axes_sets]).mean(0)
+    reference = (torch.log(p) - torch.log1p(-p)).float()
+    got = Sure()(views)
+    torch.testing.assert_close(got, reference, rtol=0, atol=1e-4)
+    assert float(got.min()) < -35.0  # not clamped
+    torch.onnx.export(Sure(), (views,), str(tmp_path / "sure.onnx"), dynamo=False, input_names=["views"],
+                      output_names=["logits"], dynamic_axes={"views": {0: "b"}})
+    (served,) = ort.InferenceSession(str(tmp_path / "sure.onnx")).run(None, {"views": views.numpy()})
+    np.testing.assert_allclose(served, reference.numpy(), rtol=0, atol=1e-4)

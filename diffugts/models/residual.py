@@ -64,6 +64,13 @@ class ResidualHead(nn.Module):
 MIRRORS = ((), (2,), (3,), (4,), (2, 3), (2, 4), (3, 4), (2, 3, 4))
 
 
+def _log_mean_exp(x: torch.Tensor) -> torch.Tensor:
+    """log(mean(exp(x))) over axis 0, shifted by the maximum so nothing overflows or underflows
+    (written out: each engine runs the same Max/Exp/Sum/Log ops)."""
+    peak = x.amax(0)
+    return peak + torch.log((x - peak).exp().mean(0))
+
+
 def mirror_averaged_logits(net: nn.Module, views: torch.Tensor) -> torch.Tensor:
     """`net` on the 8 mirrorings of `views` in one batch, each output mirrored back; the logit of
     their mean probability (the pipeline takes the sigmoid, as of a plain head's logits)."""
@@ -72,7 +79,8 @@ def mirror_averaged_logits(net: nn.Module, views: torch.Tensor) -> torch.Tensor:
     # shape arithmetic (a Slice of the shape at computed bounds) stops ONNX Runtime's symbolic
     # shape inference, and with it the bench's FLOP count
     chunks = logits.reshape((len(MIRRORS), -1) + tuple(logits.shape[1:]))
-    prob = torch.stack([torch.sigmoid(chunks[i].flip(axes) if axes else chunks[i])
-                        for i, axes in enumerate(MIRRORS)]).mean(0)
-    prob = prob.clamp(1e-6, 1 - 1e-6)  # finite logits where all 8 agree
-    return torch.log(prob) - torch.log1p(-prob)
+    back = torch.stack([chunks[i].flip(axes) if axes else chunks[i] for i, axes in enumerate(MIRRORS)])
+    # logit(mean p) = log mean sigmoid(l) - log mean sigmoid(-l), in log space: where the head is
+    # sure (|logit| > 10) a probability's complement keeps too few digits, and engines' sigmoids
+    # differ there by more than the export's parity tolerance (logit(p) with p clamped did)
+    return _log_mean_exp(-F.softplus(-back)) - _log_mean_exp(-F.softplus(back))
