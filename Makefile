@@ -81,13 +81,14 @@ calibrate: $(STAMP) corpus-sources
 	$(VENV)/bin/diffugts lesions --corpus eval_data/corpus --out eval_data/anatomy_seen77 --n 12 --seed 77 --kinds "$(SEEN_KINDS)"
 	$(VENV)/bin/diffugts calibrate eval_data/seen77 eval_data/anatomy_seen77 --out eval_out/calibration.json --preset demo
 
-# The shipped head's recipe (model card, "Third sitting"): the residual head fine-tuned from the
-# bundled weights on seen-kind lesions in real anatomy + seen phantoms, crops mirrored. Resumable:
-# rerun with more --head-steps to continue (the loop's outputs are cached in the work folder).
+# The shipped file's last sitting (model card, "AOVA on anatomy"): AOVA and residual head fine-tuned
+# from the bundled weights on seen-kind lesions in real anatomy + seen phantoms, crops mirrored. It
+# starts from whatever file is bundled (the file before it: `git show 686860d:diffugts/weights/demo.safetensors`).
+# Resumable: rerun with more --head-steps to continue (the loop's outputs are cached in the work folder).
 train: $(STAMP) corpus-sources
 	$(VENV)/bin/diffugts corpus --out train_work/corpus
-	$(VENV)/bin/diffugts train heads --work train_work/v9 --corpus train_work/corpus \
-	  --backbone diffugts/weights/demo.safetensors --aova-steps 0 --anatomy-volumes 320 --cases 136 --head-steps 24000
+	$(VENV)/bin/diffugts train heads --work train_work/v10 --corpus train_work/corpus \
+	  --backbone diffugts/weights/demo.safetensors --aova-steps 1500 --anatomy-volumes 320 --cases 136 --head-steps 8000
 
 # Triton's perf_analyzer (tritonclient 2.40.0's wheel, libb64 from Debian, libcudart from PyPI) under
 # .tools/; optional: where it cannot be installed, the bench says so and uses its own load generator.
