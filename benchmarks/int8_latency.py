@@ -1,7 +1,7 @@
 """Torch eager against Triton serving the int8 repository that `diffugts bench` gated
-(`bench_out/repo_int8`), on the bench's own volumes, in one run: the end-to-end ratio with the
-stages that passed the Dice gate in int8, the two
-interleaved run by run. `python -m diffugts.benchmarks.int8_latency [bench_out]`."""
+(`bench_out/repo_int8`), on the bench's own volumes, the two interleaved run by run: the
+end-to-end ratio with the stages that passed the Dice gate in int8.
+`python -m diffugts.benchmarks.int8_latency [bench_out]`."""
 
 from __future__ import annotations
 

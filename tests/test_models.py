@@ -221,14 +221,17 @@ def test_mirror_average_keeps_its_digits_where_the_head_is_sure(tmp_path):
 
     from diffugts.models.residual import mirror_averaged_logits
 
+    ramp = torch.linspace(-2.0, 2.0, 4)  # along the last axis: the mirrorings that flip it disagree
+
     class Sure(torch.nn.Module):
         def forward(self, views):
-            return mirror_averaged_logits(lambda v: 60.0 * v - 40.0, views)  # logits in [-40, 20]
+            return mirror_averaged_logits(lambda v: 60.0 * v - 40.0 + ramp, views)  # logits in [-42, 22]
 
     views = torch.rand(2, 1, 6, 5, 4)
     axes_sets = [a for k in range(4) for a in itertools.combinations((2, 3, 4), k)]
-    logits = (60.0 * views - 40.0).double()
-    p = torch.stack([torch.sigmoid(logits.flip(a).flip(a)) if a else torch.sigmoid(logits) for a in axes_sets]).mean(0)
+    # the net is pointwise plus the ramp, so flipping its input and its output back flips the ramp alone
+    logits = [(60.0 * views - 40.0 + (ramp.flip(0) if 4 in a else ramp)).double() for a in axes_sets]
+    p = torch.stack([torch.sigmoid(x) for x in logits]).mean(0)
     reference = (torch.log(p) - torch.log1p(-p)).float()
     got = Sure()(views)
     torch.testing.assert_close(got, reference, rtol=0, atol=1e-4)
