@@ -252,7 +252,8 @@ def cmd_train(args) -> int:
                                           sources, Path(args.init) if args.init else None)
         else:
             report = train.train_heads(args.preset, work, args.seed, args.aova_steps, args.head_steps, args.cases,
-                                       Path(args.backbone) if args.backbone else None, sources=sources)
+                                       Path(args.backbone) if args.backbone else None, sources=sources,
+                                       head_dice=args.head_dice)
     except (ValueError, InputError) as exc:
         fail(str(exc))
         return 2
@@ -460,6 +461,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--volumes", type=int, default=64, help="healthy training volumes")
     p.add_argument("--aova-steps", type=int, default=1000)
     p.add_argument("--head-steps", type=int, default=6000)
+    p.add_argument("--head-dice", choices=("batch", "lesion"), default="batch",
+                   help="the head's Dice term: over the whole batch, or per crop that holds a lesion")
     p.add_argument("--cases", type=int, default=136, help="seen-category training cases")
     p.add_argument("--install", action="store_true", help="copy the result to diffugts/weights/")
     p.add_argument("--corpus", default=None, help="real-anatomy corpus (`diffugts corpus`): randomized, with lesions")

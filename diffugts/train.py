@@ -234,6 +234,20 @@ def soft_dice_loss(prob: torch.Tensor, target: torch.Tensor, batch_dice: bool = 
     return (1 - (2 * inter + 1) / (prob.sum(dims) + target.sum(dims) + 1)).mean()
 
 
+def lesion_dice_loss(prob: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+    """Soft Dice per crop, over the crops that hold lesion: each lesion weighs the same whatever its
+    size. A batch Dice lets a 60 mm lesion drown out a 10 mm one in the same batch (the idea of blob
+    loss, Kofler et al. 2023, with one lesion per crop); crops without lesion are left to the BCE."""
+    holds = target.flatten(1).amax(1) > 0
+    if not holds.any():
+        return prob.sum() * 0.0
+    return soft_dice_loss(prob[holds], target[holds])
+
+
+HEAD_DICE = {"batch": lambda prob, target: soft_dice_loss(prob, target, batch_dice=True),
+             "lesion": lesion_dice_loss}
+
+
 def drop_view_groups(views: torch.Tensor, groups: dict, p: float, rng: np.random.Generator) -> torch.Tensor:
     """Zero each optional group of input channels (residuals; maps) per sample with probability p.
 
@@ -366,7 +380,9 @@ def head_cases(preset, n_phantoms: int, seed: int, sources: Sources, contrast=(0
 def train_heads(preset_name: str = "demo", work: Path = Path("train_work"), seed: int = 0,
                 aova_steps: int = 1000, head_steps: int = 6000, n_cases: int = 136,
                 backbone: Path | None = None, contrast: tuple[float, float] = (0.35, 1.0),
-                sources: Sources = Sources()) -> dict:
+                sources: Sources = Sources(), head_dice: str = "batch") -> dict:
+    if head_dice not in HEAD_DICE:
+        raise ValueError(f"unknown head Dice {head_dice!r}: {', '.join(HEAD_DICE)}")
     preset = get_preset(preset_name)
     device = _device(sources.device)
     work.mkdir(parents=True, exist_ok=True)  # a first run may start from weights elsewhere (--backbone)
@@ -427,7 +443,7 @@ def train_heads(preset_name: str = "demo", work: Path = Path("train_work"), seed
         target = torch.cat([t for _, t in batch]).to(device)
         logits = logits.float()
         return F.binary_cross_entropy_with_logits(logits, target, pos_weight=torch.tensor(3.0, device=device)) + \
-            soft_dice_loss(torch.sigmoid(logits), target, batch_dice=True)
+            HEAD_DICE[head_dice](torch.sigmoid(logits), target)
 
     report["head"] = run_phase("head", work, {"head": head}, list(head.parameters()), head_steps, 2e-3, head_loss,
                                rng, amp=sources.autocast)

@@ -92,3 +92,26 @@ def test_a_resumed_phase_ends_where_an_uninterrupted_one_does(tmp_path):
     resumed = run(tmp_path / "b")
     for a, b in zip(whole.state_dict().values(), resumed.state_dict().values()):
         torch.testing.assert_close(a, b)
+
+
+def test_lesion_dice_weighs_a_small_lesion_as_much_as_a_large_one():
+    """A crop whose 8-voxel lesion is missed costs ~1 per lesion crop, where the batch Dice hardly moves."""
+    target = torch.zeros(3, 1, 8, 8, 8)
+    target[0, 0, :6, :6, :6] = 1.0  # large lesion, found
+    target[1, 0, :2, :2, :2] = 1.0  # small lesion, missed
+    prob = target.clone()
+    prob[1] = 0.0
+    prob[2, 0, 4, 4, 4] = 0.9  # a crop with no lesion: left to the BCE
+    lesion, batch = train.lesion_dice_loss(prob, target), train.soft_dice_loss(prob, target, batch_dice=True)
+    expected = (0.0 + (1 - 1 / 9)) / 2  # per lesion crop: 1 - (2*inter + 1) / (sum p + sum t + 1)
+    assert abs(float(lesion) - expected) < 1e-3
+    assert float(batch) < 0.05
+    assert float(train.lesion_dice_loss(prob[2:], target[2:])) == 0.0
+
+
+def test_an_unknown_head_dice_is_refused_before_any_work(tmp_path):
+    import pytest
+
+    with pytest.raises(ValueError, match="unknown head Dice 'pixel'"):
+        train.train_heads("tiny", tmp_path, head_dice="pixel")
+    assert not any(tmp_path.iterdir())
