@@ -147,6 +147,8 @@ def test_whole_patch_shapes_are_compiled_static_and_other_shapes_stay_dynamic(op
             assert a.shape == b.shape
             np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-5)
     assert set(session.compiled) == {(None, everything), (_shape_key(static), everything)}
+    # every form unpinned: in the server, stub processes, tritonserver and the client share the cores
+    assert all(compiled.get_property("ENABLE_CPU_PINNING") is False for compiled, _ in session.compiled.values())
 
 
 def test_a_call_for_the_prediction_alone_runs_a_graph_without_the_attention(openvino_repository):
