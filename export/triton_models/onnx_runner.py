@@ -33,7 +33,9 @@ class TritonPythonModel:
         return read_request(request, self.specs, pb_utils.get_input_tensor_by_name, self.max_batch)
 
     def _run(self, members, responses):
-        feed = {name: np.concatenate([a[name] for _, a, _ in members]) for name, _ in self.inputs}
+        # one request (the client loop's every call) runs on its own arrays: no copy to concatenate
+        feed = {name: members[0][1][name] if len(members) == 1 else np.concatenate([a[name] for _, a, _ in members])
+                for name, _ in self.inputs}
         # only the outputs some member asked for are computed (OpenVINO then runs a graph cut down to them)
         computed = [name for name in self.outputs if any(name in wanted for _, _, wanted in members)]
         results = self.session.run(computed, feed)
