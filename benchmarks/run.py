@@ -15,6 +15,7 @@ from .harness import (FULL, QUICK, describe_machine, load_cases, measure_latenci
                       quality_sweeps, run_perf_analyzer, stage_flops, unet_load)
 from .real_size import ct_sized_volume, run_real_size
 from .sizes import cost_curve, run_maisi
+from .triton_overhead import server_statistics, stage_overhead
 
 ENGINE_EXECUTORS = {"onnxruntime": "onnx", "openvino": "openvino"}
 
@@ -111,6 +112,10 @@ def run_bench(preset_name: str = "demo", out: str | Path = "bench_out", quick: b
                   "triton-bls": BlsClient(url)}
         say(f"latency, interleaved: {', '.join(list(in_process) + list(served))}")
         latency = measure_latencies({**in_process, **served}, cases, plan.repeats)
+        say("where Triton's time over the same runtime in process goes (Triton statistics)")
+        results["triton_overhead"] = stage_overhead(
+            in_process[results["triton_runtime"]], served["triton"], cases,
+            lambda: server_statistics(served["triton"].transport.client, server.security.statistics_metadata()))
         for client in served.values():
             client.close()
         latency["triton"]["shared_memory_on"] = latency.pop("triton_shared_memory")
@@ -216,6 +221,7 @@ def size_markdown(r: dict) -> list[str]:
              + ", ".join(f"{k} {v}" for k, v in r.get("triton_stage_runtimes", {}).items())
              + f"; Triton / the same runtimes in process (`{r['triton_runtime']}`): "
              f"{ratios['triton_over_same_runtime']:.2f}x; Triton / torch eager {ratios['triton_over_torch']:.2f}x."]
+    lines += overhead_markdown(r.get("triton_overhead"), r["triton_runtime"])
     int8 = r.get("int8", {})
     if "stages" in int8:
         lines += ["", f"| int8 stage (fp32 Dice {int8['fp32_dice']:.3f}) | speed-up vs fp32 OpenVINO | vs current engine "
@@ -243,6 +249,25 @@ def size_markdown(r: dict) -> list[str]:
               f"pre- plus postprocessing {100 * rs['pre_post_fraction']:.1f}% of end to end.", "",
               "| real-size stage | seconds |", "|---|---|"]
     lines += [f"| {k} | {v:.2f} |" for k, v in rs["seconds"].items()]
+    return lines
+
+
+def overhead_markdown(o: dict | None, runtime: str) -> list[str]:
+    if not o:
+        return []
+    lines = ["", f"Where Triton's time goes, per volume ({o['volumes']} volumes; ms; server phases from Triton's "
+             f"statistics; wire = the rest of a served call):", "",
+             f"| model the client calls | calls | `{runtime}` in process | Triton | server compute | "
+             "server queue + input + output | wire |", "|---|---|---|---|---|---|---|"]
+    for model, row in o["models"].items():
+        if "wire_ms" not in row:
+            continue
+        server = row["server_ms"]
+        lines.append(f"| {model} | {row['triton']['calls']:.1f} | {row['in_process']['ms']:.1f} | {row['triton']['ms']:.1f} | "
+                     f"{server['compute_infer']:.1f} | {server['queue'] + server['compute_input'] + server['compute_output']:.1f} "
+                     f"| {row['wire_ms']:.1f} |")
+    t = o["total_ms"]
+    lines.append(f"| all | | {t['in_process']:.1f} | {t['triton']:.1f} | | | {t['wire']:.1f} |")
     return lines
 
 

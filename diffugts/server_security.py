@@ -118,6 +118,13 @@ class ServerSecurity:
             raise SecurityError(f"refusing to bind {host} without a token: add --token-file FILE "
                                 "(or bind 127.0.0.1)")
 
+    def statistics_metadata(self) -> dict[str, str]:
+        """gRPC metadata that opens this server's statistics API (the token's group when there is a
+        token, else the admin group it is locked in)."""
+        if self.token:
+            return {GRPC_TOKEN_METADATA: self.token}
+        return {f"triton-grpc-protocol-{ADMIN_HEADER}": self.admin_key}
+
     def triton_flags(self) -> list[str]:
         groups = [(LOCKED_APIS, ADMIN_HEADER, self.admin_key)]
         if self.token:

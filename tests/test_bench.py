@@ -21,6 +21,9 @@ def test_quick_bench_writes_results(tmp_path, capsys):
     assert [t["concurrency"] for t in results["throughput"]["dynamic_batching_on"]] == [1, 2]
     assert all(not t["errors"] for t in results["throughput"]["dynamic_batching_off"])
     assert results["cropping"]["inpaint_speedup"] > 0
+    overhead = results["triton_overhead"]["models"]["unet"]
+    assert overhead["triton"]["calls"] == overhead["in_process"]["calls"] >= 1
+    assert "Where Triton's time goes" in (tmp_path / "results.md").read_text()
     assert results["flops"]["unet"]["gflop"] > 0 and results["machine"]["peak_gflops_fp32_matmul"] > 0
     assert results["flops"]["unet:prediction"]["gflop"] == results["flops"]["unet"]["gflop"]  # the inpainting call
     for stage in results["flops"].values():  # the quick plan: one round, its share against its own peak read
@@ -161,3 +164,43 @@ def test_latencies_interleave_executors_and_rotate_who_goes_first(monkeypatch):
     assert set(report) == {"a", "b", "c"}
     assert all(r["runs"] == 4 and r["stages"]["encode"]["p50"] == 0.5 for r in report.values())
     assert report["a"]["stages"]["inpaint"]["p50"] == 0.0  # a stage the run skipped reads 0
+
+
+def test_triton_overhead_splits_served_calls_into_server_phases_and_wire(triton_server, tiny_repository,
+                                                                         phantom_dir):
+    """The same loop makes the same calls in process and through Triton; the server's phases come
+    from its statistics (refused without the server's metadata) and the wire is what is left."""
+    from diffugts.benchmarks.harness import load_cases
+    from diffugts.benchmarks.triton_overhead import PHASES, server_statistics, stage_overhead
+    from diffugts.client.triton_executor import TritonExecutor
+    from diffugts.client.transports import GrpcTransport
+    from diffugts.executors.onnx_executor import OnnxExecutor
+
+    cases = load_cases(phantom_dir, 2)
+    in_process, served = OnnxExecutor.from_repository(tiny_repository), TritonExecutor(triton_server.grpc_url)
+    originals = in_process.transport, served.transport
+    metadata = triton_server.security.statistics_metadata()
+    bare = GrpcTransport(triton_server.grpc_url)
+    with pytest.raises(Exception, match="restricted"):
+        server_statistics(bare.client)
+    bare.close()
+    try:
+        report = stage_overhead(in_process, served, cases, lambda: server_statistics(served.transport.client, metadata))
+    finally:
+        served.close()
+    assert (in_process.transport, served.transport) == originals  # the timing wrappers are gone
+    assert report["volumes"] == 2
+    unet = report["models"]["unet"]
+    assert unet["in_process"]["calls"] == unet["triton"]["calls"] >= 1  # probe (+ inpainting steps)
+    for model, row in report["models"].items():
+        if "wire_ms" in row:
+            assert row["in_process"]["calls"] == row["triton"]["calls"], model
+            assert row["wire_ms"] == pytest.approx(row["triton"]["ms"] - sum(row["server_ms"][p] for p in PHASES))
+            assert row["server_ms"]["compute_infer"] > 0, model
+    for model in ("unet", "vae_decoder"):  # never inside an ensemble: the server's time is all the client's
+        row = report["models"][model]
+        assert row["server_ms"]["compute_infer"] < row["triton"]["ms"], model
+    # the text encoder runs only inside the `encode_aova` ensemble, so the client never calls it
+    assert "wire_ms" not in report["models"]["text_encoder"]
+    assert report["total_ms"]["triton"] == pytest.approx(
+        sum(r["triton"]["ms"] for r in report["models"].values() if "wire_ms" in r))
