@@ -84,8 +84,16 @@ def measure_latencies(executors: dict, cases, repeats: int, options: LoopOptions
     for name in names:
         e2e = percentiles(end_to_end[name])
         report[name] = {"end_to_end_p50_s": e2e["p50"], "end_to_end_p95_s": e2e["p95"], "runs": e2e["n"],
+                        "end_to_end_s": end_to_end[name],  # run by run, the same volume at the same index
                         "stages": {s: percentiles(v) for s, v in stages[name].items()}}
     return report
+
+
+def paired_ratio(report: dict, numerator: str, denominator: str) -> float:
+    """Median over runs of one executor's seconds over another's on the same volume in the same
+    run: unlike a ratio of p50s, it cannot fall between volumes of different cost."""
+    pairs = zip(report[numerator]["end_to_end_s"], report[denominator]["end_to_end_s"])
+    return float(np.median([a / b for a, b in pairs]))
 
 
 def measure_latency(executor, cases, repeats: int, options: LoopOptions | None = None) -> dict:

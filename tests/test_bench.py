@@ -164,6 +164,16 @@ def test_latencies_interleave_executors_and_rotate_who_goes_first(monkeypatch):
     assert set(report) == {"a", "b", "c"}
     assert all(r["runs"] == 4 and r["stages"]["encode"]["p50"] == 0.5 for r in report.values())
     assert report["a"]["stages"]["inpaint"]["p50"] == 0.0  # a stage the run skipped reads 0
+    assert all(len(r["end_to_end_s"]) == 4 for r in report.values())  # run by run, for paired ratios
+
+
+def test_paired_ratio_is_the_median_of_per_volume_ratios():
+    """Two volumes of different cost: the p50s fall between them, the paired ratio does not."""
+    from diffugts.benchmarks.harness import paired_ratio
+
+    report = {"triton": {"end_to_end_s": [1.0, 3.0, 1.1, 3.3]}, "openvino": {"end_to_end_s": [1.0, 2.0, 1.0, 2.0]}}
+    assert paired_ratio(report, "triton", "openvino") == pytest.approx(1.3)  # median of 1.0, 1.5, 1.1, 1.65
+    assert paired_ratio(report, "openvino", "openvino") == 1.0
 
 
 def test_triton_overhead_splits_served_calls_into_server_phases_and_wire(triton_server, tiny_repository,
