@@ -59,6 +59,15 @@ def describe_machine() -> dict:
                                "unknown") if Path("/proc/cpuinfo").exists() else "unknown"}
 
 
+def interleaved(names: list[str], cases, repeats: int):
+    """(name, case) in the order the executors run: each case on every executor in turn, the one
+    that goes first rotating from run to run."""
+    for run in range(repeats * len(cases)):
+        first = run % len(names)
+        for name in names[first:] + names[:first]:
+            yield name, cases[run % len(cases)]
+
+
 def measure_latencies(executors: dict, cases, repeats: int, options: LoopOptions | None = None) -> dict:
     """Latency of several executors on the same cases, interleaved: every case runs on every
     executor in turn, the executor that goes first rotating from run to run.
@@ -71,15 +80,12 @@ def measure_latencies(executors: dict, cases, repeats: int, options: LoopOptions
     names = list(executors)
     end_to_end = {n: [] for n in names}
     stages = {n: {s: [] for s in STAGES} for n in names}
-    for run in range(repeats * len(cases)):
-        volume, _, prompt, modality = cases[run % len(cases)]
-        first = run % len(names)
-        for name in names[first:] + names[:first]:
-            start = time.perf_counter()
-            seg = run_segmentation(executors[name], volume, prompt, modality, options)
-            end_to_end[name].append(time.perf_counter() - start)
-            for s in STAGES:
-                stages[name][s].append(seg.timings.get(s, 0.0))
+    for name, (volume, _, prompt, modality) in interleaved(names, cases, repeats):
+        start = time.perf_counter()
+        seg = run_segmentation(executors[name], volume, prompt, modality, options)
+        end_to_end[name].append(time.perf_counter() - start)
+        for s in STAGES:
+            stages[name][s].append(seg.timings.get(s, 0.0))
     report = {}
     for name in names:
         e2e = percentiles(end_to_end[name])

@@ -13,6 +13,8 @@ from collections import defaultdict
 
 from diffugts.pipeline import run_segmentation
 
+from .harness import interleaved
+
 PHASES = ("queue", "compute_input", "compute_infer", "compute_output")
 
 
@@ -67,18 +69,14 @@ def stage_overhead(in_process, served, cases, statistics, repeats: int = 1) -> d
             ex.transport.seconds.clear()
             ex.transport.calls.clear()
         before = statistics()
-        volumes = 0
-        for run in range(repeats * len(cases)):
-            volume, _, prompt, modality = cases[run % len(cases)]
-            order = list(executors) if run % 2 == 0 else list(executors)[::-1]
-            for name in order:
-                run_segmentation(executors[name], volume, prompt, modality)
-            volumes += 1
+        for name, (volume, _, prompt, modality) in interleaved(list(executors), cases, repeats):
+            run_segmentation(executors[name], volume, prompt, modality)
         server = _difference(statistics(), before)
     finally:
         timed = {name: ex.transport for name, ex in executors.items()}
         for name, ex in executors.items():
             ex.transport = originals[name]
+    volumes = repeats * len(cases)
     models = sorted(set(timed["in_process"].calls) | set(timed["triton"].calls)
                     | {m for m, row in server.items() if row["count"]})
     report = {"volumes": volumes, "models": {}}
@@ -94,7 +92,7 @@ def stage_overhead(in_process, served, cases, statistics, repeats: int = 1) -> d
         if direct:  # what the server's phases do not hold: gRPC, tensor conversions, request handling
             row["wire_ms"] = row["triton"]["ms"] - sum(row["server_ms"].values())
         report["models"][model] = row
-    direct = [row for row in report["models"].values() if row["triton"]["calls"]]
-    report["total_ms"] = {name: sum(r[name]["ms"] for r in direct) for name in executors}
-    report["total_ms"]["wire"] = sum(r["wire_ms"] for r in direct)
+    called = [row for row in report["models"].values() if "wire_ms" in row]  # by the client itself
+    report["total_ms"] = {name: sum(r[name]["ms"] for r in called) for name in executors}
+    report["total_ms"]["wire"] = sum(r["wire_ms"] for r in called)
     return report

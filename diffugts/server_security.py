@@ -32,6 +32,7 @@ from pathlib import Path
 TOKEN_HEADER = "diffugts-token"
 GRPC_TOKEN_METADATA = f"triton-grpc-protocol-{TOKEN_HEADER}"
 ADMIN_HEADER = "diffugts-admin"
+GRPC_ADMIN_METADATA = f"triton-grpc-protocol-{ADMIN_HEADER}"
 TOKEN_APIS = ("inference", "metadata", "model-config", "shared-memory", "statistics")
 LOCKED_APIS = ("model-repository", "trace", "logging")
 LOCKED_WITHOUT_TOKEN = ("statistics",)
@@ -123,7 +124,7 @@ class ServerSecurity:
         token, else the admin group it is locked in)."""
         if self.token:
             return {GRPC_TOKEN_METADATA: self.token}
-        return {f"triton-grpc-protocol-{ADMIN_HEADER}": self.admin_key}
+        return {GRPC_ADMIN_METADATA: self.admin_key}
 
     def triton_flags(self) -> list[str]:
         groups = [(LOCKED_APIS, ADMIN_HEADER, self.admin_key)]
