@@ -246,14 +246,15 @@ def cmd_train(args) -> int:
                             args.anatomy_volumes, args.device, args.amp)
     try:
         if args.phase == "snapshot":
-            report = train.weights_from_checkpoints(args.preset, work, Path(args.backbone) if args.backbone else None)
+            report = train.weights_from_checkpoints(args.preset, work, Path(args.backbone) if args.backbone else None,
+                                                    args.head_levels)
         elif args.phase == "backbone":
             report = train.train_backbone(args.preset, work, args.seed, args.vae_steps, args.unet_steps, args.volumes,
                                           sources, Path(args.init) if args.init else None)
         else:
             report = train.train_heads(args.preset, work, args.seed, args.aova_steps, args.head_steps, args.cases,
                                        Path(args.backbone) if args.backbone else None, sources=sources,
-                                       head_dice=args.head_dice)
+                                       head_dice=args.head_dice, head_levels=args.head_levels)
     except (ValueError, InputError) as exc:
         fail(str(exc))
         return 2
@@ -463,6 +464,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--head-steps", type=int, default=6000)
     p.add_argument("--head-dice", choices=("batch", "lesion"), default="batch",
                    help="the head's Dice term: over the whole batch, or per crop that holds a lesion")
+    p.add_argument("--head-levels", type=int, default=None,
+                   help="heads: the residual head's UNet levels; a depth other than the loaded head's starts "
+                        "a fresh head (default: the depth the weights file holds)")
     p.add_argument("--cases", type=int, default=136, help="seen-category training cases")
     p.add_argument("--install", action="store_true", help="copy the result to diffugts/weights/")
     p.add_argument("--corpus", default=None, help="real-anatomy corpus (`diffugts corpus`): randomized, with lesions")

@@ -35,6 +35,7 @@ class Preset:
     embed_dim: int = 32
     adapter_ratio: float = 0.2
     head_channels: int = 16
+    head_levels: int = 3  # resolution levels of the residual head's UNet (channels double per level)
     # average the head's probability over the 8 mirrorings of its views (test-time augmentation,
     # as nnU-Net does; the head trains on mirrored crops): 8x the head's compute
     head_mirror_average: bool = False

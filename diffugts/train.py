@@ -24,6 +24,7 @@ from .config import WEIGHTS_DIR, get_preset
 from .executors.torch_executor import TorchExecutor
 from .models import build_models
 from .models.backbone import encode_with_taps
+from .models.pipeline_models import build_head
 from .models.residual import VIEW_GROUPS
 from .models.weights import load_weights, save_weights
 from .pipeline import LoopOptions, Timings, inpainting_mask, segment_patch
@@ -380,7 +381,7 @@ def head_cases(preset, n_phantoms: int, seed: int, sources: Sources, contrast=(0
 def train_heads(preset_name: str = "demo", work: Path = Path("train_work"), seed: int = 0,
                 aova_steps: int = 1000, head_steps: int = 6000, n_cases: int = 136,
                 backbone: Path | None = None, contrast: tuple[float, float] = (0.35, 1.0),
-                sources: Sources = Sources(), head_dice: str = "batch") -> dict:
+                sources: Sources = Sources(), head_dice: str = "batch", head_levels: int | None = None) -> dict:
     if head_dice not in HEAD_DICE:
         raise ValueError(f"unknown head Dice {head_dice!r}: {', '.join(HEAD_DICE)}")
     preset = get_preset(preset_name)
@@ -390,6 +391,7 @@ def train_heads(preset_name: str = "demo", work: Path = Path("train_work"), seed
     rng = np.random.default_rng(seed)
     models = build_models(preset, seed)
     load_weights(models, backbone or work / "backbone.safetensors")
+    _fresh_head_of_depth(models, head_levels)
     preset = models.preset
     cases = head_cases(preset, n_cases, seed, sources, contrast)
     head_crop = min(32, preset.patch)
@@ -461,7 +463,15 @@ def install_weights(work: Path, name: str = "demo.safetensors") -> Path:
     return target
 
 
-def weights_from_checkpoints(preset_name: str, work: Path, backbone: Path | None = None) -> dict:
+def _fresh_head_of_depth(models, levels: int | None) -> None:
+    """A head of another depth than the loaded one starts from random weights (nothing to carry over)."""
+    if levels is not None and levels != models.preset.head_levels:
+        models.preset = models.preset.with_(head_levels=levels)
+        models.head = build_head(models.preset)
+
+
+def weights_from_checkpoints(preset_name: str, work: Path, backbone: Path | None = None,
+                             head_levels: int | None = None) -> dict:
     """`work/demo.safetensors` from the last checkpoints of an unfinished `train heads` run: a phase
     stopped early (Ctrl-C, the end of a sitting) still gives usable weights, and the run can resume
     later from the same checkpoints. Says which step each phase had reached. A phase with no
@@ -473,6 +483,7 @@ def weights_from_checkpoints(preset_name: str, work: Path, backbone: Path | None
     preset = get_preset(preset_name)
     models = build_models(preset, 0)
     load_weights(models, backbone or work / "backbone.safetensors")
+    _fresh_head_of_depth(models, head_levels)
     steps = {}
     for phase, parts in phases:
         state = torch.load(work / f"{phase}.pt", map_location="cpu", weights_only=False)

@@ -77,6 +77,35 @@ def test_safetensors_round_trip(tiny_models, tmp_path):
             assert torch.equal(a, b), k
 
 
+def test_a_file_holding_a_deeper_head_loads_under_the_named_preset(tiny_models, tmp_path):
+    """A head trained at another depth (`train heads --head-levels`) rebuilds the head on load,
+    with the preset saying its depth; the shipped files, saved before the field, are 3 levels."""
+    from diffugts.models import build_models
+    from diffugts.models.pipeline_models import build_head
+    from diffugts.train import _fresh_head_of_depth
+
+    deep = build_models(TINY, seed=5)
+    _fresh_head_of_depth(deep, 4)
+    assert deep.preset.head_levels == 4 and deep.head.levels == 4
+    path = tmp_path / "deep.safetensors"
+    save_weights(deep, path)
+    models = build_models(TINY, seed=6)
+    assert models.head.levels == 3
+    load_weights(models, path)
+    assert models.preset.head_levels == 4 and not models.head.training
+    views = torch.rand(1, 6, 32, 32, 32)
+    with torch.inference_mode():
+        torch.testing.assert_close(models.head.net(views), deep.eval().head.net(views))
+    assert sum(p.numel() for p in models.head.parameters()) > sum(p.numel() for p in build_head(TINY).parameters())
+
+    shallow = tmp_path / "shallow.safetensors"
+    save_weights(tiny_models, shallow)
+    load_weights(models, shallow)  # back to the default depth
+    assert models.preset.head_levels == 3 and models.head.levels == 3
+    with pytest.raises(ValueError, match="at least 2 levels"):
+        build_head(TINY.with_(head_levels=1))
+
+
 def test_missing_and_mismatched_weights_are_clear(tiny_models, tmp_path):
     with pytest.raises(InputError, match="weights file not found"):
         load_weights(tiny_models, tmp_path / "none.safetensors")

@@ -24,6 +24,22 @@ def test_head_training_runs_on_the_loop_and_leaves_the_backbone_frozen(tmp_path)
     assert any(moved)
 
 
+def test_a_head_of_another_depth_trains_from_scratch_and_snapshots(tmp_path):
+    train.train_backbone("tiny", tmp_path, vae_steps=1, unet_steps=1, n_volumes=2)
+    report = train.train_heads("tiny", tmp_path, aova_steps=1, head_steps=2, n_cases=2, head_levels=4)
+    assert report["head"]["resumed_at"] == 0
+    trained = build_models(get_preset("tiny"))
+    load_weights(trained, tmp_path / "demo.safetensors")
+    assert trained.preset.head_levels == 4 and trained.head.levels == 4
+    # the snapshot of the same checkpoints needs the depth said again, and gives the same head
+    (tmp_path / "demo.safetensors").unlink()
+    train.weights_from_checkpoints("tiny", tmp_path, head_levels=4)
+    again = build_models(get_preset("tiny"))
+    load_weights(again, tmp_path / "demo.safetensors")
+    for (key, a), b in zip(trained.head.state_dict().items(), again.head.state_dict().values()):
+        assert torch.equal(a, b), key
+
+
 def test_view_dropout_zeros_whole_groups_and_never_the_image():
     import numpy as np
 

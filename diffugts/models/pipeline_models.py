@@ -24,7 +24,7 @@ class DiffuGTSModels(nn.Module):
         self.unet = build_unet(preset)
         self.projection = PromptProjection(preset.embed_dim)
         self.aova = AOVAHead(preset.vae_channels, preset.embed_dim, preset.adapter_ratio)
-        self.head = ResidualHead(preset.head_channels, mirror_average=preset.head_mirror_average)
+        self.head = build_head(preset)
         self.text_encoder = text_encoder or SentenceEncoder()
 
     def stages(self) -> dict[str, nn.Module]:
@@ -35,6 +35,10 @@ class DiffuGTSModels(nn.Module):
             "vae_decoder": DecodeStage(self.vae),
             "residual_head": ScoreStage(self.head),
         }
+
+
+def build_head(preset: Preset) -> ResidualHead:
+    return ResidualHead(preset.head_channels, mirror_average=preset.head_mirror_average, levels=preset.head_levels)
 
 
 def build_models(preset: Preset, seed: int = 0) -> DiffuGTSModels:

@@ -12,7 +12,7 @@ VIEW_GROUPS = {"residual": (2, 5), "map": (3, 4)}
 
 
 class ResidualHead(nn.Module):
-    """A small MONAI UNet (three levels) on fixed, scaled views of the six inputs.
+    """A small MONAI UNet (three levels by default) on fixed, scaled views of the six inputs.
 
     The lesions it must find differ from their surroundings by ~0.02 in MAISI's intensity range
     (45 HU of CT) against 0.5 between air and tissue, so the inputs are put on a common scale
@@ -20,16 +20,18 @@ class ResidualHead(nn.Module):
     blur), the residuals and maps scaled up. Batch norm, not instance norm: the head is trained on
     crops around lesions and runs on whole patches, and per-crop statistics would differ."""
 
-    def __init__(self, channels: int, blur_sigma: float = 2.0, mirror_average: bool = False):
+    def __init__(self, channels: int, blur_sigma: float = 2.0, mirror_average: bool = False, levels: int = 3):
         super().__init__()
-        self.mirror_average = mirror_average
+        if levels < 2:
+            raise ValueError(f"the residual head needs at least 2 levels, got {levels}")
+        self.mirror_average, self.levels = mirror_average, levels
         from monai.networks.layers.convutils import gaussian_1d
         from monai.networks.nets import UNet
 
         kernel = gaussian_1d(blur_sigma, truncated=3.0, approx="sampled", normalize=True).float()
         self.register_buffer("blur_kernel", kernel, persistent=False)
         self.net = UNet(spatial_dims=3, in_channels=RESIDUAL_INPUTS, out_channels=1,
-                        channels=(channels, 2 * channels, 4 * channels), strides=(2, 2),
+                        channels=tuple(channels * 2**level for level in range(levels)), strides=(2,) * (levels - 1),
                         num_res_units=1, norm="batch")
 
     def blur(self, x: torch.Tensor) -> torch.Tensor:

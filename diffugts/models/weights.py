@@ -8,7 +8,8 @@ from pathlib import Path
 import torch
 
 from ..io import InputError
-from .pipeline_models import FROZEN, TRAINABLE, DiffuGTSModels
+from .pipeline_models import FROZEN, TRAINABLE, DiffuGTSModels, build_head
+
 
 
 # batch norm's step counter: training state, not a weight (files leave it out)
@@ -52,6 +53,22 @@ def save_weights(models: DiffuGTSModels, path: str | Path, parts=TRAINABLE + FRO
     save_file(tensors, str(path), metadata={k: str(v) for k, v in meta.items()})
 
 
+def _adopt_head_shape(models: DiffuGTSModels, metadata: dict) -> None:
+    """Rebuild the head in the shape the file's preset gives it, so that a file holding a head of
+    another depth (a trial) loads under the named preset. Files older than `head_levels` hold
+    three levels, the field's default."""
+    try:
+        saved = json.loads(metadata.get("preset", "{}"))
+    except json.JSONDecodeError:
+        saved = {}
+    shape = {"head_channels": int(saved.get("head_channels", models.preset.head_channels)),
+             "head_levels": int(saved.get("head_levels", 3))}
+    if any(getattr(models.preset, k) != v for k, v in shape.items()):
+        models.preset = models.preset.with_(**shape)
+        device = next(models.head.parameters()).device
+        models.head = build_head(models.preset).to(device).train(models.head.training)
+
+
 def load_weights(models: DiffuGTSModels, path: str | Path) -> dict:
     """Load a diffugts safetensors file; the backbone's latent `scale_factor` rides in its metadata."""
     from safetensors import safe_open
@@ -65,6 +82,8 @@ def load_weights(models: DiffuGTSModels, path: str | Path) -> dict:
             metadata = f.metadata() or {}
     except Exception as exc:
         raise InputError(path, f"not a readable safetensors file ({type(exc).__name__})") from None
+    if any(k.startswith("head.") for k in state):
+        _adopt_head_shape(models, metadata)
     parts = sorted({k.split(".", 1)[0] for k in state})
     unknown = [p for p in parts if p not in TRAINABLE + FROZEN]
     if unknown:
