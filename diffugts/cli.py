@@ -254,7 +254,8 @@ def cmd_train(args) -> int:
         else:
             report = train.train_heads(args.preset, work, args.seed, args.aova_steps, args.head_steps, args.cases,
                                        Path(args.backbone) if args.backbone else None, sources=sources,
-                                       head_dice=args.head_dice, head_levels=args.head_levels)
+                                       head_dice=args.head_dice, head_levels=args.head_levels,
+                                       head_crop=args.head_crop)
     except (ValueError, InputError) as exc:
         fail(str(exc))
         return 2
@@ -464,6 +465,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--head-steps", type=int, default=6000)
     p.add_argument("--head-dice", choices=("batch", "lesion"), default="batch",
                    help="the head's Dice term: over the whole batch, or per crop that holds a lesion")
+    p.add_argument("--head-crop", type=int, default=32,
+                   help="heads: side of the head's training crops in voxels (the head runs on whole patches)")
     p.add_argument("--head-levels", type=int, default=None,
                    help="heads: the residual head's UNet levels; a depth other than the loaded head's starts "
                         "a fresh head (default: the depth the weights file holds)")

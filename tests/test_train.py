@@ -125,9 +125,12 @@ def test_lesion_dice_weighs_a_small_lesion_as_much_as_a_large_one():
     assert float(train.lesion_dice_loss(prob[2:], target[2:])) == 0.0
 
 
-def test_an_unknown_head_dice_is_refused_before_any_work(tmp_path):
+def test_an_unknown_head_dice_or_a_crop_larger_than_the_patch_is_refused_before_any_work(tmp_path):
     import pytest
 
     with pytest.raises(ValueError, match="unknown head Dice 'pixel'"):
         train.train_heads("tiny", tmp_path, head_dice="pixel")
+    assert not any(tmp_path.iterdir())
+    with pytest.raises(ValueError, match="head crop 64 must lie within 8..32"):
+        train.train_heads("tiny", tmp_path, head_crop=64)
     assert not any(tmp_path.iterdir())
