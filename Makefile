@@ -79,7 +79,9 @@ calibrate: $(STAMP) corpus-sources
 	$(VENV)/bin/diffugts phantom --out eval_data/seen77 --n 16 --seed 77 --categories "$(SEEN)"
 	$(VENV)/bin/diffugts corpus --out eval_data/corpus
 	$(VENV)/bin/diffugts lesions --corpus eval_data/corpus --out eval_data/anatomy_seen77 --n 12 --seed 77 --kinds "$(SEEN_KINDS)"
-	$(VENV)/bin/diffugts calibrate eval_data/seen77 eval_data/anatomy_seen77 --out eval_out/calibration.json --preset demo
+	$(VENV)/bin/diffugts lesions --corpus eval_data/corpus --out eval_data/anatomy_seen78 --n 36 --seed 78 --kinds "$(SEEN_KINDS)"
+	$(VENV)/bin/diffugts calibrate eval_data/seen77 eval_data/anatomy_seen77 eval_data/anatomy_seen78 \
+	  --out eval_out/calibration.json --preset demo
 
 # The shipped file's last sitting (model card, "AOVA on anatomy"): AOVA and residual head fine-tuned
 # from the bundled weights on seen-kind lesions in real anatomy + seen phantoms, crops mirrored. It
