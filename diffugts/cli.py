@@ -465,8 +465,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--head-steps", type=int, default=6000)
     p.add_argument("--head-dice", choices=("batch", "lesion"), default="batch",
                    help="the head's Dice term: over the whole batch, or per crop that holds a lesion")
-    p.add_argument("--head-crop", type=int, default=32,
-                   help="heads: side of the head's training crops in voxels (the head runs on whole patches)")
+    p.add_argument("--head-crop", type=int, default=None,
+                   help="heads: side of the head's training crops in voxels (default 32, or the patch if "
+                        "smaller; the head runs on whole patches)")
     p.add_argument("--head-levels", type=int, default=None,
                    help="heads: the residual head's UNet levels; a depth other than the loaded head's starts "
                         "a fresh head (default: the depth the weights file holds)")

@@ -382,12 +382,15 @@ def train_heads(preset_name: str = "demo", work: Path = Path("train_work"), seed
                 aova_steps: int = 1000, head_steps: int = 6000, n_cases: int = 136,
                 backbone: Path | None = None, contrast: tuple[float, float] = (0.35, 1.0),
                 sources: Sources = Sources(), head_dice: str = "batch", head_levels: int | None = None,
-                head_crop: int = 32) -> dict:
+                head_crop: int | None = None) -> dict:
     if head_dice not in HEAD_DICE:
         raise ValueError(f"unknown head Dice {head_dice!r}: {', '.join(HEAD_DICE)}")
     preset = get_preset(preset_name)
-    if not 8 <= head_crop <= preset.patch:
-        raise ValueError(f"head crop {head_crop} must lie within 8..{preset.patch} (the {preset.name} patch)")
+    head_crop = head_crop or min(32, preset.patch)
+    halvings = (head_levels or preset.head_levels) - 1  # the head's UNet halves a crop this often
+    if not 8 <= head_crop <= preset.patch or head_crop % 2**halvings:
+        raise ValueError(f"head crop {head_crop} must lie within 8..{preset.patch} (the {preset.name} patch) "
+                         f"and be a multiple of {2**halvings}")
     device = _device(sources.device)
     work.mkdir(parents=True, exist_ok=True)  # a first run may start from weights elsewhere (--backbone)
     torch.manual_seed(seed)
@@ -397,7 +400,6 @@ def train_heads(preset_name: str = "demo", work: Path = Path("train_work"), seed
     _fresh_head_of_depth(models, head_levels)
     preset = models.preset
     cases = head_cases(preset, n_cases, seed, sources, contrast)
-    head_crop = min(head_crop, preset.patch)
     images = torch.from_numpy(np.stack([c.image for c in cases])[:, None])
     labels = torch.from_numpy(np.stack([c.label for c in cases])[:, None])
     taps: dict[int, list[torch.Tensor]] = {}  # per case, on its first AOVA step: none when that phase is done

@@ -133,4 +133,6 @@ def test_an_unknown_head_dice_or_a_crop_larger_than_the_patch_is_refused_before_
     assert not any(tmp_path.iterdir())
     with pytest.raises(ValueError, match="head crop 64 must lie within 8..32"):
         train.train_heads("tiny", tmp_path, head_crop=64)
+    with pytest.raises(ValueError, match="head crop 30 .* multiple of 4"):
+        train.train_heads("tiny", tmp_path, head_crop=30)
     assert not any(tmp_path.iterdir())

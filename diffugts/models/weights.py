@@ -11,7 +11,6 @@ from ..io import InputError
 from .pipeline_models import FROZEN, TRAINABLE, DiffuGTSModels, build_head
 
 
-
 # batch norm's step counter: training state, not a weight (files leave it out)
 COUNTER = "num_batches_tracked"
 
