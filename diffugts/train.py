@@ -24,7 +24,6 @@ from .config import WEIGHTS_DIR, get_preset
 from .executors.torch_executor import TorchExecutor
 from .models import build_models
 from .models.backbone import encode_with_taps
-from .models.pipeline_models import build_head
 from .models.residual import VIEW_GROUPS
 from .models.weights import load_weights, save_weights
 from .pipeline import LoopOptions, Timings, inpainting_mask, segment_patch
@@ -470,9 +469,8 @@ def install_weights(work: Path, name: str = "demo.safetensors") -> Path:
 
 def _fresh_head_of_depth(models, levels: int | None) -> None:
     """A head of another depth than the loaded one starts from random weights (nothing to carry over)."""
-    if levels is not None and levels != models.preset.head_levels:
-        models.preset = models.preset.with_(head_levels=levels)
-        models.head = build_head(models.preset)
+    if levels is not None:
+        models.rebuild_head(head_levels=levels)
 
 
 def weights_from_checkpoints(preset_name: str, work: Path, backbone: Path | None = None,

@@ -27,6 +27,15 @@ class DiffuGTSModels(nn.Module):
         self.head = build_head(preset)
         self.text_encoder = text_encoder or SentenceEncoder()
 
+    def rebuild_head(self, **shape) -> None:
+        """A fresh head of another shape (`head_channels`, `head_levels`), the preset saying so, on
+        the old head's device and in its mode; a head of that shape already is left as it is."""
+        if all(getattr(self.preset, name) == value for name, value in shape.items()):
+            return
+        old = self.head
+        self.preset = self.preset.with_(**shape)
+        self.head = build_head(self.preset).to(next(old.parameters()).device).train(old.training)
+
     def stages(self) -> dict[str, nn.Module]:
         return {
             "text_encoder": TextStage(self.text_encoder, self.projection),

@@ -7,8 +7,9 @@ from pathlib import Path
 
 import torch
 
+from ..config import Preset
 from ..io import InputError
-from .pipeline_models import FROZEN, TRAINABLE, DiffuGTSModels, build_head
+from .pipeline_models import FROZEN, TRAINABLE, DiffuGTSModels
 
 
 # batch norm's step counter: training state, not a weight (files leave it out)
@@ -55,17 +56,13 @@ def save_weights(models: DiffuGTSModels, path: str | Path, parts=TRAINABLE + FRO
 def _adopt_head_shape(models: DiffuGTSModels, metadata: dict) -> None:
     """Rebuild the head in the shape the file's preset gives it, so that a file holding a head of
     another depth (a trial) loads under the named preset. Files older than `head_levels` hold
-    three levels, the field's default."""
+    the field's default depth."""
     try:
         saved = json.loads(metadata.get("preset", "{}"))
     except json.JSONDecodeError:
         saved = {}
-    shape = {"head_channels": int(saved.get("head_channels", models.preset.head_channels)),
-             "head_levels": int(saved.get("head_levels", 3))}
-    if any(getattr(models.preset, k) != v for k, v in shape.items()):
-        models.preset = models.preset.with_(**shape)
-        device = next(models.head.parameters()).device
-        models.head = build_head(models.preset).to(device).train(models.head.training)
+    models.rebuild_head(head_channels=int(saved.get("head_channels", models.preset.head_channels)),
+                        head_levels=int(saved.get("head_levels", Preset.head_levels)))
 
 
 def load_weights(models: DiffuGTSModels, path: str | Path) -> dict:
