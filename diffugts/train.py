@@ -385,19 +385,20 @@ def train_heads(preset_name: str = "demo", work: Path = Path("train_work"), seed
     if head_dice not in HEAD_DICE:
         raise ValueError(f"unknown head Dice {head_dice!r}: {', '.join(HEAD_DICE)}")
     preset = get_preset(preset_name)
-    head_crop = head_crop or min(32, preset.patch)
-    halvings = (head_levels or preset.head_levels) - 1  # the head's UNet halves a crop this often
-    if not 8 <= head_crop <= preset.patch or head_crop % 2**halvings:
-        raise ValueError(f"head crop {head_crop} must lie within 8..{preset.patch} (the {preset.name} patch) "
-                         f"and be a multiple of {2**halvings}")
     device = _device(sources.device)
-    work.mkdir(parents=True, exist_ok=True)  # a first run may start from weights elsewhere (--backbone)
     torch.manual_seed(seed)
     rng = np.random.default_rng(seed)
     models = build_models(preset, seed)
     load_weights(models, backbone or work / "backbone.safetensors")
     _fresh_head_of_depth(models, head_levels)
     preset = models.preset
+    # checked on the head as loaded (a file may hold a deeper one), before anything is written
+    head_crop = head_crop or min(32, preset.patch)
+    halvings = models.head.levels - 1  # the head's UNet halves a crop this often
+    if not 8 <= head_crop <= preset.patch or head_crop % 2**halvings:
+        raise ValueError(f"head crop {head_crop} must lie within 8..{preset.patch} (the {preset.name} patch) "
+                         f"and be a multiple of {2**halvings} (a {models.head.levels}-level head)")
+    work.mkdir(parents=True, exist_ok=True)  # a first run may start from weights elsewhere (--backbone)
     cases = head_cases(preset, n_cases, seed, sources, contrast)
     images = torch.from_numpy(np.stack([c.image for c in cases])[:, None])
     labels = torch.from_numpy(np.stack([c.label for c in cases])[:, None])

@@ -128,11 +128,23 @@ def test_lesion_dice_weighs_a_small_lesion_as_much_as_a_large_one():
 def test_an_unknown_head_dice_or_a_crop_larger_than_the_patch_is_refused_before_any_work(tmp_path):
     import pytest
 
+    from diffugts.models.weights import save_weights
+
     with pytest.raises(ValueError, match="unknown head Dice 'pixel'"):
         train.train_heads("tiny", tmp_path, head_dice="pixel")
     assert not any(tmp_path.iterdir())
+    # the crop is checked against the head as loaded: a file may hold a deeper head than the preset's
+    weights = tmp_path / "weights"
+    shallow, deep = build_models(get_preset("tiny")), build_models(get_preset("tiny"))
+    deep.rebuild_head(head_levels=4)
+    save_weights(shallow, weights / "shallow.safetensors")
+    save_weights(deep, weights / "deep.safetensors")
+    work = tmp_path / "work"
     with pytest.raises(ValueError, match="head crop 64 must lie within 8..32"):
-        train.train_heads("tiny", tmp_path, head_crop=64)
+        train.train_heads("tiny", work, head_crop=64, backbone=weights / "shallow.safetensors")
     with pytest.raises(ValueError, match="head crop 30 .* multiple of 4"):
-        train.train_heads("tiny", tmp_path, head_crop=30)
-    assert not any(tmp_path.iterdir())
+        train.train_heads("tiny", work, head_crop=30, backbone=weights / "shallow.safetensors")
+    # 12 suits the preset's 3 levels; the file's 4-level head halves a crop three times
+    with pytest.raises(ValueError, match=r"head crop 12 .* multiple of 8 \(a 4-level head\)"):
+        train.train_heads("tiny", work, head_crop=12, backbone=weights / "deep.safetensors")
+    assert not work.exists()
