@@ -83,14 +83,20 @@ calibrate: $(STAMP) corpus-sources
 	$(VENV)/bin/diffugts calibrate eval_data/seen77 eval_data/anatomy_seen77 eval_data/anatomy_seen78 \
 	  --out eval_out/calibration.json --preset demo
 
-# The shipped file's last sitting (model card, "AOVA on anatomy"): AOVA and residual head fine-tuned
-# from the bundled weights on seen-kind lesions in real anatomy + seen phantoms, crops mirrored. It
-# starts from whatever file is bundled (the file before it: `git show 686860d:diffugts/weights/demo.safetensors`).
-# Resumable: rerun with more --head-steps to continue (the loop's outputs are cached in the work folder).
+# The shipped file's last sitting (model card, "Head on larger crops"): the residual head fine-tuned
+# from the bundled weights on 48^3 crops of the loop's outputs (seen-kind lesions in real anatomy +
+# seen phantoms); backbone, AOVA and text projection as bundled. It starts from whatever file is
+# bundled (the file before it: `git show 701ffb2:diffugts/weights/demo.safetensors`). The shipped
+# head took two runs: 5000 steps, then resumed to 20000 (the cosine schedule restarts over the new
+# total). Resumable: rerun with more --head-steps to continue (the loop's outputs are cached).
 train: $(STAMP) corpus-sources
 	$(VENV)/bin/diffugts corpus --out train_work/corpus
-	$(VENV)/bin/diffugts train heads --work train_work/v10 --corpus train_work/corpus \
-	  --backbone diffugts/weights/demo.safetensors --aova-steps 1500 --anatomy-volumes 320 --cases 136 --head-steps 8000
+	$(VENV)/bin/diffugts train heads --work train_work/v14 --corpus train_work/corpus \
+	  --backbone diffugts/weights/demo.safetensors --aova-steps 0 --anatomy-volumes 320 --cases 136 \
+	  --head-steps 5000 --head-crop 48
+	$(VENV)/bin/diffugts train heads --work train_work/v14 --corpus train_work/corpus \
+	  --backbone diffugts/weights/demo.safetensors --aova-steps 0 --anatomy-volumes 320 --cases 136 \
+	  --head-steps 20000 --head-crop 48
 
 # Triton's perf_analyzer (tritonclient 2.40.0's wheel, libb64 from Debian, libcudart from PyPI) under
 # .tools/; optional: where it cannot be installed, the bench says so and uses its own load generator.
