@@ -419,8 +419,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--preset", default="demo")
     p.add_argument("--weights", default=None)
     p.add_argument("--thetas", type=_floats, default=[0.03, 0.05, 0.08, 0.15, 0.25, 0.4])
-    p.add_argument("--thresholds", type=_floats, default=[0.3, 0.5, 0.7, 0.8, 0.9, 0.95])
-    p.add_argument("--min-components", type=_floats, default=[0, 50, 100, 200], dest="min_components",
+    p.add_argument("--thresholds", type=_floats, default=[0.15, 0.25, 0.3, 0.5, 0.7, 0.9, 0.95])
+    p.add_argument("--min-components", type=_floats, default=[0, 50, 100, 200, 400], dest="min_components",
                    help="smallest component kept, mm^3 (postprocessing only: no extra loop runs)")
     p.set_defaults(func=cmd_calibrate)
 
