@@ -89,14 +89,12 @@ calibrate: $(STAMP) corpus-sources
 # bundled (the file before it: `git show 701ffb2:diffugts/weights/demo.safetensors`). The shipped
 # head took two runs: 5000 steps, then resumed to 20000 (the cosine schedule restarts over the new
 # total). Resumable: rerun with more --head-steps to continue (the loop's outputs are cached).
+TRAIN_HEADS := $(VENV)/bin/diffugts train heads --work train_work/v14 --corpus train_work/corpus \
+  --backbone diffugts/weights/demo.safetensors --aova-steps 0 --anatomy-volumes 320 --cases 136 --head-crop 48
 train: $(STAMP) corpus-sources
 	$(VENV)/bin/diffugts corpus --out train_work/corpus
-	$(VENV)/bin/diffugts train heads --work train_work/v14 --corpus train_work/corpus \
-	  --backbone diffugts/weights/demo.safetensors --aova-steps 0 --anatomy-volumes 320 --cases 136 \
-	  --head-steps 5000 --head-crop 48
-	$(VENV)/bin/diffugts train heads --work train_work/v14 --corpus train_work/corpus \
-	  --backbone diffugts/weights/demo.safetensors --aova-steps 0 --anatomy-volumes 320 --cases 136 \
-	  --head-steps 20000 --head-crop 48
+	$(TRAIN_HEADS) --head-steps 5000
+	$(TRAIN_HEADS) --head-steps 20000
 
 # Triton's perf_analyzer (tritonclient 2.40.0's wheel, libb64 from Debian, libcudart from PyPI) under
 # .tools/; optional: where it cannot be installed, the bench says so and uses its own load generator.
