@@ -10,13 +10,13 @@ times. Outputs are staged and renamed into place; `OUT/run.json` is rewritten at
 volume finishes and, with `resume`, lets a re-run skip a volume whose input, request, model and
 outputs are unchanged.
 
+Inputs are collected in `batch_inputs.py`; endpoints and their pool live in `endpoints.py`.
+
 Torch-free: the `triton` and `triton-bls` backends import nothing heavier than tritonclient.
 """
 
 from __future__ import annotations
 
-import csv
-import glob
 import hashlib
 import json
 import os
@@ -30,197 +30,22 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 
-
 from diffugts.client.transports import TritonError  # numpy only: tritonclient loads on first use
 
-from .io import ITK_SUFFIXES, NIFTI_SUFFIXES, InputError, read_volume, sha256_file, stem_of
+from .batch_inputs import BatchItem, collect_inputs, input_checksum
+from .endpoints import (BatchError, ClientOptions, Endpoint, EndpointDown, EndpointPool, ModelMismatch, NoEndpoint,
+                        triton_pool)
+from .io import InputError, read_volume, sha256_file
 from .outputs import check_format
 from .pipeline import LoopOptions, run_segmentation
 from .prompts import normalize_target
 
 RUN_MANIFEST = "run.json"
 MANIFEST_FORMAT = 1
-MODALITIES = ("CT", "MR")
 TRITON_BACKENDS = ("triton", "triton-bls")
-# MSD's top-level "modality" names its channels; these mean MR for our prompts
-MR_CHANNELS = {"MR", "MRI", "T1", "T1W", "T1GD", "T2", "T2W", "FLAIR", "ADC", "DWI"}
-MAX_COOLDOWN_S = 30.0
 
 
-class BatchError(ValueError):
-    """The batch cannot start at all (no inputs, endpoints serving different models): one line."""
-
-
-# ----------------------------------------------------------------------------- inputs
-
-@dataclass
-class BatchItem:
-    input: str
-    prompt: str | None = None
-    modality: str | None = None
-    origin: str = ""  # where the item came from, for errors: "cases.csv line 3"
-    error: str | None = None  # a bad row: reported as failed, never run
-    key: str = ""  # output stem, unique within the batch
-
-
-def _is_dicom(path: Path) -> bool:
-    if path.suffix.lower() == ".dcm":
-        return True
-    try:
-        with open(path, "rb") as handle:
-            handle.seek(128)
-            return handle.read(4) == b"DICM"
-    except OSError:
-        return False
-
-
-def _is_volume_file(path: Path) -> bool:
-    return path.name.lower().endswith(NIFTI_SUFFIXES + ITK_SUFFIXES)
-
-
-def expand_folder(folder: Path) -> list[Path]:
-    """Volume files in the folder and below it, and every folder holding DICOM files. A folder
-    that holds DICOM files itself is one input, subfolders included: an archive whose series
-    `read_volume` chooses among (--series-uid, else the largest)."""
-    found = []
-    for root, dirs, files in os.walk(folder):
-        dirs[:] = sorted(d for d in dirs if not d.startswith("."))
-        paths = [Path(root) / f for f in sorted(files) if not f.startswith(".")]
-        volumes = [p for p in paths if _is_volume_file(p)]
-        found += volumes
-        if any(_is_dicom(p) for p in paths if p not in volumes):
-            found.append(Path(root))
-            dirs[:] = []
-    return found
-
-
-def _modality(value, origin: str) -> tuple[str | None, str | None]:
-    text = (value or "").strip().upper()
-    if not text:
-        return None, None
-    if text not in MODALITIES:
-        return None, f"{origin}: modality {value!r} is not CT or MR"
-    return text, None
-
-
-def read_csv_manifest(path: Path) -> list[BatchItem]:
-    """Rows `path,prompt,modality` (a header row naming those columns is optional); relative
-    paths are taken from the CSV's folder."""
-    try:
-        rows = list(csv.reader(path.read_text(encoding="utf-8-sig").splitlines()))
-    except (OSError, UnicodeDecodeError, csv.Error) as exc:
-        return [BatchItem(str(path), origin=str(path), error=f"{path}: cannot read the CSV manifest ({exc})")]
-    start = 1 if rows and [c.strip().lower() for c in rows[0][:1]] == ["path"] else 0
-    items = []
-    for number, row in enumerate(rows[start:], start + 1):
-        if not row or all(not c.strip() for c in row) or row[0].lstrip().startswith("#"):
-            continue
-        origin = f"{path} line {number}"
-        if len(row) > 3 or not row[0].strip():
-            items.append(BatchItem(row[0].strip() or "?", origin=origin,
-                                   error=f"{origin}: expected `path,prompt,modality`, got {len(row)} fields"))
-            continue
-        target = Path(row[0].strip())
-        target = target if target.is_absolute() else path.parent / target
-        prompt = row[1].strip() if len(row) > 1 and row[1].strip() else None
-        modality, error = _modality(row[2] if len(row) > 2 else "", origin)
-        items.append(BatchItem(str(target), prompt, modality, origin, error))
-    if not items:
-        items.append(BatchItem(str(path), origin=str(path), error=f"{path}: the CSV manifest has no rows"))
-    return items
-
-
-def read_msd_dataset(path: Path, split: str = "test") -> list[BatchItem]:
-    """An MSD `dataset.json`: `split` entries are image paths or objects with `image` (and our
-    `prompt`, `modality`); the top-level single-channel `modality` is used where an entry has none."""
-    try:
-        data = json.loads(path.read_text())
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
-        return [BatchItem(str(path), origin=str(path), error=f"{path}: not a readable dataset.json ({exc})")]
-    entries = data.get(split) if isinstance(data, dict) else None
-    if not isinstance(entries, list) or not entries:
-        return [BatchItem(str(path), origin=str(path), error=f"{path}: no {split!r} entries")]
-    channels = data.get("modality")
-    default = None
-    if isinstance(channels, dict) and len(channels) == 1:
-        name = str(next(iter(channels.values()))).strip().upper()
-        default = "CT" if name == "CT" else "MR" if name in MR_CHANNELS else None
-    items = []
-    for i, entry in enumerate(entries):
-        origin = f"{path} {split}[{i}]"
-        image = entry if isinstance(entry, str) else entry.get("image") if isinstance(entry, dict) else None
-        if not isinstance(image, str) or not image.strip():
-            items.append(BatchItem("?", origin=origin, error=f"{origin}: entry has no 'image' path"))
-            continue
-        fields = entry if isinstance(entry, dict) else {}
-        modality, error = _modality(fields.get("modality"), origin)
-        items.append(BatchItem(str(path.parent / image), fields.get("prompt") or None, modality or default,
-                               origin, error))
-    return items
-
-
-def collect_inputs(specs: list[str], prompt: str | None = None, modality: str | None = None,
-                   split: str = "test") -> list[BatchItem]:
-    """Every volume the arguments name, once, each with its prompt and modality (its own, else the
-    command's), and a unique output stem. A bad argument or row becomes an item with an error."""
-    items: list[BatchItem] = []
-    for spec in specs:
-        path = Path(spec)
-        if path.is_file() and path.suffix.lower() == ".csv":
-            items += read_csv_manifest(path)
-        elif path.is_file() and path.suffix.lower() == ".json":
-            items += read_msd_dataset(path, split)
-        elif path.is_dir() and (path / "dataset.json").is_file():
-            items += read_msd_dataset(path / "dataset.json", split)
-        elif path.is_dir():
-            found = expand_folder(path)
-            items += [BatchItem(str(p), origin=spec) for p in found] or [
-                BatchItem(spec, origin=spec, error=f"{spec}: no NIfTI/NRRD/MHA files or DICOM series in this folder")]
-        elif path.exists():
-            items.append(BatchItem(spec, origin=spec))
-        elif glob.has_magic(spec):
-            matches = [Path(m) for m in sorted(glob.glob(spec, recursive=True))]
-            found = [p for m in matches for p in (expand_folder(m) if m.is_dir() else [m])]
-            items += [BatchItem(str(p), origin=spec) for p in found] or [
-                BatchItem(spec, origin=spec, error=f"{spec}: no file matches")]
-        else:
-            items.append(BatchItem(spec, origin=spec, error=f"{spec}: no such file or folder"))
-    seen, unique, stems = set(), [], {}
-    for item in items:
-        item.prompt = item.prompt or prompt
-        item.modality = item.modality or modality
-        if item.error is None:
-            if not item.prompt:
-                item.error = f"{item.origin or item.input}: no prompt (give --prompt or a prompt column)"
-            else:
-                try:
-                    item.prompt = normalize_target(item.prompt)
-                except ValueError as exc:
-                    item.error = f"{item.origin or item.input}: {exc}"
-        identity = (os.path.abspath(item.input), item.prompt, item.modality, item.error)
-        if identity in seen:  # the same volume named twice (a file and a glob): run it once
-            continue
-        seen.add(identity)
-        stem = stem_of(item.input.rstrip("/")) or "volume"
-        count = stems[stem] = stems.get(stem, 0) + 1
-        item.key = stem if count == 1 else f"{stem}_{count}"
-        unique.append(item)
-    return unique
-
-
-# ------------------------------------------------------------------------- checksums
-
-def input_checksum(path: str | Path) -> str:
-    """sha256 of a file, or of a DICOM folder's files (names and bytes, in name order)."""
-    path = Path(path)
-    if path.is_file():
-        return sha256_file(path)
-    digest = hashlib.sha256()
-    for f in sorted(p for p in path.iterdir() if p.is_file()):
-        digest.update(f.name.encode() + b"\0")
-        sha256_file(f, digest)
-    return digest.hexdigest()
-
+# ------------------------------------------------------------------------- identity
 
 def local_identity(backend: str, executor, weights: str | None) -> dict:
     """The model a torch or ONNX Runtime executor runs: its weights file or exported graphs."""
@@ -238,211 +63,6 @@ def local_identity(backend: str, executor, weights: str | None) -> dict:
         identity["weights_sha256"] = weights_sha256(preset, weights)
     return identity
 
-
-# ------------------------------------------------------------------------- endpoints
-
-class Endpoint:
-    """One place volumes run: a Triton URL, or this process (torch / ONNX Runtime).
-
-    Remote endpoints give each worker thread its own executor (an executor holds a prompt cache
-    and, with shared memory, its own regions); a local one is shared and runs one volume at a time."""
-
-    def __init__(self, url: str, connect: Callable[[str], object], index: int, shared=None):
-        self.url, self.connect, self.index = url, connect, index
-        self.outstanding = 0
-        self.down_until = 0.0
-        self.cooldown = 0.0
-        self.suspect = False  # failed before: probe readiness before the next volume
-        self.retired: str | None = None  # why it takes no more work (serves another model)
-        self._shared = shared
-        self._shared_lock = threading.Lock()
-        self._local = threading.local()
-        self._created: list = []
-        self._lock = threading.Lock()
-
-    def executor(self):
-        if self._shared is not None:
-            return self._shared
-        executor = getattr(self._local, "executor", None)
-        if executor is None:
-            executor = self._local.executor = self.connect(self.url)
-            with self._lock:
-                self._created.append(executor)
-        return executor
-
-    def run(self, fn):
-        if self._shared is not None:
-            with self._shared_lock:
-                return fn(self._shared)
-        return fn(self.executor())
-
-    def discard(self) -> None:
-        """Drop this thread's executor after a failure: the next volume connects afresh."""
-        executor = getattr(self._local, "executor", None)
-        self._local.executor = None
-        if executor is not None:
-            _close(executor)
-            with self._lock:
-                self._created = [e for e in self._created if e is not executor]
-
-    def close(self) -> None:
-        with self._lock:
-            created, self._created = self._created, []
-        for executor in created:
-            _close(executor)
-
-
-def _close(executor) -> None:
-    try:
-        executor.close()
-    except Exception:  # a dead server cannot unregister anything; nothing else to release
-        pass
-
-
-class ModelMismatch(TritonError):
-    """An endpoint that came back serving another model: it takes no more work."""
-
-
-class NoEndpoint(RuntimeError):
-    """No endpoint can take work: all retired, or all down for longer than the retry budget."""
-
-
-class EndpointDown(RuntimeError):
-    """The chosen endpoint failed its readiness probe: counts as one failed attempt."""
-
-
-class EndpointPool:
-    """Least outstanding work among the endpoints not cooling down after a failure.
-
-    An endpoint that fails cools down (0.5 s, doubling to 30 s) and is probed before its next
-    volume. When every endpoint has been down for longer than `give_up_s`, `acquire` stops waiting:
-    the remaining volumes fail fast (and a later `--resume` picks them up)."""
-
-    def __init__(self, endpoints: list[Endpoint], probe: Callable[[Endpoint], bool] | None = None,
-                 base_cooldown_s: float = 0.5, give_up_s: float = 7.5):
-        self.endpoints = endpoints
-        self.probe = probe
-        self.base_cooldown_s, self.give_up_s = base_cooldown_s, give_up_s
-        self.all_down_since: float | None = None
-        self.transports: list = []  # readiness probes, closed with the pool
-        self._cond = threading.Condition()
-
-    def _live(self) -> list[Endpoint]:
-        return [e for e in self.endpoints if e.retired is None]
-
-    def acquire(self) -> Endpoint:
-        with self._cond:
-            while True:
-                live = self._live()
-                if not live:
-                    raise NoEndpoint("; ".join(f"{e.url} {e.retired}" for e in self.endpoints))
-                now = time.monotonic()
-                ready = [e for e in live if e.down_until <= now]
-                if ready:
-                    chosen = min(ready, key=lambda e: (e.outstanding, e.suspect, e.index))
-                    chosen.outstanding += 1
-                    break
-                if self.all_down_since is not None and now - self.all_down_since > self.give_up_s:
-                    raise NoEndpoint(f"none of {', '.join(e.url for e in live)} has answered for "
-                                     f"{now - self.all_down_since:.1f} s")
-                self._cond.wait(min(e.down_until for e in live) - now)
-        if chosen.suspect and self.probe is not None and not self.probe(chosen):
-            self.release(chosen, failed=True)
-            raise EndpointDown(f"{chosen.url} is not ready")
-        return chosen
-
-    def release(self, endpoint: Endpoint, failed: bool = False) -> None:
-        with self._cond:
-            endpoint.outstanding -= 1
-            now = time.monotonic()
-            if failed:
-                if endpoint.down_until <= now:  # failures of volumes already in flight do not compound
-                    endpoint.cooldown = min(max(self.base_cooldown_s, 2 * endpoint.cooldown), MAX_COOLDOWN_S)
-                    endpoint.down_until = now + endpoint.cooldown
-                endpoint.suspect = True
-                if self.all_down_since is None and all(e.suspect for e in self._live()):
-                    self.all_down_since = now
-            else:
-                endpoint.cooldown, endpoint.suspect = 0.0, False
-                self.all_down_since = None
-            self._cond.notify_all()
-
-    def retire(self, endpoint: Endpoint, why: str) -> None:
-        with self._cond:
-            endpoint.retired = why
-            self._cond.notify_all()
-
-    def close(self) -> None:
-        for endpoint in self.endpoints:
-            endpoint.close()
-        for transport in self.transports:
-            _close(transport)
-
-
-@dataclass
-class ClientOptions:
-    """How to reach Triton: per-call deadline, token, TLS root certificate, shared memory."""
-    backend: str = "triton"
-    timeout_s: float = 300.0
-    token: str | None = None
-    root_certificates: str | None = None
-    shared_memory: bool = False
-
-
-def give_up_after(retries: int, base_cooldown_s: float) -> float:
-    """How long every endpoint may be down before the batch stops waiting: the cool-downs a
-    volume would sit through in its `retries`."""
-    return base_cooldown_s * (2 ** (retries + 1) - 1)
-
-
-def triton_pool(urls: list[str], client: ClientOptions, retries: int = 3,
-                base_cooldown_s: float = 0.5) -> tuple[EndpointPool, dict]:
-    """Probe every endpoint once: the ready ones must serve the same model (its identity is
-    returned); the others start cooling down and are probed again before they get work."""
-    from diffugts.client.transports import GrpcTransport
-    from diffugts.client.triton_executor import BlsClient, TritonExecutor, remote_identity
-
-    probes = {url: GrpcTransport(url, min(client.timeout_s, 10.0), token=client.token,
-                                 root_certificates=client.root_certificates) for url in urls}
-    identities, unreachable = {}, []
-    for url, transport in probes.items():
-        if transport.is_ready():
-            identities[url] = remote_identity(transport)
-        else:
-            unreachable.append(url)
-    if not identities:
-        raise BatchError(f"no endpoint is ready: {', '.join(urls)}")
-    models = {json.dumps(v, sort_keys=True) for v in identities.values()}
-    if len(models) > 1:
-        raise BatchError("the endpoints serve different models: " + "; ".join(
-            f"{url} {v['preset']} {(v['model_sha256'] or v['preset_sha256'])[:12]}" for url, v in identities.items()))
-    identity = {"backend": client.backend, **next(iter(identities.values()))}
-
-    def connect(url: str):
-        if client.backend == "triton-bls":
-            executor = BlsClient(url, client.timeout_s, client.token, client.root_certificates)
-        else:
-            executor = TritonExecutor(url, client.shared_memory, client.timeout_s, client.token,
-                                      client.root_certificates)
-        served = {"backend": client.backend, **remote_identity(executor.transport)}
-        if served != identity:
-            _close(executor)
-            raise ModelMismatch(f"{url} serves another model than the batch started with")
-        return executor
-
-    endpoints = [Endpoint(url, connect, i) for i, url in enumerate(urls)]
-    for endpoint in endpoints:
-        if endpoint.url in unreachable:
-            endpoint.suspect = True
-            endpoint.cooldown = base_cooldown_s
-            endpoint.down_until = time.monotonic() + base_cooldown_s
-
-    def probe(endpoint: Endpoint) -> bool:
-        return probes[endpoint.url].is_ready()
-
-    pool = EndpointPool(endpoints, probe, base_cooldown_s, give_up_after(retries, base_cooldown_s))
-    pool.transports = list(probes.values())
-    return pool, identity
 
 
 # ---------------------------------------------------------------------------- run.json

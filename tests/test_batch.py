@@ -12,8 +12,9 @@ import numpy as np
 import pytest
 import SimpleITK as sitk
 
-from diffugts.batch import (ClientOptions, Endpoint, EndpointDown, EndpointPool, NoEndpoint, collect_inputs,
-                            run_batch, triton_pool)
+from diffugts.batch import run_batch
+from diffugts.batch_inputs import collect_inputs
+from diffugts.endpoints import ClientOptions, Endpoint, EndpointDown, EndpointPool, NoEndpoint, triton_pool
 from diffugts.cli import main
 from diffugts.phantom import write_dataset
 from diffugts.serve import TritonServer

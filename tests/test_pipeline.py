@@ -18,7 +18,8 @@ BLOCK_TORCH = "import sys; sys.modules['torch'] = None; "
 def test_loop_and_client_side_modules_import_without_torch():
     code = BLOCK_TORCH + (
         "import diffugts.pipeline, diffugts.schedulers, diffugts.io, diffugts.windows, diffugts.cli, "
-        "diffugts.evaluate, diffugts.phantom, diffugts.executors; "
+        "diffugts.evaluate, diffugts.phantom, diffugts.executors, diffugts.batch, diffugts.batch_inputs, "
+        "diffugts.endpoints; "
         "import importlib.util; assert importlib.util.find_spec('torch') is None or 'torch' not in "
         "[m for m in sys.modules if sys.modules[m] is not None]; print('ok')")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
