@@ -39,6 +39,7 @@ from .io import InputError, read_volume, sha256_file
 from .outputs import check_format
 from .pipeline import LoopOptions, run_segmentation
 from .prompts import normalize_target
+from .report import write_json
 
 RUN_MANIFEST = "run.json"
 MANIFEST_FORMAT = 1
@@ -64,21 +65,7 @@ def local_identity(backend: str, executor, weights: str | None) -> dict:
     return identity
 
 
-
 # ---------------------------------------------------------------------------- run.json
-
-def _write_json_atomic(path: Path, data) -> None:
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".partial", dir=path.parent)
-    try:
-        with os.fdopen(fd, "w") as handle:
-            json.dump(data, handle, indent=2, default=float)
-            handle.flush()
-            os.fsync(handle.fileno())
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-
 
 class RunManifest:
     """`OUT/run.json`: this run's finished volumes in input order, rewritten whole (temp + rename)
@@ -104,7 +91,7 @@ class RunManifest:
         with self._lock:
             self.entries[key] = entry
             volumes = sorted(self.entries.items(), key=lambda kv: self.order[kv[0]])
-            _write_json_atomic(self.path, {
+            write_json(self.path, {
                 "format": MANIFEST_FORMAT, "model": self.model, "started": self.started,
                 "updated": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
                 "volumes": [v for _, v in volumes]})

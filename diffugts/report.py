@@ -4,6 +4,8 @@ convention), timings."""
 from __future__ import annotations
 
 import json
+import os
+import tempfile
 from pathlib import Path
 
 import numpy as np
@@ -89,7 +91,16 @@ def write_overlay(path: Path, image: np.ndarray, mask: np.ndarray, anomaly: np.n
 
 
 def write_json(path: Path, data) -> None:
+    """Written whole or not at all: a temp file beside it (unique, so concurrent writers cannot
+    share one), flushed to disk, then renamed over `path`."""
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".partial")
-    tmp.write_text(json.dumps(data, indent=2, default=float))
-    tmp.replace(path)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".partial", dir=path.parent)
+    try:
+        with os.fdopen(fd, "w") as handle:
+            json.dump(data, handle, indent=2, default=float)
+            handle.flush()
+            os.fsync(handle.fileno())
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.unlink(tmp)

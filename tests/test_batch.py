@@ -14,8 +14,8 @@ import SimpleITK as sitk
 
 from diffugts.batch import run_batch
 from diffugts.batch_inputs import collect_inputs
-from diffugts.endpoints import ClientOptions, Endpoint, EndpointDown, EndpointPool, NoEndpoint, triton_pool
 from diffugts.cli import main
+from diffugts.endpoints import ClientOptions, Endpoint, EndpointDown, EndpointPool, NoEndpoint, triton_pool
 from diffugts.phantom import write_dataset
 from diffugts.serve import TritonServer
 from diffugts.server_security import ServerSecurity
