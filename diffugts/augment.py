@@ -48,9 +48,14 @@ def synthesized_contrast(count: int) -> tio.Transform:
                                    image_key="image")
 
 
-def _with_synthesized_contrast(subject: tio.Subject) -> tio.Subject:
+def _with_synthesized_contrast(subject: tio.Subject, labels: str = "parcels") -> tio.Subject:
+    label_map = subject["labels"].data.numpy()
+    if labels == "tissue":
+        from .corpus import tissue_classes
+
+        label_map = tissue_classes(label_map)
     # TorchIO indexes its ranges by label value: atlas ids (up to ~450) are renumbered 0..n-1 first
-    values, consecutive = np.unique(subject["labels"].data.numpy(), return_inverse=True)
+    values, consecutive = np.unique(label_map, return_inverse=True)
     subject.add_image(tio.LabelMap(tensor=torch.from_numpy(consecutive.reshape(subject["labels"].shape).astype(np.int16)),
                                    affine=subject["labels"].affine), "consecutive")
     subject = synthesized_contrast(len(values))(subject)
@@ -88,14 +93,23 @@ def _seeded(rng: np.random.Generator):
         yield
 
 
+SYNTH_LABELS = ("parcels", "tissue")
+
+
 def randomize_anatomy(anatomy: Anatomy, rng: np.random.Generator, spacing: float,
-                      synth_probability: float = 0.5) -> Anatomy:
-    """Spatial deformation, then (with `synth_probability`) a SynthSeg contrast in place of the image."""
+                      synth_probability: float = 0.5, synth_labels: str = "parcels") -> Anatomy:
+    """Spatial deformation, then (with `synth_probability`) a SynthSeg contrast in place of the image.
+
+    `synth_labels`: "parcels" gives every atlas region its own intensity (a patchwork of ~100
+    regions a brain, many of a small lesion's size); "tissue" one intensity per tissue class (grey
+    and white matter, CSF, bone, ...), the contrasts of other sequences without the patchwork."""
+    if synth_labels not in SYNTH_LABELS:
+        raise ValueError(f"unknown synth labels {synth_labels!r}: {', '.join(SYNTH_LABELS)}")
     synth = rng.random() < synth_probability
     with _seeded(rng):
         subject = spatial()(_subject(anatomy, spacing))
         if synth:
-            subject = _with_synthesized_contrast(subject)
+            subject = _with_synthesized_contrast(subject, synth_labels)
     return replace(anatomy, image=np.clip(subject["image"].data[0].numpy(), 0, 1).astype(np.float32),
                    labels=subject["labels"].data[0].numpy().astype(np.int16),
                    organs=subject["organs"].data[0].numpy().astype(np.uint8))

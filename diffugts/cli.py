@@ -255,7 +255,7 @@ def cmd_train(args) -> int:
             report = train.train_heads(args.preset, work, args.seed, args.aova_steps, args.head_steps, args.cases,
                                        Path(args.backbone) if args.backbone else None, sources=sources,
                                        head_dice=args.head_dice, head_levels=args.head_levels,
-                                       head_crop=args.head_crop)
+                                       head_crop=args.head_crop, head_synth=args.head_synth)
     except (ValueError, InputError) as exc:
         fail(str(exc))
         return 2
@@ -468,6 +468,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--head-crop", type=int, default=None,
                    help="heads: side of the head's training crops in voxels (default 32, or the patch if "
                         "smaller; the head runs on whole patches)")
+    p.add_argument("--head-synth", choices=("parcels", "tissue"), default="parcels",
+                   help="heads: labels of the SynthSeg contrasts in the anatomy cases: every atlas region "
+                        "(parcels) or every tissue class")
     p.add_argument("--head-levels", type=int, default=None,
                    help="heads: the residual head's UNet levels; a depth other than the loaded head's starts "
                         "a fresh head (default: the depth the weights file holds)")

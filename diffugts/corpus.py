@@ -162,6 +162,19 @@ def _atlas_overlay(labels: np.ndarray, atlas: np.ndarray, name: str, where: np.n
     labels[hit] = ATLAS_OFFSETS[name] + atlas[hit].astype(np.int16)
 
 
+# the tissue class each atlas was laid over (`_atlas_overlay` call sites)
+ATLAS_TISSUE = {"aal": GREY_MATTER, "harvard_oxford": GREY_MATTER, "jhu": WHITE_MATTER}
+
+
+def tissue_classes(labels: np.ndarray) -> np.ndarray:
+    """The label map with every atlas region put back to the tissue class it was laid over."""
+    out = labels.copy()
+    for name, low in sorted(ATLAS_OFFSETS.items(), key=lambda item: item[1]):
+        high = min([o for o in ATLAS_OFFSETS.values() if o > low], default=np.inf)
+        out[(labels > low) & (labels < high)] = ATLAS_TISSUE[name]
+    return out
+
+
 def _head_classes(image: np.ndarray, head: np.ndarray, brain: np.ndarray) -> np.ndarray:
     """T1 MR outside the brain, by intensity (3-class Otsu of the non-brain head voxels):
     dark = CSF within 3 mm of the brain, else bone (skull, and the air cavities T1 cannot tell

@@ -355,7 +355,8 @@ def loop_outputs(models, cases, prompt_sets, seed: int, cache: Path) -> list[tor
     return [v.float() for v in views]  # as a cached run reads them: resumed runs train on the same values
 
 
-def head_cases(preset, n_phantoms: int, seed: int, sources: Sources, contrast=(0.35, 1.0)) -> list:
+def head_cases(preset, n_phantoms: int, seed: int, sources: Sources, contrast=(0.35, 1.0),
+               synth_labels: str = "parcels") -> list:
     """Seen-category lesions: phantoms, real anatomy with seen lesion kinds, and a user's labelled data."""
     from .lesions import SEEN_KINDS
     from .training_data import anatomy_cases, anatomy_on_model_grid, dataset_cases
@@ -369,7 +370,8 @@ def head_cases(preset, n_phantoms: int, seed: int, sources: Sources, contrast=(0
         progress, task = _progress(sources.anatomy_volumes, "anatomy lesions")
         with progress:
             cases += anatomy_cases(anatomies, preset, sources.anatomy_volumes, seed + 2, list(SEEN_KINDS),
-                                   healthy_fraction=0.1, progress=lambda: progress.update(task, advance=1))
+                                   healthy_fraction=0.1, progress=lambda: progress.update(task, advance=1),
+                                   synth_labels=synth_labels)
     if sources.dataset:
         cases += dataset_cases(sources.dataset, preset, need_labels=True, rng=np.random.default_rng(seed + 3))
     if not cases:
@@ -381,9 +383,13 @@ def train_heads(preset_name: str = "demo", work: Path = Path("train_work"), seed
                 aova_steps: int = 1000, head_steps: int = 6000, n_cases: int = 136,
                 backbone: Path | None = None, contrast: tuple[float, float] = (0.35, 1.0),
                 sources: Sources = Sources(), head_dice: str = "batch", head_levels: int | None = None,
-                head_crop: int | None = None) -> dict:
+                head_crop: int | None = None, head_synth: str = "parcels") -> dict:
     if head_dice not in HEAD_DICE:
         raise ValueError(f"unknown head Dice {head_dice!r}: {', '.join(HEAD_DICE)}")
+    from .augment import SYNTH_LABELS
+
+    if head_synth not in SYNTH_LABELS:
+        raise ValueError(f"unknown head synth labels {head_synth!r}: {', '.join(SYNTH_LABELS)}")
     preset = get_preset(preset_name)
     device = _device(sources.device)
     torch.manual_seed(seed)
@@ -399,7 +405,7 @@ def train_heads(preset_name: str = "demo", work: Path = Path("train_work"), seed
         raise ValueError(f"head crop {head_crop} must lie within 8..{preset.patch} (the {preset.name} patch) "
                          f"and be a multiple of {2**halvings} (a {models.head.levels}-level head)")
     work.mkdir(parents=True, exist_ok=True)  # a first run may start from weights elsewhere (--backbone)
-    cases = head_cases(preset, n_cases, seed, sources, contrast)
+    cases = head_cases(preset, n_cases, seed, sources, contrast, head_synth)
     images = torch.from_numpy(np.stack([c.image for c in cases])[:, None])
     labels = torch.from_numpy(np.stack([c.label for c in cases])[:, None])
     taps: dict[int, list[torch.Tensor]] = {}  # per case, on its first AOVA step: none when that phase is done

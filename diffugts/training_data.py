@@ -80,7 +80,7 @@ def _organ_id(anatomy: Anatomy, organ: str) -> int | None:
 
 def anatomy_cases(anatomies: list[Anatomy], preset, n: int, seed: int, kinds=None, healthy_fraction: float = 0.0,
                   synth_probability: float = 0.5, randomize: bool = True, realistic: bool = False,
-                  progress=None) -> list[Case]:
+                  progress=None, synth_labels: str = "parcels") -> list[Case]:
     """`n` patches of real anatomy, randomized, each with one lesion of `kinds` (round robin) unless
     healthy. Anatomies without the kind's organ are passed over for that case. `realistic`: only
     the scanner effects the modality has (no bias field or gamma on CT), for evaluation."""
@@ -94,7 +94,7 @@ def anatomy_cases(anatomies: list[Anatomy], preset, n: int, seed: int, kinds=Non
             raise ValueError(f"no corpus volume has the organ {kind.organ!r} that {kind.prompt!r} needs")
         anatomy = usable[int(rng.integers(len(usable)))]
         if randomize:
-            anatomy = randomize_anatomy(anatomy, rng, spacing, synth_probability)
+            anatomy = randomize_anatomy(anatomy, rng, spacing, synth_probability, synth_labels)
         organ = _organ_id(anatomy, kind.organ) if kind else None
         anatomy = random_crop(anatomy, preset.patch, rng, organ_fraction=1.0 if kind else 0.5)
         image, label = anatomy.image, np.zeros(anatomy.image.shape, np.uint8)

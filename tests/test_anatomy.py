@@ -281,3 +281,39 @@ def test_a_retuned_heads_run_reuses_the_loop_outputs_and_trains_the_same(tmp_pat
     with pytest.raises(TypeError):
         train.train_heads("tiny", tmp_path / "b", aova_steps=2, head_steps=3, n_cases=4,
                           backbone=tmp_path / "backbone.safetensors")
+
+
+def test_tissue_synthesis_gives_the_atlas_regions_of_one_tissue_one_intensity():
+    import torchio as tio
+
+    from diffugts.augment import _with_synthesized_contrast
+    from diffugts.corpus import ATLAS_OFFSETS, CSF, GREY_MATTER, WHITE_MATTER, tissue_classes
+
+    # CSF in the middle, grey matter split into four Harvard-Oxford regions, white matter into two JHU tracts
+    labels = np.zeros((32, 32, 32), np.int16)
+    labels[4:28, 4:28, 4:28] = CSF
+    for i in range(4):
+        labels[4 + 6 * i:10 + 6 * i, 4:16, 4:28] = ATLAS_OFFSETS["harvard_oxford"] + 1 + i
+    for i in range(2):
+        labels[4 + 12 * i:16 + 12 * i, 16:22, 4:28] = ATLAS_OFFSETS["jhu"] + 3 + i
+    tissue = tissue_classes(labels)
+    assert set(np.unique(tissue)) == {0, CSF, GREY_MATTER, WHITE_MATTER}
+    assert (tissue[labels == CSF] == CSF).all() and labels.max() > 400  # own classes kept, input untouched
+
+    def synthesized(kind):
+        subject = tio.Subject(image=tio.ScalarImage(tensor=torch.zeros((1,) + labels.shape)),
+                              labels=tio.LabelMap(tensor=torch.from_numpy(labels[None])))
+        torch.manual_seed(3)
+        image = _with_synthesized_contrast(subject, kind)["image"].data[0].numpy()
+        return [image[labels == ATLAS_OFFSETS["harvard_oxford"] + 1 + i].mean() for i in range(4)]
+
+    assert np.ptp(synthesized("tissue")) < 0.03  # one grey matter, up to the per-voxel spread
+    assert np.ptp(synthesized("parcels")) > 0.1  # a patchwork of regions
+
+
+def test_unknown_synth_labels_are_refused_before_any_work(tmp_path):
+    with pytest.raises(ValueError, match="unknown synth labels 'atlas'"):
+        randomize_anatomy(_head(), np.random.default_rng(0), 3.0, 1.0, "atlas")
+    with pytest.raises(ValueError, match="unknown head synth labels 'atlas'"):
+        train.train_heads("tiny", work=tmp_path / "work", head_synth="atlas")
+    assert not (tmp_path / "work").exists()
