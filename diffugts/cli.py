@@ -255,7 +255,8 @@ def cmd_train(args) -> int:
             report = train.train_heads(args.preset, work, args.seed, args.aova_steps, args.head_steps, args.cases,
                                        Path(args.backbone) if args.backbone else None, sources=sources,
                                        head_dice=args.head_dice, head_levels=args.head_levels,
-                                       head_crop=args.head_crop, head_synth=args.head_synth)
+                                       head_crop=args.head_crop, head_synth=args.head_synth,
+                                       head_sampling=args.head_sampling)
     except (ValueError, InputError) as exc:
         fail(str(exc))
         return 2
@@ -468,6 +469,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--head-crop", type=int, default=None,
                    help="heads: side of the head's training crops in voxels (default 32, or the patch if "
                         "smaller; the head runs on whole patches)")
+    p.add_argument("--head-sampling", choices=("uniform", "size"), default="uniform",
+                   help="heads: cases drawn for the head's crops uniformly, or by 1/sqrt(lesion size) "
+                        "(small lesions more often)")
     p.add_argument("--head-synth", choices=("parcels", "tissue"), default="parcels",
                    help="heads: labels of the SynthSeg contrasts in the anatomy cases: every atlas region "
                         "(parcels) or every tissue class")

@@ -248,6 +248,22 @@ HEAD_DICE = {"batch": lambda prob, target: soft_dice_loss(prob, target, batch_di
              "lesion": lesion_dice_loss}
 
 
+HEAD_SAMPLING = ("uniform", "size")
+
+
+def case_weights(labels: list, sampling: str) -> np.ndarray:
+    """How often the head's crops come from each case. "size": in proportion to 1/sqrt(lesion voxels)
+    (cases without lesion at the median weight), so small lesions, which a batch of large ones
+    drowns out, are drawn more often: with the demo's cases, lesions under 100 voxels (16% of
+    cases) get 41% of the draws instead of 16%."""
+    if sampling == "uniform":
+        return np.full(len(labels), 1.0 / len(labels))
+    voxels = np.array([float((label > 0.5).sum()) for label in labels])
+    weights = np.where(voxels > 0, np.maximum(voxels, 1.0) ** -0.5, 0.0)
+    weights[voxels == 0] = np.median(weights[voxels > 0]) if (voxels > 0).any() else 1.0
+    return weights / weights.sum()
+
+
 def drop_view_groups(views: torch.Tensor, groups: dict, p: float, rng: np.random.Generator) -> torch.Tensor:
     """Zero each optional group of input channels (residuals; maps) per sample with probability p.
 
@@ -383,9 +399,11 @@ def train_heads(preset_name: str = "demo", work: Path = Path("train_work"), seed
                 aova_steps: int = 1000, head_steps: int = 6000, n_cases: int = 136,
                 backbone: Path | None = None, contrast: tuple[float, float] = (0.35, 1.0),
                 sources: Sources = Sources(), head_dice: str = "batch", head_levels: int | None = None,
-                head_crop: int | None = None, head_synth: str = "parcels") -> dict:
+                head_crop: int | None = None, head_synth: str = "parcels", head_sampling: str = "uniform") -> dict:
     if head_dice not in HEAD_DICE:
         raise ValueError(f"unknown head Dice {head_dice!r}: {', '.join(HEAD_DICE)}")
+    if head_sampling not in HEAD_SAMPLING:
+        raise ValueError(f"unknown head sampling {head_sampling!r}: {', '.join(HEAD_SAMPLING)}")
     from .augment import SYNTH_LABELS
 
     if head_synth not in SYNTH_LABELS:
@@ -447,11 +465,12 @@ def train_heads(preset_name: str = "demo", work: Path = Path("train_work"), seed
     models.eval().cpu()  # the loop outputs come from the torch executor, on the CPU
     views = loop_outputs(models, cases, prompt_sets, seed, work / "loop_outputs.pt")
     head = models.head.train().to(device)
+    weights = case_weights(list(labels), head_sampling)
 
     def head_loss(step):
         # crops around lesions (two thirds of them) and anywhere: lesions are ~0.5% of a patch
-        batch = [mirror_crop(*lesion_crop(views[i], labels[i:i + 1], head_crop, rng), rng)
-                 for i in rng.integers(len(cases), size=4)]
+        drawn = rng.integers(len(cases), size=4) if head_sampling == "uniform" else rng.choice(len(cases), 4, p=weights)
+        batch = [mirror_crop(*lesion_crop(views[i], labels[i:i + 1], head_crop, rng), rng) for i in drawn]
         logits = head.net(drop_view_groups(torch.cat([v for v, _ in batch]), VIEW_GROUPS, 0.6, rng).to(device))
         target = torch.cat([t for _, t in batch]).to(device)
         logits = logits.float()

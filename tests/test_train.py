@@ -125,6 +125,20 @@ def test_lesion_dice_weighs_a_small_lesion_as_much_as_a_large_one():
     assert float(train.lesion_dice_loss(prob[2:], target[2:])) == 0.0
 
 
+def test_size_sampling_draws_small_lesions_more_often_and_uniform_is_uniform():
+    import numpy as np
+
+    labels = [torch.zeros(1, 8, 8, 8) for _ in range(4)]
+    labels[0][0, :1, :1, :4] = 1.0  # 4 voxels
+    labels[1][0, :4, :4, :4] = 1.0  # 64 voxels
+    labels[2][0, :8, :8, :4] = 1.0  # 256 voxels; labels[3]: no lesion
+    size = train.case_weights(labels, "size")
+    np.testing.assert_allclose(size.sum(), 1.0)
+    # 1/sqrt(voxels): 1/2, 1/8, 1/16; the healthy case at their median, 1/8
+    np.testing.assert_allclose(size, np.array([1 / 2, 1 / 8, 1 / 16, 1 / 8]) / (1 / 2 + 1 / 8 + 1 / 16 + 1 / 8))
+    np.testing.assert_allclose(train.case_weights(labels, "uniform"), np.full(4, 0.25))
+
+
 def test_an_unknown_head_dice_or_a_crop_larger_than_the_patch_is_refused_before_any_work(tmp_path):
     import pytest
 
@@ -132,6 +146,8 @@ def test_an_unknown_head_dice_or_a_crop_larger_than_the_patch_is_refused_before_
 
     with pytest.raises(ValueError, match="unknown head Dice 'pixel'"):
         train.train_heads("tiny", tmp_path, head_dice="pixel")
+    with pytest.raises(ValueError, match="unknown head sampling 'voxel'"):
+        train.train_heads("tiny", tmp_path, head_sampling="voxel")
     assert not any(tmp_path.iterdir())
     # the crop is checked against the head as loaded: a file may hold a deeper head than the preset's
     weights = tmp_path / "weights"
