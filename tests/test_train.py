@@ -164,3 +164,22 @@ def test_an_unknown_head_dice_or_a_crop_larger_than_the_patch_is_refused_before_
     with pytest.raises(ValueError, match=r"head crop 12 .* multiple of 8 \(a 4-level head\)"):
         train.train_heads("tiny", work, head_crop=12, backbone=weights / "deep.safetensors")
     assert not work.exists()
+
+
+def test_a_step_with_gradients_that_are_not_finite_is_skipped_and_counted(tmp_path):
+    import math
+
+    import numpy as np
+
+    weight = torch.nn.Parameter(torch.ones(3))
+
+    def loss_fn(step):
+        loss = ((weight - 2.0) ** 2).sum()
+        if step == 1:  # a finite loss whose gradient is NaN (sqrt'(0) times 0), as a bfloat16 backward gave
+            loss = loss + 0.0 * torch.sqrt((weight - weight.detach()).sum())
+        return loss
+
+    report = train.run_phase("toy", tmp_path, {"w": torch.nn.Linear(1, 1)}, [weight], 4, 0.1, loss_fn,
+                             np.random.default_rng(0))
+    assert report["skipped_steps"] == 1 and math.isfinite(report["final_loss"])
+    assert torch.isfinite(weight).all() and float(weight.mean()) > 1.0  # stepped towards 2 on the other steps
