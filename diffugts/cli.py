@@ -114,6 +114,16 @@ def cmd_evaluate(args) -> int:
     return 1 if errors else 0
 
 
+def cmd_compare(args) -> int:
+    from .compare import compare_command
+
+    try:
+        return compare_command(args)
+    except InputError as exc:
+        fail(str(exc))
+        return 2
+
+
 def cmd_demo(args) -> int:
     """The main job: build the repository if missing, start Triton, segment the bundled sample
     through the gRPC client loop (mask, overlay PNG, timings JSON), stop the server."""
@@ -412,6 +422,16 @@ def build_parser() -> argparse.ArgumentParser:
                    help="where masks come from; `all` runs the four and writes the README's table")
     _executor_args(p)
     p.set_defaults(func=cmd_evaluate)
+
+    p = sub.add_parser("compare", help="paired change of two evaluate runs, case by case, with a bootstrap 95% interval")
+    p.add_argument("base", nargs="+", help="`diffugts evaluate` results JSON of the base (several: pooled)")
+    p.add_argument("--new", nargs="+", default=None,
+                   help="results of the change on the same cases; without it, each set's mean and interval")
+    p.add_argument("--metric", choices=("dice", "nsd", "auroc", "fpr95"), default="dice")
+    p.add_argument("--ablation", default="full", help="which ablation of an `--ablation all` file (default full)")
+    p.add_argument("--resamples", type=int, default=5000, help="bootstrap resamples (default 5000)")
+    p.add_argument("--out", default=None, help="also write the comparison as JSON")
+    p.set_defaults(func=cmd_compare)
 
     p = sub.add_parser("calibrate", help="choose the inpainting theta, head threshold and smallest component on seen categories")
     p.add_argument("dataset", nargs="+",
