@@ -18,6 +18,8 @@ from scipy.stats import bootstrap
 from .io import InputError
 
 MIN_CHANGE = 1e-3  # per case: smaller differences count as "same" (float noise of masks)
+# a percentile bootstrap of a handful of cases is too narrow (it undercovers): no verdict below this
+MIN_CASES_FOR_VERDICT = 10
 
 
 def load_cases(path: str | Path, ablation: str = "full") -> dict[tuple[str, str, str], dict]:
@@ -62,9 +64,9 @@ def mean_interval(values, resamples: int = 5000, seed: int = 0) -> tuple[float, 
     return float(values.mean()), [float(ci.low), float(ci.high)]
 
 
-def verdict(interval: list[float] | None) -> str:
-    if interval is None:
-        return "too few cases"
+def verdict(interval: list[float] | None, cases: int) -> str:
+    if interval is None or cases < MIN_CASES_FOR_VERDICT:
+        return f"too few cases (< {MIN_CASES_FOR_VERDICT})"
     if interval[0] > 0:
         return "better"
     if interval[1] < 0:
@@ -91,7 +93,7 @@ def paired_change(base: dict, new: dict, metric: str = "dice", resamples: int = 
         change, interval = mean_interval(b - a, resamples, seed)
         return {"cases": len(group), "base": float(np.nanmean(a)), "new": float(np.nanmean(b)), "change": change,
                 "ci95": interval, "up": int((b - a > MIN_CHANGE).sum()), "down": int((a - b > MIN_CHANGE).sum()),
-                "verdict": verdict(interval)}
+                "verdict": verdict(interval, len(group))}
 
     groups = defaultdict(lambda: defaultdict(list))
     for key in keys:

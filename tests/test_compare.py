@@ -50,6 +50,8 @@ def test_paired_change_pairs_cases_across_files_and_judges_the_interval(tmp_path
     assert pooled["verdict"] == "better"
     assert set(report["per_dataset"]) == {"seen77", "seen78"} and report["per_dataset"]["seen78"]["cases"] == 12
     assert set(report["per_prompt"]) == {"glioma", "brain cyst"}
+    few = paired_change({k: base[k] for k in sorted(base)[:9]}, {k: better[k] for k in sorted(base)[:9]})["pooled"]
+    assert few["ci95"][0] > 0 and few["verdict"] == "too few cases (< 10)"
 
     keys = sorted(base)
     swapped = dict(zip(keys, [base[keys[i]] for i in rng.permutation(len(keys))]))
@@ -73,8 +75,8 @@ def test_unpaired_or_foreign_results_are_refused(tmp_path):
 
 
 def test_cli_writes_the_comparison_or_one_line_error_and_nothing(tmp_path, capsys):
-    base = _write(tmp_path / "base.json", _result("seen77", [0.2, 0.4, 0.6, 0.8]))
-    new = _write(tmp_path / "new.json", _result("seen77", [0.3, 0.5, 0.7, 0.9]))
+    base = _write(tmp_path / "base.json", _result("seen77", np.linspace(0.2, 0.8, 12)))
+    new = _write(tmp_path / "new.json", _result("seen77", np.linspace(0.2, 0.8, 12) + 0.1))
     out = tmp_path / "cmp.json"
     assert main(["compare", base, "--new", new, "--out", str(out)]) == 0
     written = json.loads(out.read_text())
@@ -85,7 +87,7 @@ def test_cli_writes_the_comparison_or_one_line_error_and_nothing(tmp_path, capsy
     refused = tmp_path / "refused.json"
     assert main(["compare", base, "--new", short, "--out", str(refused)]) == 2
     err = capsys.readouterr().err.strip()
-    assert err.startswith("diffugts: error: --new: 3 case(s) are not in both runs") and "\n" not in err
+    assert err.startswith("diffugts: error: --new: 11 case(s) are not in both runs") and "\n" not in err
     assert not refused.exists()
     assert main(["compare", str(tmp_path / "missing.json")]) == 2
     assert "missing.json: no such results file" in capsys.readouterr().err
