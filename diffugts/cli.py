@@ -276,6 +276,18 @@ def cmd_train(args) -> int:
     return 0
 
 
+def cmd_join_heads(args) -> int:
+    from .models.weights import join_heads
+
+    try:
+        report = join_heads([Path(p) for p in args.weights], Path(args.out), args.preset)
+    except (ValueError, InputError) as exc:
+        fail(str(exc))
+        return 2
+    print(json.dumps(report, indent=2))
+    return 0
+
+
 def cmd_lesions(args) -> int:
     from rich.progress import Progress
 
@@ -511,6 +523,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--device", default="cpu", help="cpu (default) or cuda")
     p.add_argument("--amp", action="store_true", help="bfloat16 autocast (mixed precision) on the device")
     p.set_defaults(func=cmd_train)
+
+    p = sub.add_parser("join-heads", help="one weights file whose head averages the heads of several (an ensemble)")
+    p.add_argument("weights", nargs="+", help="weights files that differ in their heads only")
+    p.add_argument("--out", required=True, help="the joined weights file")
+    p.add_argument("--preset", default="demo")
+    p.set_defaults(func=cmd_join_heads)
 
     p = sub.add_parser("lesions", help="real anatomy with synthesized lesions, as an MSD test set (evaluation)")
     p.add_argument("--corpus", required=True, help="a corpus written by `diffugts corpus`")

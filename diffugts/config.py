@@ -39,6 +39,9 @@ class Preset:
     # average the head's probability over the 8 mirrorings of its views (test-time augmentation,
     # as nnU-Net does; the head trains on mirrored crops): 8x the head's compute
     head_mirror_average: bool = False
+    # residual heads trained apart and joined (`diffugts join-heads`): their probabilities are
+    # averaged (with the mirrorings' when those are on); n x the head's compute
+    head_members: int = 1
     # loop
     scheduler: str = "ddim"  # "ddim" (epsilon prediction) or "flow" (rectified flow, velocity)
     flow_velocity_sign: float = 1.0  # +1: v = noise - x0 (diffusers); -1: v = x0 - noise (MONAI RFlow)

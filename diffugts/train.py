@@ -25,7 +25,7 @@ from .executors.torch_executor import TorchExecutor
 from .models import build_models
 from .models.backbone import encode_with_taps
 from .models.residual import VIEW_GROUPS
-from .models.weights import load_weights, save_weights
+from .models.weights import first_member_only, load_weights, save_weights
 from .pipeline import LoopOptions, Timings, inpainting_mask, segment_patch
 from .prompts import build_prompt_set
 from .schedulers import scaled_linear_alphas_cumprod
@@ -420,6 +420,7 @@ def train_heads(preset_name: str = "demo", work: Path = Path("train_work"), seed
     rng = np.random.default_rng(seed)
     models = build_models(preset, seed)
     load_weights(models, backbone or work / "backbone.safetensors")
+    members = first_member_only(models)  # an ensemble's heads are trained apart, then joined
     _fresh_head_of_depth(models, head_levels)
     preset = models.preset
     # checked on the head as loaded (a file may hold a deeper one), before anything is written
@@ -468,6 +469,8 @@ def train_heads(preset_name: str = "demo", work: Path = Path("train_work"), seed
                                 list(aova.parameters()) + list(projection.parameters()), aova_steps, 3e-3, aova_loss,
                                 rng, amp=sources.autocast)}
     report["training_cases"] = len(cases)
+    if members > 1:
+        report["head_started_from"] = f"the first of the file's {members} joined heads"
     models.eval().cpu()  # the loop outputs come from the torch executor, on the CPU
     views = loop_outputs(models, cases, prompt_sets, seed, work / "loop_outputs.pt")
     head = models.head.train().to(device)
@@ -518,6 +521,7 @@ def weights_from_checkpoints(preset_name: str, work: Path, backbone: Path | None
     preset = get_preset(preset_name)
     models = build_models(preset, 0)
     load_weights(models, backbone or work / "backbone.safetensors")
+    first_member_only(models)  # what `train heads` trained from such a file
     _fresh_head_of_depth(models, head_levels)
     steps = {}
     for phase, parts in phases:

@@ -269,3 +269,64 @@ def test_mirror_average_keeps_its_digits_where_the_head_is_sure(tmp_path):
                       output_names=["logits"], dynamic_axes={"views": {0: "b"}})
     (served,) = ort.InferenceSession(str(tmp_path / "sure.onnx")).run(None, {"views": views.numpy()})
     np.testing.assert_allclose(served, reference.numpy(), rtol=0, atol=1e-4)
+
+
+def test_joined_heads_average_their_probabilities_and_refuse_another_loop(tmp_path):
+    """`diffugts join-heads`: the joined file's head is the mean probability of the files' heads
+    (over their mirrorings too), loads under the named preset, exports; files whose heads were fed
+    by other networks are refused, before anything is written."""
+    import onnx
+
+    from diffugts.export.onnx_export import export_stage
+    from diffugts.models import build_models
+    from diffugts.models.pipeline_models import ScoreStage
+    from diffugts.models.weights import join_heads
+
+    preset = get_preset("tiny").with_(head_mirror_average=True)
+    base = build_models(preset, seed=3)
+    files = []
+    for seed in (4, 5):
+        other = build_models(preset, seed=3)
+        other.head.net.load_state_dict(build_models(preset, seed=seed).head.net.state_dict())
+        files.append(tmp_path / f"head{seed}.safetensors")
+        save_weights(other, files[-1])
+    save_weights(base, tmp_path / "base.safetensors")
+    report = join_heads([tmp_path / "base.safetensors", *files], tmp_path / "joined.safetensors", "tiny")
+    assert report["members"] == 3
+    joined = build_models(get_preset("tiny"), seed=9)
+    load_weights(joined, tmp_path / "joined.safetensors")
+    assert joined.preset.head_members == 3 and len(joined.head.more_nets) == 2 and not joined.head.training
+    singles = [build_models(get_preset("tiny"), seed=9) for _ in range(3)]
+    for single, path in zip(singles, [tmp_path / "base.safetensors", *files]):
+        load_weights(single, path)
+        single.head.mirror_average = True
+    torch.manual_seed(0)
+    inputs = [torch.rand(1, 1, 16, 16, 16) for _ in range(4)] + [torch.nn.functional.normalize(
+        torch.randn(1, preset.embed_dim, 4, 4, 4), dim=1) for _ in range(2)]
+    joined.head.mirror_average = True
+    with torch.no_grad():
+        reference = torch.stack([torch.sigmoid(s.head(*inputs)) for s in singles]).mean(0)
+        averaged = torch.sigmoid(joined.head(*inputs))
+        torch.testing.assert_close(averaged, reference, rtol=1e-4, atol=1e-5)
+        assert not torch.allclose(averaged, torch.sigmoid(singles[0].head(*inputs)), atol=1e-3)
+        joined.head.mirror_average = False  # members alone, no mirrorings
+        views = joined.head.views(*inputs)
+        plain = torch.stack([torch.sigmoid(n(views)) for n in (joined.head.net, *joined.head.more_nets)]).mean(0)
+        torch.testing.assert_close(torch.sigmoid(joined.head(*inputs)), plain, rtol=1e-4, atol=1e-5)
+    # the graph holds every member (ONNX Runtime's parity against torch is checked inside export_stage)
+    joined.head.mirror_average = True
+    errors = export_stage(joined.preset, "residual_head", ScoreStage(joined.head.eval()), tmp_path / "joined.onnx")
+    export_stage(singles[0].preset, "residual_head", ScoreStage(singles[0].head.eval()), tmp_path / "single.onnx")
+    assert errors and all(np.isfinite(e) for e in errors.values())
+    convs = [sum(n.op_type == "Conv" for n in onnx.load(str(tmp_path / f"{name}.onnx")).graph.node)
+             for name in ("joined", "single")]
+    assert convs[0] == 3 * convs[1] - 2 * 3, convs  # three UNets; the blur's three convolutions once
+
+    foreign = build_models(preset, seed=3)
+    with torch.no_grad():
+        next(foreign.aova.parameters()).add_(0.1)
+    save_weights(foreign, tmp_path / "foreign.safetensors")
+    with pytest.raises(InputError, match="its aova differs from .*base.safetensors's"):
+        join_heads([tmp_path / "base.safetensors", tmp_path / "foreign.safetensors"], tmp_path / "no.safetensors",
+                   "tiny")
+    assert not (tmp_path / "no.safetensors").exists()

@@ -5,7 +5,7 @@ import torch
 from diffugts import train
 from diffugts.config import get_preset
 from diffugts.models import build_models
-from diffugts.models.weights import load_weights
+from diffugts.models.weights import load_weights, save_weights
 
 
 def test_head_training_runs_on_the_loop_and_leaves_the_backbone_frozen(tmp_path):
@@ -183,3 +183,30 @@ def test_a_step_with_gradients_that_are_not_finite_is_skipped_and_counted(tmp_pa
                              np.random.default_rng(0))
     assert report["skipped_steps"] == 1 and math.isfinite(report["final_loss"])
     assert torch.isfinite(weight).all() and float(weight.mean()) > 1.0  # stepped towards 2 on the other steps
+
+
+def test_heads_train_from_the_first_member_of_a_joined_file(tmp_path):
+    """A joined file (`diffugts join-heads`) as `--backbone`: training fits one head, started from
+    the ensemble's first member, and says so; the result is a single head again."""
+    from diffugts.models.weights import join_heads
+
+    train.train_backbone("tiny", tmp_path, vae_steps=1, unet_steps=1, n_volumes=2)
+    first = build_models(get_preset("tiny"))
+    load_weights(first, tmp_path / "backbone.safetensors")
+    second = build_models(get_preset("tiny"))
+    load_weights(second, tmp_path / "backbone.safetensors")
+    second.head.net.load_state_dict(build_models(get_preset("tiny"), seed=7).head.net.state_dict())
+    save_weights(first, tmp_path / "a.safetensors")
+    save_weights(second, tmp_path / "b.safetensors")
+    join_heads([tmp_path / "a.safetensors", tmp_path / "b.safetensors"], tmp_path / "joined.safetensors", "tiny")
+    report = train.train_heads("tiny", tmp_path / "run", aova_steps=0, head_steps=0, n_cases=2,
+                               backbone=tmp_path / "joined.safetensors")
+    assert report["head_started_from"] == "the first of the file's 2 joined heads"
+    trained = build_models(get_preset("tiny"))
+    load_weights(trained, tmp_path / "run" / "demo.safetensors")
+    assert trained.preset.head_members == 1 and len(trained.head.more_nets) == 0
+    weights = [(key, a, b) for (key, a), b in zip(first.head.state_dict().items(), trained.head.state_dict().values())
+               if a.is_floating_point()]
+    for key, a, b in weights:
+        torch.testing.assert_close(b, a.half().float(), msg=key)  # no steps: the first member, as saved
+    assert not torch.allclose(weights[0][2], second.head.state_dict()[weights[0][0]].half().float())

@@ -28,8 +28,8 @@ class DiffuGTSModels(nn.Module):
         self.text_encoder = text_encoder or SentenceEncoder()
 
     def rebuild_head(self, **shape) -> None:
-        """A fresh head of another shape (`head_channels`, `head_levels`), the preset saying so, on
-        the old head's device and in its mode; a head of that shape already is left as it is."""
+        """A fresh head of another shape (`head_channels`, `head_levels`, `head_members`), the preset
+        saying so, on the old head's device and in its mode; a head of that shape already is left as it is."""
         if all(getattr(self.preset, name) == value for name, value in shape.items()):
             return
         old = self.head
@@ -47,7 +47,8 @@ class DiffuGTSModels(nn.Module):
 
 
 def build_head(preset: Preset) -> ResidualHead:
-    return ResidualHead(preset.head_channels, mirror_average=preset.head_mirror_average, levels=preset.head_levels)
+    return ResidualHead(preset.head_channels, mirror_average=preset.head_mirror_average, levels=preset.head_levels,
+                        members=preset.head_members)
 
 
 def build_models(preset: Preset, seed: int = 0) -> DiffuGTSModels:

@@ -20,19 +20,29 @@ class ResidualHead(nn.Module):
     blur), the residuals and maps scaled up. Batch norm, not instance norm: the head is trained on
     crops around lesions and runs on whole patches, and per-crop statistics would differ."""
 
-    def __init__(self, channels: int, blur_sigma: float = 2.0, mirror_average: bool = False, levels: int = 3):
+    def __init__(self, channels: int, blur_sigma: float = 2.0, mirror_average: bool = False, levels: int = 3,
+                 members: int = 1):
         super().__init__()
         if levels < 2:
             raise ValueError(f"the residual head needs at least 2 levels, got {levels}")
-        self.mirror_average, self.levels = mirror_average, levels
+        if members < 1:
+            raise ValueError(f"the residual head needs at least 1 member, got {members}")
+        self.mirror_average, self.levels, self.members = mirror_average, levels, members
         from monai.networks.layers.convutils import gaussian_1d
         from monai.networks.nets import UNet
 
         kernel = gaussian_1d(blur_sigma, truncated=3.0, approx="sampled", normalize=True).float()
         self.register_buffer("blur_kernel", kernel, persistent=False)
-        self.net = UNet(spatial_dims=3, in_channels=RESIDUAL_INPUTS, out_channels=1,
-                        channels=tuple(channels * 2**level for level in range(levels)), strides=(2,) * (levels - 1),
-                        num_res_units=1, norm="batch")
+
+        def unet():
+            return UNet(spatial_dims=3, in_channels=RESIDUAL_INPUTS, out_channels=1,
+                        channels=tuple(channels * 2**level for level in range(levels)),
+                        strides=(2,) * (levels - 1), num_res_units=1, norm="batch")
+
+        self.net = unet()  # the one training fits
+        # an ensemble's other members (trained apart, joined after): at inference their probabilities
+        # are averaged with `net`'s. Empty for a single head, whose weights keep their names
+        self.more_nets = nn.ModuleList(unet() for _ in range(members - 1))
 
     def blur(self, x: torch.Tensor) -> torch.Tensor:
         """Separable Gaussian with edge padding, one 1D convolution per axis. Equal to MONAI's
@@ -57,9 +67,9 @@ class ResidualHead(nn.Module):
 
     def forward(self, image, healthy, anomaly, healthy_anomaly, features, healthy_features):
         views = self.views(image, healthy, anomaly, healthy_anomaly, features, healthy_features)
-        if not self.mirror_average or self.training:
+        if self.training or not (self.mirror_average or self.more_nets):
             return self.net(views)
-        return mirror_averaged_logits(self.net, views)
+        return averaged_logits([self.net, *self.more_nets], views, MIRRORS if self.mirror_average else ((),))
 
 
 # every subset of the three spatial axes: the 8 mirrorings of a volume
@@ -76,12 +86,22 @@ def _log_mean_exp(x: torch.Tensor) -> torch.Tensor:
 def mirror_averaged_logits(net: nn.Module, views: torch.Tensor) -> torch.Tensor:
     """`net` on the 8 mirrorings of `views` in one batch, each output mirrored back; the logit of
     their mean probability (the pipeline takes the sigmoid, as of a plain head's logits)."""
-    logits = net(torch.cat([views.flip(axes) if axes else views for axes in MIRRORS]))
-    # (mirror, batch, ...): the batch stays dynamic in a graph. Not `unflatten`, whose exported
-    # shape arithmetic (a Slice of the shape at computed bounds) stops ONNX Runtime's symbolic
-    # shape inference, and with it the bench's FLOP count
-    chunks = logits.reshape((len(MIRRORS), -1) + tuple(logits.shape[1:]))
-    back = torch.stack([chunks[i].flip(axes) if axes else chunks[i] for i, axes in enumerate(MIRRORS)])
+    return averaged_logits([net], views, MIRRORS)
+
+
+def averaged_logits(nets, views: torch.Tensor, mirrors=MIRRORS) -> torch.Tensor:
+    """Every net on the `mirrors` of `views` (one batch a net), each output mirrored back; the
+    logit of the mean probability over nets and mirrorings alike."""
+    batch = torch.cat([views.flip(axes) if axes else views for axes in mirrors])
+    back = []
+    for net in nets:
+        logits = net(batch)
+        # (mirror, batch, ...): the batch stays dynamic in a graph. Not `unflatten`, whose exported
+        # shape arithmetic (a Slice of the shape at computed bounds) stops ONNX Runtime's symbolic
+        # shape inference, and with it the bench's FLOP count
+        chunks = logits.reshape((len(mirrors), -1) + tuple(logits.shape[1:]))
+        back += [chunks[i].flip(axes) if axes else chunks[i] for i, axes in enumerate(mirrors)]
+    back = torch.stack(back)
     # logit(mean p) = log mean sigmoid(l) - log mean sigmoid(-l), in log space: where the head is
     # sure (|logit| > 10) a probability's complement keeps too few digits, and engines' sigmoids
     # differ there by more than the export's parity tolerance (logit(p) with p clamped did)

@@ -55,14 +55,15 @@ def save_weights(models: DiffuGTSModels, path: str | Path, parts=TRAINABLE + FRO
 
 def _adopt_head_shape(models: DiffuGTSModels, metadata: dict) -> None:
     """Rebuild the head in the shape the file's preset gives it, so that a file holding a head of
-    another depth (a trial) loads under the named preset. Files older than `head_levels` hold
-    the field's default depth."""
+    another depth (a trial) or an ensemble of heads loads under the named preset. Files older than
+    `head_levels` / `head_members` hold the fields' defaults."""
     try:
         saved = json.loads(metadata.get("preset", "{}"))
     except json.JSONDecodeError:
         saved = {}
     models.rebuild_head(head_channels=int(saved.get("head_channels", models.preset.head_channels)),
-                        head_levels=int(saved.get("head_levels", Preset.head_levels)))
+                        head_levels=int(saved.get("head_levels", Preset.head_levels)),
+                        head_members=int(saved.get("head_members", Preset.head_members)))
 
 
 def load_weights(models: DiffuGTSModels, path: str | Path) -> dict:
@@ -91,6 +92,50 @@ def load_weights(models: DiffuGTSModels, path: str | Path) -> dict:
     if "scale_factor" in metadata:
         models.preset = models.preset.with_(scale_factor=float(metadata["scale_factor"]))
     return metadata
+
+
+def first_member_only(models: DiffuGTSModels) -> int:
+    """Reduce an ensemble head to its first member (what training fits); returns how many it had."""
+    members = models.head.members
+    if members > 1:
+        first = models.head.net
+        models.rebuild_head(head_members=1)
+        models.head.net.load_state_dict(first.state_dict())
+    return members
+
+
+def join_heads(paths, out: str | Path, preset_name: str = "demo") -> dict:
+    """One weights file whose head averages the heads of `paths` (files that may be ensembles
+    already). Everything but the head must be the same in every file: the heads' inputs come from
+    that loop, and an ensemble of heads trained on another loop's outputs would be meaningless."""
+    from ..config import get_preset
+    from . import build_models
+
+    if len(paths) < 2:
+        raise ValueError("join-heads needs two weights files or more")
+    loaded, metadata = [], []
+    for path in paths:
+        models = build_models(get_preset(preset_name), 0)
+        metadata.append(load_weights(models, path))
+        loaded.append(models)
+    first = loaded[0]
+    for path, models in zip(paths[1:], loaded[1:]):
+        for part in (p for p in TRAINABLE + FROZEN if p != "head"):
+            mine, theirs = getattr(first, part).state_dict(), getattr(models, part).state_dict()
+            if any(not torch.equal(mine[k], theirs[k]) for k in mine):
+                raise InputError(path, f"its {part} differs from {paths[0]}'s: the heads of one ensemble "
+                                       "must share the networks that feed them")
+        if (models.preset.head_channels, models.preset.head_levels) != (first.preset.head_channels,
+                                                                        first.preset.head_levels):
+            raise InputError(path, f"its head ({models.preset.head_channels} channels, {models.preset.head_levels} "
+                                   f"levels) is not shaped as {paths[0]}'s")
+    nets = [net for models in loaded for net in (models.head.net, *models.head.more_nets)]
+    first.rebuild_head(head_members=len(nets))
+    for target, source in zip((first.head.net, *first.head.more_nets), nets):
+        target.load_state_dict(source.state_dict())
+    first.eval()
+    save_weights(first, out, half=True, metadata={k: v for k, v in metadata[0].items() if k != "preset"})
+    return {"members": len(nets), "from": [str(p) for p in paths], "weights": str(out)}
 
 
 def _torch_checkpoint(path: Path) -> dict:
