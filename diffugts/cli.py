@@ -280,7 +280,7 @@ def cmd_join_heads(args) -> int:
     from .models.weights import join_heads
 
     try:
-        report = join_heads([Path(p) for p in args.weights], Path(args.out), args.preset)
+        report = join_heads([Path(p) for p in args.weights], Path(args.out), args.preset, args.mirrors)
     except (ValueError, InputError) as exc:
         fail(str(exc))
         return 2
@@ -528,6 +528,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("weights", nargs="+", help="weights files that differ in their heads only")
     p.add_argument("--out", required=True, help="the joined weights file")
     p.add_argument("--preset", default="demo")
+    p.add_argument("--mirrors", type=int, default=None,
+                   help="mirrorings each member averages, 1-8 (default: the first file's; two members on 4 "
+                        "cost what one head on 8 does)")
     p.set_defaults(func=cmd_join_heads)
 
     p = sub.add_parser("lesions", help="real anatomy with synthesized lesions, as an MSD test set (evaluation)")

@@ -42,6 +42,9 @@ class Preset:
     # residual heads trained apart and joined (`diffugts join-heads`): their probabilities are
     # averaged (with the mirrorings' when those are on); n x the head's compute
     head_members: int = 1
+    # how many of the 8 mirrorings the head averages (identity, the three single flips, then pairs and
+    # all three): an ensemble of two on 4 costs what one head on 8 does
+    head_mirrors: int = 8
     # loop
     scheduler: str = "ddim"  # "ddim" (epsilon prediction) or "flow" (rectified flow, velocity)
     flow_velocity_sign: float = 1.0  # +1: v = noise - x0 (diffusers); -1: v = x0 - noise (MONAI RFlow)

@@ -289,8 +289,8 @@ def test_joined_heads_average_their_probabilities_and_refuse_another_loop(tmp_pa
         other = build_models(preset, seed=3)
         other.head.net.load_state_dict(build_models(preset, seed=seed).head.net.state_dict())
         files.append(tmp_path / f"head{seed}.safetensors")
-        save_weights(other, files[-1])
-    save_weights(base, tmp_path / "base.safetensors")
+        save_weights(other, files[-1], half=True)  # as the joined file is written: the same values
+    save_weights(base, tmp_path / "base.safetensors", half=True)
     report = join_heads([tmp_path / "base.safetensors", *files], tmp_path / "joined.safetensors", "tiny")
     assert report["members"] == 3
     joined = build_models(get_preset("tiny"), seed=9)
@@ -322,10 +322,26 @@ def test_joined_heads_average_their_probabilities_and_refuse_another_loop(tmp_pa
              for name in ("joined", "single")]
     assert convs[0] == 3 * convs[1] - 2 * 3, convs  # three UNets; the blur's three convolutions once
 
+    # two members on 4 mirrorings each: the identity and the three single flips
+    report = join_heads([tmp_path / "base.safetensors", files[0]], tmp_path / "pair.safetensors", "tiny", mirrors=4)
+    assert report == {**report, "members": 2, "mirrors": 4}
+    pair = build_models(get_preset("tiny"), seed=9)
+    load_weights(pair, tmp_path / "pair.safetensors")
+    pair.head.mirror_average = True
+    assert pair.preset.head_mirrors == 4
+    with torch.no_grad():
+        views = pair.head.views(*inputs)
+        reference = torch.stack([torch.sigmoid(n(views.flip(a)).flip(a)) if a else torch.sigmoid(n(views))
+                                 for n in (singles[0].head.net, singles[1].head.net)
+                                 for a in ((), (2,), (3,), (4,))]).mean(0)
+        torch.testing.assert_close(torch.sigmoid(pair.head(*inputs)), reference, rtol=1e-4, atol=1e-5)
+    with pytest.raises(ValueError, match="1 to 8 mirrorings, got 9"):
+        join_heads([tmp_path / "base.safetensors", files[0]], tmp_path / "no.safetensors", "tiny", mirrors=9)
+
     foreign = build_models(preset, seed=3)
     with torch.no_grad():
         next(foreign.aova.parameters()).add_(0.1)
-    save_weights(foreign, tmp_path / "foreign.safetensors")
+    save_weights(foreign, tmp_path / "foreign.safetensors", half=True)
     with pytest.raises(InputError, match="its aova differs from .*base.safetensors's"):
         join_heads([tmp_path / "base.safetensors", tmp_path / "foreign.safetensors"], tmp_path / "no.safetensors",
                    "tiny")

@@ -48,7 +48,7 @@ class DiffuGTSModels(nn.Module):
 
 def build_head(preset: Preset) -> ResidualHead:
     return ResidualHead(preset.head_channels, mirror_average=preset.head_mirror_average, levels=preset.head_levels,
-                        members=preset.head_members)
+                        members=preset.head_members, mirrors=preset.head_mirrors)
 
 
 def build_models(preset: Preset, seed: int = 0) -> DiffuGTSModels:

@@ -21,13 +21,16 @@ class ResidualHead(nn.Module):
     crops around lesions and runs on whole patches, and per-crop statistics would differ."""
 
     def __init__(self, channels: int, blur_sigma: float = 2.0, mirror_average: bool = False, levels: int = 3,
-                 members: int = 1):
+                 members: int = 1, mirrors: int = 8):
         super().__init__()
         if levels < 2:
             raise ValueError(f"the residual head needs at least 2 levels, got {levels}")
         if members < 1:
             raise ValueError(f"the residual head needs at least 1 member, got {members}")
+        if not 1 <= mirrors <= len(MIRRORS):
+            raise ValueError(f"the residual head averages 1 to {len(MIRRORS)} mirrorings, got {mirrors}")
         self.mirror_average, self.levels, self.members = mirror_average, levels, members
+        self.mirrors = MIRRORS[:mirrors]
         from monai.networks.layers.convutils import gaussian_1d
         from monai.networks.nets import UNet
 
@@ -69,7 +72,7 @@ class ResidualHead(nn.Module):
         views = self.views(image, healthy, anomaly, healthy_anomaly, features, healthy_features)
         if self.training or not (self.mirror_average or self.more_nets):
             return self.net(views)
-        return averaged_logits([self.net, *self.more_nets], views, MIRRORS if self.mirror_average else ((),))
+        return averaged_logits([self.net, *self.more_nets], views, self.mirrors if self.mirror_average else ((),))
 
 
 # every subset of the three spatial axes: the 8 mirrorings of a volume

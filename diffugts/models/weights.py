@@ -63,7 +63,8 @@ def _adopt_head_shape(models: DiffuGTSModels, metadata: dict) -> None:
         saved = {}
     models.rebuild_head(head_channels=int(saved.get("head_channels", models.preset.head_channels)),
                         head_levels=int(saved.get("head_levels", Preset.head_levels)),
-                        head_members=int(saved.get("head_members", Preset.head_members)))
+                        head_members=int(saved.get("head_members", Preset.head_members)),
+                        head_mirrors=int(saved.get("head_mirrors", Preset.head_mirrors)))
 
 
 def load_weights(models: DiffuGTSModels, path: str | Path) -> dict:
@@ -96,18 +97,22 @@ def load_weights(models: DiffuGTSModels, path: str | Path) -> dict:
 
 def first_member_only(models: DiffuGTSModels) -> int:
     """Reduce an ensemble head to its first member (what training fits); returns how many it had."""
+    from ..config import get_preset
+
     members = models.head.members
     if members > 1:
         first = models.head.net
-        models.rebuild_head(head_members=1)
+        # the mirrorings go back to the named preset's: a joined file may have traded them for members
+        models.rebuild_head(head_members=1, head_mirrors=get_preset(models.preset.name).head_mirrors)
         models.head.net.load_state_dict(first.state_dict())
     return members
 
 
-def join_heads(paths, out: str | Path, preset_name: str = "demo") -> dict:
+def join_heads(paths, out: str | Path, preset_name: str = "demo", mirrors: int | None = None) -> dict:
     """One weights file whose head averages the heads of `paths` (files that may be ensembles
-    already). Everything but the head must be the same in every file: the heads' inputs come from
-    that loop, and an ensemble of heads trained on another loop's outputs would be meaningless."""
+    already), each over `mirrors` of the 8 mirrorings (default: as the first file's head does).
+    Everything but the head must be the same in every file: the heads' inputs come from that
+    loop, and an ensemble of heads trained on another loop's outputs would be meaningless."""
     from ..config import get_preset
     from . import build_models
 
@@ -130,12 +135,13 @@ def join_heads(paths, out: str | Path, preset_name: str = "demo") -> dict:
             raise InputError(path, f"its head ({models.preset.head_channels} channels, {models.preset.head_levels} "
                                    f"levels) is not shaped as {paths[0]}'s")
     nets = [net for models in loaded for net in (models.head.net, *models.head.more_nets)]
-    first.rebuild_head(head_members=len(nets))
+    first.rebuild_head(head_members=len(nets), head_mirrors=mirrors or first.preset.head_mirrors)
     for target, source in zip((first.head.net, *first.head.more_nets), nets):
         target.load_state_dict(source.state_dict())
     first.eval()
     save_weights(first, out, half=True, metadata={k: v for k, v in metadata[0].items() if k != "preset"})
-    return {"members": len(nets), "from": [str(p) for p in paths], "weights": str(out)}
+    return {"members": len(nets), "mirrors": first.preset.head_mirrors, "from": [str(p) for p in paths],
+            "weights": str(out)}
 
 
 def _torch_checkpoint(path: Path) -> dict:
