@@ -83,18 +83,28 @@ calibrate: $(STAMP) corpus-sources
 	$(VENV)/bin/diffugts calibrate eval_data/seen77 eval_data/anatomy_seen77 eval_data/anatomy_seen78 \
 	  --out eval_out/calibration.json --preset demo
 
-# The shipped file's last sitting (model card, "Head on larger crops"): the residual head fine-tuned
-# from the bundled weights on 48^3 crops of the loop's outputs (seen-kind lesions in real anatomy +
-# seen phantoms); backbone, AOVA and text projection as bundled. It starts from whatever file is
-# bundled (the file before it: `git show 701ffb2:diffugts/weights/demo.safetensors`). The shipped
-# head took two runs: 5000 steps, then resumed to 20000 (the cosine schedule restarts over the new
-# total). Resumable: rerun with more --head-steps to continue (the loop's outputs are cached).
-TRAIN_HEADS := $(VENV)/bin/diffugts train heads --work train_work/v14 --corpus train_work/corpus \
-  --backbone diffugts/weights/demo.safetensors --aova-steps 0 --anatomy-volumes 320 --cases 136 --head-crop 48
+# The shipped file (model card, "Ensemble of two heads"): two residual heads trained apart on the
+# bundled backbone, AOVA and text projection, joined. (1) v14, "Head on larger crops": the head
+# fine-tuned on 48^3 crops of the loop's outputs (seen-kind lesions in real anatomy + seen
+# phantoms), 5000 steps, then resumed to 20000 (the cosine schedule restarts over the new total).
+# (2) v17, "small lesions": (1) fine-tuned with tissue-class contrasts, crops drawn by lesion size
+# and a Dice per lesion, 8000 -> 16000 -> 24000 steps. (3) join-heads, each member on 4 mirrorings.
+# TRAIN_FROM is the file (1) starts from: the shipped file's history used the file before it
+# (`git show 701ffb2:diffugts/weights/demo.safetensors`); from the bundled (joined) file a run
+# starts from its first member. Resumable: rerun with more --head-steps (loop outputs are cached).
+TRAIN_FROM ?= diffugts/weights/demo.safetensors
+TRAIN_HEADS := $(VENV)/bin/diffugts train heads --corpus train_work/corpus --aova-steps 0 --anatomy-volumes 320 \
+  --cases 136 --head-crop 48
+SMALL_LESIONS := --head-synth tissue --head-sampling size --head-dice lesion
 train: $(STAMP) corpus-sources
 	$(VENV)/bin/diffugts corpus --out train_work/corpus
-	$(TRAIN_HEADS) --head-steps 5000
-	$(TRAIN_HEADS) --head-steps 20000
+	$(TRAIN_HEADS) --work train_work/v14 --backbone $(TRAIN_FROM) --head-steps 5000
+	$(TRAIN_HEADS) --work train_work/v14 --backbone $(TRAIN_FROM) --head-steps 20000
+	for steps in 8000 16000 24000; do \
+	  $(TRAIN_HEADS) --work train_work/v17 --backbone train_work/v14/demo.safetensors $(SMALL_LESIONS) --head-steps $$steps; \
+	done
+	$(VENV)/bin/diffugts join-heads train_work/v14/demo.safetensors train_work/v17/demo.safetensors --mirrors 4 \
+	  --out train_work/demo.safetensors
 
 # Triton's perf_analyzer (tritonclient 2.40.0's wheel, libb64 from Debian, libcudart from PyPI) under
 # .tools/; optional: where it cannot be installed, the bench says so and uses its own load generator.
