@@ -80,7 +80,7 @@ def paired_change(base: dict, new: dict, metric: str = "dice", resamples: int = 
     if missing:
         side = "new" if missing[0] in base else "base"
         dataset, case, prompt = missing[0]
-        raise InputError(f"--{side}" if side == "new" else "base", f"{len(missing)} case(s) are not in both runs: "
+        raise InputError("--new" if side == "new" else "base", f"{len(missing)} case(s) are not in both runs: "
                          f"{dataset} {case} ({prompt!r}) is missing from the {side} run")
     keys = sorted(base)
     for key in keys:

@@ -248,13 +248,13 @@ def test_mirror_average_keeps_its_digits_where_the_head_is_sure(tmp_path):
 
     import onnxruntime as ort
 
-    from diffugts.models.residual import mirror_averaged_logits
+    from diffugts.models.residual import averaged_logits
 
     ramp = torch.linspace(-2.0, 2.0, 4)  # along the last axis: the mirrorings that flip it disagree
 
     class Sure(torch.nn.Module):
         def forward(self, views):
-            return mirror_averaged_logits(lambda v: 60.0 * v - 40.0 + ramp, views)  # logits in [-42, 22]
+            return averaged_logits([lambda v: 60.0 * v - 40.0 + ramp], views)  # logits in [-42, 22]
 
     views = torch.rand(2, 1, 6, 5, 4)
     axes_sets = [a for k in range(4) for a in itertools.combinations((2, 3, 4), k)]
@@ -335,8 +335,9 @@ def test_joined_heads_average_their_probabilities_and_refuse_another_loop(tmp_pa
                                  for n in (singles[0].head.net, singles[1].head.net)
                                  for a in ((), (2,), (3,), (4,))]).mean(0)
         torch.testing.assert_close(torch.sigmoid(pair.head(*inputs)), reference, rtol=1e-4, atol=1e-5)
-    with pytest.raises(ValueError, match="1 to 8 mirrorings, got 9"):
-        join_heads([tmp_path / "base.safetensors", files[0]], tmp_path / "no.safetensors", "tiny", mirrors=9)
+    for wrong in (0, 9):
+        with pytest.raises(ValueError, match=f"1 to 8 mirrorings, got {wrong}"):
+            join_heads([tmp_path / "base.safetensors", files[0]], tmp_path / "no.safetensors", "tiny", mirrors=wrong)
 
     foreign = build_models(preset, seed=3)
     with torch.no_grad():

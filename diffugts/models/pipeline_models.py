@@ -28,8 +28,9 @@ class DiffuGTSModels(nn.Module):
         self.text_encoder = text_encoder or SentenceEncoder()
 
     def rebuild_head(self, **shape) -> None:
-        """A fresh head of another shape (`head_channels`, `head_levels`, `head_members`), the preset
-        saying so, on the old head's device and in its mode; a head of that shape already is left as it is."""
+        """A fresh head of another shape (`head_channels`, `head_levels`, `head_members`,
+        `head_mirrors`), the preset saying so, on the old head's device and in its mode; a head of
+        that shape already is left as it is."""
         if all(getattr(self.preset, name) == value for name, value in shape.items()):
             return
         old = self.head

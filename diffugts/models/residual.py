@@ -86,15 +86,10 @@ def _log_mean_exp(x: torch.Tensor) -> torch.Tensor:
     return peak + torch.log((x - peak).exp().mean(0))
 
 
-def mirror_averaged_logits(net: nn.Module, views: torch.Tensor) -> torch.Tensor:
-    """`net` on the 8 mirrorings of `views` in one batch, each output mirrored back; the logit of
-    their mean probability (the pipeline takes the sigmoid, as of a plain head's logits)."""
-    return averaged_logits([net], views, MIRRORS)
-
-
 def averaged_logits(nets, views: torch.Tensor, mirrors=MIRRORS) -> torch.Tensor:
     """Every net on the `mirrors` of `views` (one batch a net), each output mirrored back; the
-    logit of the mean probability over nets and mirrorings alike."""
+    logit of the mean probability over nets and mirrorings alike (the pipeline takes the sigmoid,
+    as of a plain head's logits)."""
     batch = torch.cat([views.flip(axes) if axes else views for axes in mirrors])
     back = []
     for net in nets:

@@ -7,7 +7,7 @@ from pathlib import Path
 
 import torch
 
-from ..config import Preset
+from ..config import Preset, get_preset
 from ..io import InputError
 from .pipeline_models import FROZEN, TRAINABLE, DiffuGTSModels
 
@@ -97,8 +97,6 @@ def load_weights(models: DiffuGTSModels, path: str | Path) -> dict:
 
 def first_member_only(models: DiffuGTSModels) -> int:
     """Reduce an ensemble head to its first member (what training fits); returns how many it had."""
-    from ..config import get_preset
-
     members = models.head.members
     if members > 1:
         first = models.head.net
@@ -113,7 +111,6 @@ def join_heads(paths, out: str | Path, preset_name: str = "demo", mirrors: int |
     already), each over `mirrors` of the 8 mirrorings (default: as the first file's head does).
     Everything but the head must be the same in every file: the heads' inputs come from that
     loop, and an ensemble of heads trained on another loop's outputs would be meaningless."""
-    from ..config import get_preset
     from . import build_models
 
     if len(paths) < 2:
@@ -135,7 +132,7 @@ def join_heads(paths, out: str | Path, preset_name: str = "demo", mirrors: int |
             raise InputError(path, f"its head ({models.preset.head_channels} channels, {models.preset.head_levels} "
                                    f"levels) is not shaped as {paths[0]}'s")
     nets = [net for models in loaded for net in (models.head.net, *models.head.more_nets)]
-    first.rebuild_head(head_members=len(nets), head_mirrors=mirrors or first.preset.head_mirrors)
+    first.rebuild_head(head_members=len(nets), head_mirrors=first.preset.head_mirrors if mirrors is None else mirrors)
     for target, source in zip((first.head.net, *first.head.more_nets), nets):
         target.load_state_dict(source.state_dict())
     first.eval()
