@@ -133,8 +133,14 @@ def refine_with_attention(anomaly: np.ndarray, attention: np.ndarray, steps: int
     return ((1.0 - weight) * anomaly + weight * fine).astype(np.float32)
 
 
-def inpainting_mask(anomaly: np.ndarray, factor: int, threshold: float, dilation: int) -> np.ndarray:
+def inpainting_mask(anomaly: np.ndarray, factor: int, threshold: float, dilation: int,
+                    max_fraction: float = 1.0) -> np.ndarray:
+    """Latent voxels to inpaint: those holding a pixel of the map over `threshold`, dilated. Empty
+    when more than `max_fraction` of them are flagged before dilation (a map that marks most of the
+    window localizes nothing)."""
     mask = block_reduce(anomaly > threshold, factor, np.max)
+    if mask.mean() > max_fraction:
+        return np.zeros_like(mask)
     if dilation > 0 and mask.any():
         mask = ndimage.binary_dilation(mask, iterations=dilation)
     return mask
@@ -210,7 +216,7 @@ def segment_patch(executor: StageExecutor, patch: np.ndarray, prompts: PromptSet
 
     with timings.stage("inpaint"):
         mask = inpainting_mask(anomaly, preset.latent_factor, preset.anomaly_threshold,
-                               preset.mask_dilation)
+                               preset.mask_dilation, preset.inpaint_max_fraction)
         if options.inpaint_also is not None:
             mask = mask | options.inpaint_also
         healthy = None  # x_h is x until something is inpainted

@@ -65,6 +65,18 @@ def test_inpainting_mask_and_crop_box():
     assert inside[mask].all() and inside.sum() < mask.size
 
 
+def test_a_map_that_flags_most_of_the_window_inpaints_nothing():
+    anomaly = np.zeros((32, 32, 32), np.float32)
+    anomaly[:16, :16, :16] = 0.9  # 64 of the 512 latent voxels: 12.5%
+    flagged = inpainting_mask(anomaly, 4, 0.5, dilation=0)
+    assert flagged.sum() == 64
+    np.testing.assert_array_equal(inpainting_mask(anomaly, 4, 0.5, dilation=0, max_fraction=0.125), flagged)
+    assert not inpainting_mask(anomaly, 4, 0.5, dilation=1, max_fraction=0.12).any()
+    # the share is taken before dilation: a mask that dilation grows past the limit is kept, grown
+    grown = inpainting_mask(anomaly, 4, 0.5, dilation=1, max_fraction=0.125)
+    assert grown.sum() == 64 + 3 * 16 and grown[flagged].all()  # one face-connected layer on 3 open faces
+
+
 def test_repaint_keeps_the_known_region_exactly(torch_executor, rng):
     preset = torch_executor.preset
     latent = rng.standard_normal((1, 4, 8, 8, 8)).astype(np.float32)
@@ -131,6 +143,28 @@ def test_cropping_runs_the_loop_on_the_bounding_box(torch_executor, phantom_dir)
     # one batch-2 decode (the box before and after inpainting), of the box the loop ran on
     assert decoded[False] == [(2, 4, 8, 8, 8)]
     assert len(decoded[True]) == 1 and decoded[True][0][:2] == (2, 4) and decoded[True][0][2:] == shapes[True][0]
+
+
+def test_segment_volume_skips_inpainting_where_the_map_flags_too_much(torch_executor, phantom_dir):
+    from diffugts.io import Volume
+
+    volume = read_volume(phantom_dir / "imagesTs" / "case_001.nii.gz")
+    volume = Volume(volume.array[:32, :32, :32], volume.affine)  # one window at the tiny preset's 4 mm
+    # theta below every map value: every latent voxel is flagged
+    flag_all = torch_executor.preset.with_(anomaly_threshold=-1.0)
+    calls, segs = {}, {}
+    for limit in (1.0, 0.5):
+        spy = ShapeSpy(torch_executor, flag_all.with_(inpaint_max_fraction=limit))
+        segs[limit] = segment_volume(spy, volume, "liver cyst", "CT", LoopOptions())
+        calls[limit] = (len(spy.unet_shapes), len(spy.decode_shapes))
+    assert calls[1.0][0] > 1 and calls[1.0][1] == 1  # probe + the inpainting steps, one decode
+    assert calls[0.5] == (1, 0)  # the attention probe only: nothing inpainted, nothing decoded
+    # without inpainting the head scores the scan against itself: x_h is the scan, as the map-only
+    # ablation reports it
+    scan = segment_volume(torch_executor, volume, "liver cyst", "CT", LoopOptions(ablation="aova")).healthy
+    np.testing.assert_array_equal(segs[0.5].healthy, scan)
+    assert not np.array_equal(segs[1.0].healthy, scan)
+    assert not np.array_equal(segs[0.5].probability, segs[1.0].probability)
 
 
 def test_pseudo_healthy_is_the_scan_plus_the_inpainting_change(torch_executor):
