@@ -123,7 +123,7 @@ PRESETS: dict[str, Preset] = {
         # The head fine-tuned on 48^3 crops (2026-11-29, model card): 0.560 at theta 0.25 / head 0.25
         # over those 64 cases (theta 0.4: 0.557, 0.15: 0.525; head 0.5: 0.539)
         mask_threshold=0.25, map_threshold=0.05, anomaly_threshold=0.25,
-        # the seen sets' maps flag at most 7.8% of a window's latent voxels (256 cases); an unseen
+        # the seen sets' maps flag at most 7.9% of a window's latent voxels (256 cases); an unseen
         # prompt's map can flag 27-33% (model card, "A map that flags everything")
         inpaint_max_fraction=0.15,
         # drops 2-4 voxel specks at 3 mm; on the seen sets 0-200 mm^3 are within 0.001 of each other
