@@ -115,13 +115,18 @@ def randomize_anatomy(anatomy: Anatomy, rng: np.random.Generator, spacing: float
                    organs=subject["organs"].data[0].numpy().astype(np.uint8))
 
 
-def scanner_effects(image: np.ndarray, rng: np.random.Generator, spacing: float, ct: bool = False) -> np.ndarray:
-    """The intensity half: applied after a lesion is drawn, so the lesion carries the same artefacts."""
+def scanner_effects(image: np.ndarray, rng: np.random.Generator, spacing: float, ct: bool = False,
+                    top: float | None = 1.0) -> np.ndarray:
+    """The intensity half: applied after a lesion is drawn, so the lesion carries the same artefacts.
+
+    `top=None` for MR: a bias field lifts a bright brain over 1, and clipping it there would flatten
+    it (and any lesion in it) to one value; an MR scanner's intensities have no ceiling, and the
+    caller rescales MR to its 99.5th percentile next, as inference does."""
     tensor = tio.ScalarImage(tensor=torch.from_numpy(image[None].astype(np.float32)),
                              affine=np.diag([spacing, spacing, spacing, 1.0]))
     with _seeded(rng):
         out = intensity(ct)(tensor).data[0].numpy()
-    return np.clip(out, 0.0, 1.0).astype(np.float32)
+    return np.clip(out, 0.0, top).astype(np.float32)
 
 
 def random_crop(anatomy: Anatomy, size: int, rng: np.random.Generator, organ_fraction: float = 0.8) -> Anatomy:

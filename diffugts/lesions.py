@@ -66,9 +66,11 @@ def _mass_effect(arrays: list[np.ndarray], orders: list[int], centre, radius: fl
 
 
 def draw_lesion(image: np.ndarray, organ: np.ndarray, kind: LesionKind, spacing: float,
-                rng: np.random.Generator, extra: list[np.ndarray] = ()) -> tuple[np.ndarray, np.ndarray, list]:
+                rng: np.random.Generator, extra: list[np.ndarray] = (),
+                top: float | None = 1.0) -> tuple[np.ndarray, np.ndarray, list]:
     """Draw one lesion of `kind` inside `organ` (bool). Returns the new image, the lesion label,
-    and `extra` maps (label / organ maps) moved by the same mass effect."""
+    and `extra` maps (label / organ maps) moved by the same mass effect. The image is clipped to
+    [0, top]; `top=None` leaves a bright lesion over 1 (MR, rescaled by the caller)."""
     if not organ.any():
         raise ValueError(f"no room for a {kind.prompt!r}: the organ {kind.organ!r} is empty in this volume")
     radius = rng.uniform(*kind.diameter_mm) / 2 / spacing  # voxels
@@ -116,4 +118,4 @@ def draw_lesion(image: np.ndarray, organ: np.ndarray, kind: LesionKind, spacing:
     # partial volume at the edge: a softened mask blends the lesion into its surroundings
     weight = np.clip(ndimage.gaussian_filter(lesion.astype(np.float32), 0.6) * 1.5, 0, 1)
     out = (1 - weight) * out + weight * target
-    return np.clip(out, 0, 1).astype(np.float32), lesion.astype(np.uint8), extra
+    return np.clip(out, 0, top).astype(np.float32), lesion.astype(np.uint8), extra

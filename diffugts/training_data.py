@@ -98,10 +98,12 @@ def anatomy_cases(anatomies: list[Anatomy], preset, n: int, seed: int, kinds=Non
         organ = _organ_id(anatomy, kind.organ) if kind else None
         anatomy = random_crop(anatomy, preset.patch, rng, organ_fraction=1.0 if kind else 0.5)
         image, label = anatomy.image, np.zeros(anatomy.image.shape, np.uint8)
+        # CT keeps the MAISI window's ceiling (1000 HU); MR has none until it is rescaled below
+        top = None if anatomy.modality == "MR" else 1.0
         if kind is not None and (anatomy.organs == organ).sum() >= 8:
-            image, label, _ = draw_lesion(image, anatomy.organs == organ, kind, spacing, rng)
+            image, label, _ = draw_lesion(image, anatomy.organs == organ, kind, spacing, rng, top=top)
         if randomize:
-            image = scanner_effects(image, rng, spacing, ct=realistic and anatomy.modality == "CT")
+            image = scanner_effects(image, rng, spacing, ct=realistic and anatomy.modality == "CT", top=top)
         if anatomy.modality == "MR":  # as inference sees it: MR rescaled to its own 99.5th percentile
             image = scale_intensity(image, "MR")
         prompt = kind.prompt if kind is not None and label.any() else "brain tumor"

@@ -317,3 +317,22 @@ def test_unknown_synth_labels_are_refused_before_any_work(tmp_path):
     with pytest.raises(ValueError, match="unknown head synth labels 'atlas'"):
         train.train_heads("tiny", work=tmp_path / "work", head_synth="atlas")
     assert not (tmp_path / "work").exists()
+
+
+def test_a_bright_mr_brain_keeps_its_contrast_through_the_scanner_effects():
+    """MR has no intensity ceiling before its 99.5th-percentile rescale: a bias field or a bright
+    lesion over 1 must not flatten the brain, or a lesion in it, to one value (clipped at 1, 8-34%
+    of this brain read 1.0 in three of these eight cases)."""
+    from diffugts.training_data import anatomy_cases
+
+    head = _head(40)
+    ramp = np.broadcast_to(np.linspace(0.55, 0.97, 40, dtype=np.float32)[:, None, None], (40,) * 3)
+    bright = Anatomy(np.where(head.organs == 1, ramp, head.image).astype(np.float32), head.labels, head.organs,
+                     head.organ_names, "MR")
+    cases = anatomy_cases([bright], get_preset("tiny"), 8, 4, ["brain metastasis"], synth_probability=0.0)
+    for case in cases:
+        lesion = case.label > 0
+        brain = (case.image > 0.3) & ~lesion  # the skull reads 0.15 or less, air 0
+        assert lesion.any() and case.image.max() <= 1.0
+        assert (case.image[brain] >= 0.999).mean() < 0.05  # the brain is not saturated
+        assert case.image[lesion].mean() > np.median(case.image[brain])  # the bright lesion stays bright
