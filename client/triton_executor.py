@@ -54,6 +54,9 @@ class BlsClient:
                  root_certificates: str | None = None):
         self.transport = GrpcTransport(url, timeout_s, token=token, root_certificates=root_certificates)
         self.preset = remote_preset(self.transport)
+        # a repository exported before the loop reported notices has no such output
+        self.outputs = ["mask", "anomaly", "timings"] + [
+            o.name for o in self.transport.model_config(PIPELINE_MODEL).output if o.name == "notices"]
 
     def segment_volume(self, volume: Volume, target: str, modality: str | None = None,
                        options: LoopOptions | None = None) -> Segmentation:
@@ -67,11 +70,13 @@ class BlsClient:
             "seed": np.array([options.seed], np.int64),
             "crop": np.array([options.crop], bool),
         }
-        out = self.transport.infer(PIPELINE_MODEL, inputs, ["mask", "anomaly", "timings"])
+        out = self.transport.infer(PIPELINE_MODEL, inputs, self.outputs)
         timings = json.loads(out["timings"][0])
+        notices = tuple(json.loads(out["notices"][0])) if "notices" in out else ()
         used = (modality or "CT").upper()
         # the BLS model returns the mask and the anomaly map only: no probability, no healthy volume
-        return Segmentation(out["mask"], None, out["anomaly"], None, used, build_prompt_set(target, used), timings)
+        return Segmentation(out["mask"], None, out["anomaly"], None, used, build_prompt_set(target, used), timings,
+                            notices=notices)
 
     def close(self) -> None:
         self.transport.close()

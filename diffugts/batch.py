@@ -143,7 +143,8 @@ def write_outputs(out: Path, key: str, volume, seg, prompt: str, meta: dict,
             write_overlay(staging / f"{key}_overlay.png", volume.array, seg.mask, seg.anomaly,
                           title=f"{key}: {prompt} ({seg.modality})", modality=seg.modality, affine=volume.affine)
         (staging / f"{key}_timings.json").write_text(json.dumps(
-            {**meta, "seconds": seg.timings, "mask_voxels": int(seg.mask.sum())}, indent=2, default=float))
+            {**meta, "seconds": seg.timings, "mask_voxels": int(seg.mask.sum()), "notices": list(seg.notices)},
+            indent=2, default=float))
         outputs = {f.name: sha256_file(f) for f in sorted(staging.iterdir())}
         for name in outputs:
             os.replace(staging / name, out / name)
@@ -265,8 +266,10 @@ def run_batch(items: list[BatchItem], out: str | Path, pool: EndpointPool, model
             except InputError as exc:  # a series highdicom cannot derive a SEG from: nothing written
                 return finish(item, "failed", start, checksum=checksum, attempts=tries, error=str(exc))
             entry = finish(item, "done", start, checksum=checksum, outputs=outputs, endpoint=endpoint.url,
-                           attempts=tries, mask_voxels=int(seg.mask.sum()))
+                           attempts=tries, mask_voxels=int(seg.mask.sum()), notices=list(seg.notices))
             say(f"{item.input}: {entry['mask_voxels']} mask voxels -> {out / (item.key + '_mask.nii.gz')}", False)
+            for notice in seg.notices:
+                say(f"{item.input}: note: {notice}", False)
             return entry
         return finish(item, "failed", start, checksum=checksum, attempts=retries + 1,
                       error=f"{item.input}: failed {retries + 1} times; last: {errors[-1]}")

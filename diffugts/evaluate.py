@@ -74,7 +74,7 @@ def evaluate_dataset(executor, dataset_dir: str | Path, split: str = "test", lim
             seg = segment(executor, volume, entry["prompt"], entry.get("modality"), options)
             seconds = time.perf_counter() - start
             cases.append({"case": name, "prompt": entry["prompt"], **case_metrics(seg, label.array, volume.spacing),
-                          "seconds": seconds})
+                          "seconds": seconds, "notices": list(seg.notices)})
         except InputError as exc:
             errors.append(str(exc))
         if on_case:

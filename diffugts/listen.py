@@ -223,10 +223,13 @@ class Listener:
             sent = self._send(written["seg"]) if self.config.destination else None
         result = {"series_uid": series.series_uid, "description": series.description, "prompt": prompt,
                   "slices": len(series.files), "mask_voxels": int(seg.mask.sum()),
-                  "written": [str(p) for p in written.values()] if self.config.out else [], "sent_to": sent}
+                  "written": [str(p) for p in written.values()] if self.config.out else [], "sent_to": sent,
+                  "notices": list(seg.notices)}
         log.info("series %s ('%s', %d slices): '%s' -> %d mask voxels%s%s", series.series_uid,
                  series.description, len(series.files), prompt, result["mask_voxels"],
                  f" -> {written['seg']}" if self.config.out else "", f" -> sent to {sent}" if sent else "")
+        for notice in seg.notices:
+            log.warning("series %s: %s", series.series_uid, notice)
         return result
 
     def _send(self, path: Path) -> str:

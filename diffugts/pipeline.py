@@ -20,7 +20,7 @@ from .executors.base import StageExecutor
 from .io import Volume
 from .postprocess import mask_on_input_grid
 from .preprocess import guess_modality, resample, to_model_grid
-from .prompts import PromptSet, build_prompt_set
+from .prompts import PromptSet, build_prompt_set, normalize_target
 from .schedulers import make_sampler
 from .windows import sliding_window
 
@@ -92,6 +92,7 @@ class Segmentation:
     prompts: PromptSet
     timings: dict = field(default_factory=dict)
     inpainted_fraction: float = 0.0  # share of latent voxels the loop touched
+    notices: tuple[str, ...] = ()  # what a reader of the mask should know (see `loop_notices`)
 
 
 def sigmoid(x: np.ndarray) -> np.ndarray:
@@ -133,12 +134,16 @@ def refine_with_attention(anomaly: np.ndarray, attention: np.ndarray, steps: int
     return ((1.0 - weight) * anomaly + weight * fine).astype(np.float32)
 
 
+def flagged_latent(anomaly: np.ndarray, factor: int, threshold: float) -> np.ndarray:
+    """Latent voxels holding a pixel of the map over `threshold`."""
+    return block_reduce(anomaly > threshold, factor, np.max)
+
+
 def inpainting_mask(anomaly: np.ndarray, factor: int, threshold: float, dilation: int,
                     max_fraction: float = 1.0) -> np.ndarray:
-    """Latent voxels to inpaint: those holding a pixel of the map over `threshold`, dilated. Empty
-    when more than `max_fraction` of them are flagged before dilation (a map that marks most of the
-    window localizes nothing)."""
-    mask = block_reduce(anomaly > threshold, factor, np.max)
+    """Latent voxels to inpaint: the flagged ones, dilated. Empty when more than `max_fraction` of
+    them are flagged before dilation (a map that marks most of the window localizes nothing)."""
+    mask = flagged_latent(anomaly, factor, threshold)
     if mask.mean() > max_fraction:
         return np.zeros_like(mask)
     if dilation > 0 and mask.any():
@@ -217,6 +222,9 @@ def segment_patch(executor: StageExecutor, patch: np.ndarray, prompts: PromptSet
     with timings.stage("inpaint"):
         mask = inpainting_mask(anomaly, preset.latent_factor, preset.anomaly_threshold,
                                preset.mask_dilation, preset.inpaint_max_fraction)
+        if stats is not None:
+            share = float(flagged_latent(anomaly, preset.latent_factor, preset.anomaly_threshold).mean())
+            stats.setdefault("flagged_shares", []).append(share)
         if options.inpaint_also is not None:
             mask = mask | options.inpaint_also
         healthy = None  # x_h is x until something is inpainted
@@ -237,6 +245,21 @@ def segment_patch(executor: StageExecutor, patch: np.ndarray, prompts: PromptSet
     with timings.stage("score"):
         logits = executor.score(image, healthy, anomaly[None, None], encoded, prompts)
     return {"prob": sigmoid(logits[0, 0]), "anomaly": anomaly, "healthy": patch if healthy is None else healthy[0, 0]}
+
+
+def loop_notices(target: str, flagged_shares: list[float], max_fraction: float) -> tuple[str, ...]:
+    """Plain-language notes on a run that the mask alone does not show.
+
+    Today one: windows where the map flagged too much to inpaint (`Preset.inpaint_max_fraction`).
+    A prompt the model was not trained on can lift the map over the whole scan (model card, "A map
+    that flags everything"); the mask there rests on the map and the scan alone."""
+    gated = [s for s in flagged_shares if s > max_fraction]
+    if not gated:
+        return ()
+    return (f"the anomaly map for {target!r} flagged more than {max_fraction:.0%} of {len(gated)} of "
+            f"{len(flagged_shares)} windows (up to {max(gated):.0%}), so nothing was inpainted there: "
+            "a prompt unlike the trained ones can raise the map over the whole scan; read this mask "
+            "with care",)
 
 
 def segment_volume(executor: StageExecutor, volume: Volume, target: str, modality: str | None = None,
@@ -269,8 +292,9 @@ def segment_volume(executor: StageExecutor, volume: Volume, target: str, modalit
     def on_input_grid(name):
         return lambda: grid.to_input_grid(blended[name])
 
+    notices = loop_notices(normalize_target(target), stats.get("flagged_shares", []), preset.inpaint_max_fraction)
     return Segmentation(mask, on_input_grid("prob"), on_input_grid("anomaly"), on_input_grid("healthy"),
-                        modality, prompts, dict(timings), fraction)
+                        modality, prompts, dict(timings), fraction, notices)
 
 
 def run_segmentation(executor, volume: Volume, target: str, modality: str | None = None,

@@ -165,6 +165,20 @@ def test_segment_volume_skips_inpainting_where_the_map_flags_too_much(torch_exec
     np.testing.assert_array_equal(segs[0.5].healthy, scan)
     assert not np.array_equal(segs[1.0].healthy, scan)
     assert not np.array_equal(segs[0.5].probability, segs[1.0].probability)
+    # the reader is told (one window, every latent voxel flagged); a run that inpainted is not
+    assert segs[1.0].notices == ()
+    assert segs[0.5].notices == ("the anomaly map for 'liver cyst' flagged more than 50% of 1 of 1 windows (up to "
+                                 "100%), so nothing was inpainted there: a prompt unlike the trained ones can raise "
+                                 "the map over the whole scan; read this mask with care",)
+
+
+def test_loop_notices_count_the_gated_windows_only():
+    from diffugts.pipeline import loop_notices
+
+    assert loop_notices("brain tumor", [0.0, 0.05, 0.15], 0.15) == ()  # at the limit is not over it
+    assert loop_notices("brain tumor", [], 0.15) == ()
+    (notice,) = loop_notices("brain abscess", [0.02, 0.31, 0.4, 0.1], 0.15)
+    assert notice.startswith("the anomaly map for 'brain abscess' flagged more than 15% of 2 of 4 windows (up to 40%)")
 
 
 def test_pseudo_healthy_is_the_scan_plus_the_inpainting_change(torch_executor):

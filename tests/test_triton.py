@@ -82,6 +82,7 @@ def test_masks_agree_with_torch(backend, triton_server, tiny_repository, unseen,
         assert dice(seg.mask, ref.mask) >= 0.99
         assert relative(seg.anomaly, ref.anomaly) < 1e-3
         assert seg.timings["total"] > 0 and "inpaint" in seg.timings
+        assert seg.notices == ref.notices
     if hasattr(executor, "close"):
         executor.close()
 
@@ -130,6 +131,31 @@ def test_client_runs_where_torch_cannot_be_imported(triton_server, phantom_dir, 
     assert (tmp_path / "case_002_mask.nii.gz").is_file()
     timings = json.loads((tmp_path / "case_002_timings.json").read_text())
     assert timings["backend"] == "triton" and timings["seconds"]["inpaint"] >= 0
+    assert timings["notices"] == []  # the tiny preset never skips inpainting
+
+
+def test_the_in_server_loop_reports_where_it_skipped_inpainting(tiny_repository, torch_executor, unseen, tmp_path):
+    """The notice is made by the loop in the server and travels back with the mask (BLS)."""
+    import copy
+    import shutil
+
+    from diffugts.export.repository import pipeline_config
+    from diffugts.serve import TritonServer
+
+    gated = torch_executor.preset.with_(anomaly_threshold=-1.0, inpaint_max_fraction=0.5)  # every voxel flagged
+    repository = shutil.copytree(tiny_repository, tmp_path / "model_repository")
+    (repository / "diffugts_pipeline" / "config.pbtxt").write_text(pipeline_config(gated))
+    volume = unseen[0][0]
+    eager_executor = copy.copy(torch_executor)  # the same networks, the loop settings of `gated`
+    eager_executor.preset = gated
+    eager = segment_volume(eager_executor, volume, "pancreas tumor")
+    assert len(eager.notices) == 1 and "flagged more than 50%" in eager.notices[0]
+    with TritonServer(repository, grpc_port=0, http_port=0, metrics_port=0, log_path=tmp_path / "gate.log") as server:
+        client = BlsClient(server.grpc_url)
+        served = client.segment_volume(volume, "pancreas tumor")
+        client.close()
+    assert served.notices == eager.notices
+    assert dice(served.mask, eager.mask) >= 0.99 or not (served.mask.any() or eager.mask.any())
 
 
 def test_killed_server_gives_a_clear_error_not_a_hang(tiny_repository, unseen, tmp_path):

@@ -49,7 +49,8 @@ class TritonPythonModel:
         seg = segment_volume(self.executor, volume, _text(request, "prompt"), modality, options)
         return [pb_utils.Tensor("mask", seg.mask.astype(np.uint8)),
                 pb_utils.Tensor("anomaly", seg.anomaly.astype(np.float32)),
-                pb_utils.Tensor("timings", np.array([json.dumps(seg.timings).encode()], dtype=np.object_))]
+                pb_utils.Tensor("timings", np.array([json.dumps(seg.timings).encode()], dtype=np.object_)),
+                pb_utils.Tensor("notices", np.array([json.dumps(list(seg.notices)).encode()], dtype=np.object_))]
 
     def execute(self, requests):
         responses = []
