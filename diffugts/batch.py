@@ -140,8 +140,9 @@ def write_outputs(out: Path, key: str, volume, seg, prompt: str, meta: dict,
         identity = algorithm_of(model or {}) if spec.format != "nifti" else None
         save_outputs(staging, key, volume, seg, prompt, spec.format, identity, spec.anomaly_map_dicom)
         with _plot_lock:
+            note = "\nnote: the map flagged too much to inpaint (see notices)" if seg.notices else ""
             write_overlay(staging / f"{key}_overlay.png", volume.array, seg.mask, seg.anomaly,
-                          title=f"{key}: {prompt} ({seg.modality})", modality=seg.modality, affine=volume.affine)
+                          title=f"{key}: {prompt} ({seg.modality}){note}", modality=seg.modality, affine=volume.affine)
         (staging / f"{key}_timings.json").write_text(json.dumps(
             {**meta, "seconds": seg.timings, "mask_voxels": int(seg.mask.sum()), "notices": list(seg.notices)},
             indent=2, default=float))
