@@ -22,20 +22,6 @@ LESION_WORDS = (
     "nodule", "nodules", "cyst", "cysts", "metastasis", "metastases", "neoplasm", "malignancy",
 )
 MAX_PROMPT_CHARS = 200
-# Organs a target may name, with their plurals and adjectives: the normal prompts describe the
-# organ ("healthy brain"), not the finding ("healthy brain abscess" was what the old parse gave).
-ORGAN_WORDS = {
-    **{organ: organ for organ in (
-        "brain", "liver", "kidney", "lung", "pancreas", "spleen", "bone", "breast", "prostate", "colon",
-        "rectum", "bladder", "stomach", "thyroid", "adrenal", "gallbladder", "esophagus", "oesophagus",
-        "bowel", "heart", "uterus", "ovary", "cervix", "skin", "muscle", "spine", "head", "neck")},
-    "kidneys": "kidney", "lungs": "lung", "bones": "bone", "breasts": "breast", "ovaries": "ovary",
-    "intracranial": "brain", "cerebral": "brain", "cranial": "brain", "hepatic": "liver",
-    "renal": "kidney", "pulmonary": "lung", "pancreatic": "pancreas", "splenic": "spleen",
-    "osseous": "bone", "prostatic": "prostate", "colonic": "colon", "rectal": "rectum", "gastric": "stomach",
-    "vesical": "bladder", "thyroidal": "thyroid", "esophageal": "esophagus", "oesophageal": "oesophagus",
-    "mammary": "breast", "cardiac": "heart", "uterine": "uterus", "ovarian": "ovary", "spinal": "spine",
-}
 
 
 def normalize_target(target: str) -> str:
@@ -50,14 +36,9 @@ def normalize_target(target: str) -> str:
 
 
 def organ_of(target: str) -> str:
-    """The organ the target names: 'kidney tumor' -> 'kidney', 'brain abscess' -> 'brain', 'renal
-    mass' -> 'kidney'. A target naming no organ keeps its words other than lesion words ('glioma'
-    -> 'glioma', as the shipped weights were trained), or 'tissue' when only lesion words are given."""
-    words = re.findall(r"[A-Za-z]+", target.lower())
-    organs = [ORGAN_WORDS[w] for w in words if w in ORGAN_WORDS]
-    if organs:
-        return organs[0]
-    return " ".join(w for w in words if w not in LESION_WORDS) or "tissue"
+    """'kidney tumor' -> 'kidney'; falls back to 'tissue' when only lesion words are given."""
+    words = [w for w in re.findall(r"[A-Za-z]+", target.lower()) if w not in LESION_WORDS]
+    return " ".join(words) or "tissue"
 
 
 @dataclass(frozen=True)
