@@ -36,7 +36,11 @@ def normalize_target(target: str) -> str:
 
 
 def organ_of(target: str) -> str:
-    """'kidney tumor' -> 'kidney'; falls back to 'tissue' when only lesion words are given."""
+    """'kidney tumor' -> 'kidney'; falls back to 'tissue' when only lesion words are given.
+
+    Words that are not lesion words stay, so 'brain abscess' gives 'healthy brain abscess': naming
+    the organ alone ('healthy brain') was tested on fresh unseen cases and did not pass (abscess up,
+    hemorrhage and the map's AUROC down; benchmarks/results/trial_prompt_organ_unseen3033.json)."""
     words = [w for w in re.findall(r"[A-Za-z]+", target.lower()) if w not in LESION_WORDS]
     return " ".join(words) or "tissue"
 
