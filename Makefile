@@ -92,6 +92,9 @@ calibrate: $(STAMP) corpus-sources
 # TRAIN_FROM is the file (1) starts from: the shipped file's history used the file before it
 # (`git show 701ffb2:diffugts/weights/demo.safetensors`); from the bundled (joined) file a run
 # starts from its first member. Resumable: rerun with more --head-steps (loop outputs are cached).
+# The shipped heads' cases came from the generator before 2026-11-30, which clipped MR at 1 before its
+# 99.5th-percentile rescale (model card, "The generator's MR ceiling"); this recipe now draws them
+# without that ceiling, so its loop outputs differ from the shipped file's in those MR cases.
 TRAIN_FROM ?= diffugts/weights/demo.safetensors
 TRAIN_HEADS := $(VENV)/bin/diffugts train heads --corpus train_work/corpus --aova-steps 0 --anatomy-volumes 320 \
   --cases 136 --head-crop 48
