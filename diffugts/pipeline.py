@@ -139,16 +139,21 @@ def flagged_latent(anomaly: np.ndarray, factor: int, threshold: float) -> np.nda
     return block_reduce(anomaly > threshold, factor, np.max)
 
 
+def dilated_unless_flooded(flagged: np.ndarray, dilation: int, max_fraction: float = 1.0) -> np.ndarray:
+    """The flagged latent voxels, dilated. Empty when more than `max_fraction` of them are flagged
+    before dilation (a map that marks most of the window localizes nothing)."""
+    if flagged.mean() > max_fraction:
+        return np.zeros_like(flagged)
+    if dilation > 0 and flagged.any():
+        return ndimage.binary_dilation(flagged, iterations=dilation)
+    return flagged
+
+
 def inpainting_mask(anomaly: np.ndarray, factor: int, threshold: float, dilation: int,
                     max_fraction: float = 1.0) -> np.ndarray:
-    """Latent voxels to inpaint: the flagged ones, dilated. Empty when more than `max_fraction` of
-    them are flagged before dilation (a map that marks most of the window localizes nothing)."""
-    mask = flagged_latent(anomaly, factor, threshold)
-    if mask.mean() > max_fraction:
-        return np.zeros_like(mask)
-    if dilation > 0 and mask.any():
-        mask = ndimage.binary_dilation(mask, iterations=dilation)
-    return mask
+    """Latent voxels to inpaint: those holding a pixel of the map over `threshold`, dilated, unless
+    more than `max_fraction` of them are flagged."""
+    return dilated_unless_flooded(flagged_latent(anomaly, factor, threshold), dilation, max_fraction)
 
 
 def crop_box(mask: np.ndarray, margin: int, multiple: int) -> tuple[slice, ...]:
@@ -220,11 +225,10 @@ def segment_patch(executor: StageExecutor, patch: np.ndarray, prompts: PromptSet
         return {"prob": anomaly, "anomaly": anomaly, "healthy": patch}
 
     with timings.stage("inpaint"):
-        mask = inpainting_mask(anomaly, preset.latent_factor, preset.anomaly_threshold,
-                               preset.mask_dilation, preset.inpaint_max_fraction)
+        flagged = flagged_latent(anomaly, preset.latent_factor, preset.anomaly_threshold)
+        mask = dilated_unless_flooded(flagged, preset.mask_dilation, preset.inpaint_max_fraction)
         if stats is not None:
-            share = float(flagged_latent(anomaly, preset.latent_factor, preset.anomaly_threshold).mean())
-            stats.setdefault("flagged_shares", []).append(share)
+            stats.setdefault("flagged_shares", []).append(float(flagged.mean()))
         if options.inpaint_also is not None:
             mask = mask | options.inpaint_also
         healthy = None  # x_h is x until something is inpainted
