@@ -288,6 +288,18 @@ def cmd_join_heads(args) -> int:
     return 0
 
 
+def cmd_paraphrases(args) -> int:
+    from .paraphrases import fit_paraphrase_projection
+
+    try:
+        report = fit_paraphrase_projection(Path(args.weights), Path(args.out), args.preset, args.l2, args.steps)
+    except (ValueError, InputError) as exc:
+        fail(str(exc))
+        return 2
+    print(json.dumps(report, indent=2))
+    return 0
+
+
 def cmd_lesions(args) -> int:
     from rich.progress import Progress
 
@@ -532,6 +544,15 @@ def build_parser() -> argparse.ArgumentParser:
                    help="mirrorings each member averages, 1-8 (default: the first file's; two members on 4 "
                         "cost what one head on 8 does)")
     p.set_defaults(func=cmd_join_heads)
+
+    p = sub.add_parser("paraphrases", help="fit the prompt projection so that paraphrases of the seen prompts "
+                                           "read as the seen prompt (no images; seen prompts unchanged)")
+    p.add_argument("weights", help="a weights file")
+    p.add_argument("--out", required=True, help="the weights file with the fitted projection")
+    p.add_argument("--preset", default="demo")
+    p.add_argument("--l2", type=float, default=1e-4, help="penalty on the projection's change")
+    p.add_argument("--steps", type=int, default=4000)
+    p.set_defaults(func=cmd_paraphrases)
 
     p = sub.add_parser("lesions", help="real anatomy with synthesized lesions, as an MSD test set (evaluation)")
     p.add_argument("--corpus", required=True, help="a corpus written by `diffugts corpus`")
