@@ -89,6 +89,8 @@ calibrate: $(STAMP) corpus-sources
 # phantoms), 5000 steps, then resumed to 20000 (the cosine schedule restarts over the new total).
 # (2) v17, "small lesions": (1) fine-tuned with tissue-class contrasts, crops drawn by lesion size
 # and a Dice per lesion, 8000 -> 16000 -> 24000 steps. (3) join-heads, each member on 4 mirrorings.
+# (4) paraphrases: the prompt projection fit so that other wordings of the seen prompts read as
+# the seen prompt (model card, "Paraphrases"; no images, seconds).
 # TRAIN_FROM is the file (1) starts from: the shipped file's history used the file before it
 # (`git show 701ffb2:diffugts/weights/demo.safetensors`); from the bundled (joined) file a run
 # starts from its first member. Resumable: rerun with more --head-steps (loop outputs are cached).
@@ -107,7 +109,8 @@ train: $(STAMP) corpus-sources
 	  $(TRAIN_HEADS) --work train_work/v17 --backbone train_work/v14/demo.safetensors $(SMALL_LESIONS) --head-steps $$steps; \
 	done
 	$(VENV)/bin/diffugts join-heads train_work/v14/demo.safetensors train_work/v17/demo.safetensors --mirrors 4 \
-	  --out train_work/demo.safetensors
+	  --out train_work/joined.safetensors
+	$(VENV)/bin/diffugts paraphrases train_work/joined.safetensors --out train_work/demo.safetensors
 
 # Triton's perf_analyzer (tritonclient 2.40.0's wheel, libb64 from Debian, libcudart from PyPI) under
 # .tools/; optional: where it cannot be installed, the bench says so and uses its own load generator.
