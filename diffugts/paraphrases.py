@@ -79,6 +79,7 @@ def fit_paraphrase_projection(weights: str | Path, out: str | Path, preset_name:
     """Write `weights` with the projection fit to the paraphrases to `out`; report the cosines."""
     from .models import build_models
     from .models.weights import load_weights, save_weights
+    from .train import _progress
 
     _check_lists()
     torch.manual_seed(0)
@@ -107,12 +108,15 @@ def fit_paraphrase_projection(weights: str | Path, out: str | Path, preset_name:
     source, target, start = cosines(TRAINING, before)
     change = torch.zeros_like(before, requires_grad=True)
     optimizer = torch.optim.Adam([change], lr=lr)
-    for _ in range(steps):
-        delta = change @ outside_seen
-        loss = 1 - (project(before + delta, source) * target).sum(-1).mean() + l2 * delta.pow(2).sum()
-        optimizer.zero_grad()
-        loss.backward()
-        optimizer.step()
+    progress, task = _progress(steps, "paraphrases")
+    with progress:
+        for _ in range(steps):
+            delta = change @ outside_seen
+            loss = 1 - (project(before + delta, source) * target).sum(-1).mean() + l2 * delta.pow(2).sum()
+            optimizer.zero_grad()
+            loss.backward()
+            optimizer.step()
+            progress.update(task, advance=1, loss=f"loss {float(loss):.4f}")
     after = (before + change.detach() @ outside_seen)
     with torch.no_grad():
         linear.weight.copy_(after)
