@@ -22,6 +22,16 @@ LESION_WORDS = (
     "nodule", "nodules", "cyst", "cysts", "metastasis", "metastases", "neoplasm", "malignancy",
 )
 MAX_PROMPT_CHARS = 200
+# The text encoder reads clinical abbreviations as unknown word pieces ("RCC" projected 0.68 of
+# the way to "kidney tumor", "NSCLC" 0.78; the paraphrase fit cannot reach words it never saw), so
+# the model reads them spelt out. Only unambiguous ones; the user's wording is kept everywhere else.
+ABBREVIATIONS = {
+    "rcc": "renal cell carcinoma", "ccrcc": "clear cell renal cell carcinoma", "hcc": "hepatocellular carcinoma",
+    "nsclc": "non-small cell lung cancer", "sclc": "small cell lung cancer", "gbm": "glioblastoma",
+    "hgg": "high-grade glioma", "lgg": "low-grade glioma", "ich": "intracranial hemorrhage",
+    "sah": "subarachnoid hemorrhage", "sdh": "subdural hematoma", "edh": "epidural hematoma",
+    "pdac": "pancreatic ductal adenocarcinoma", "mets": "metastases",
+}
 
 
 def normalize_target(target: str) -> str:
@@ -33,6 +43,11 @@ def normalize_target(target: str) -> str:
     if not re.search(r"[A-Za-z]", text):
         raise ValueError(f"the prompt {target!r} has no words")
     return text
+
+
+def spelt_out(target: str) -> str:
+    """'RCC' -> 'renal cell carcinoma': whole words of `ABBREVIATIONS`, any case."""
+    return re.sub(r"[A-Za-z]+", lambda m: ABBREVIATIONS.get(m.group(0).lower(), m.group(0)), target)
 
 
 def organ_of(target: str) -> str:
@@ -56,7 +71,7 @@ class PromptSet:
 
 
 def build_prompt_set(target: str, modality: str = "CT") -> PromptSet:
-    target = normalize_target(target)
+    target = spelt_out(normalize_target(target))
     modality = modality.upper()
     if modality not in ("CT", "MR"):
         raise ValueError(f"modality must be CT or MR, got {modality!r}")

@@ -9,7 +9,7 @@ import pytest
 from diffugts.io import read_volume
 from diffugts.pipeline import (LoopOptions, crop_box, inpaint_latent, inpainting_mask,
                                refine_with_attention, segment_volume)
-from diffugts.prompts import build_prompt_set, organ_of
+from diffugts.prompts import build_prompt_set, organ_of, spelt_out
 from diffugts.schedulers import make_sampler
 
 BLOCK_TORCH = "import sys; sys.modules['torch'] = None; "
@@ -37,6 +37,16 @@ def test_prompt_sets():
         build_prompt_set("   ")
     with pytest.raises(ValueError, match="modality"):
         build_prompt_set("liver tumor", "PET")
+
+
+def test_clinical_abbreviations_are_read_spelt_out_and_nothing_else_moves():
+    assert build_prompt_set("RCC", "CT") == build_prompt_set("renal cell carcinoma", "CT")
+    assert build_prompt_set("left ccRCC", "CT").texts[4] == "left clear cell renal cell carcinoma"
+    assert build_prompt_set("Gbm", "MR") == build_prompt_set("glioblastoma", "MR")
+    # whole words only, and every trained prompt as it was
+    assert build_prompt_set("rich gbmx lesion", "MR").texts[4] == "rich gbmx lesion"
+    for target in ("kidney tumor", "liver tumor", "lung nodule", "brain tumor", "glioma", "brain cyst"):
+        assert spelt_out(target) == target
 
 
 def test_attention_refinement_known_answers(rng):
