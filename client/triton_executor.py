@@ -18,8 +18,9 @@ from .transports import GrpcTransport
 PIPELINE_MODEL = "diffugts_pipeline"
 
 
-def remote_preset(transport: GrpcTransport) -> Preset:
-    config = transport.model_config(PIPELINE_MODEL)
+def remote_preset(transport: GrpcTransport, config=None) -> Preset:
+    """The preset the pipeline model serves (from its config, read here unless given)."""
+    config = config or transport.model_config(PIPELINE_MODEL)
     return Preset.from_dict(json.loads(config.parameters["preset"].string_value))
 
 
@@ -53,10 +54,10 @@ class BlsClient:
     def __init__(self, url: str = "127.0.0.1:8001", timeout_s: float = 600.0, token: str | None = None,
                  root_certificates: str | None = None):
         self.transport = GrpcTransport(url, timeout_s, token=token, root_certificates=root_certificates)
-        self.preset = remote_preset(self.transport)
+        config = self.transport.model_config(PIPELINE_MODEL)
+        self.preset = remote_preset(self.transport, config)
         # a repository exported before the loop reported notices has no such output
-        self.outputs = ["mask", "anomaly", "timings"] + [
-            o.name for o in self.transport.model_config(PIPELINE_MODEL).output if o.name == "notices"]
+        self.outputs = ["mask", "anomaly", "timings"] + [o.name for o in config.output if o.name == "notices"]
 
     def segment_volume(self, volume: Volume, target: str, modality: str | None = None,
                        options: LoopOptions | None = None) -> Segmentation:
