@@ -57,12 +57,6 @@ class Preset:
     # such a map localizes nothing (an unseen prompt can lift it over a whole organ), and a
     # pseudo-healthy image of most of the window is what the head then fires on. 1.0: never skip
     inpaint_max_fraction: float = 1.0
-    # a window whose raw AOVA map has its median over the body (the patch above 0.05) over this
-    # sits above every level training produced (a prompt unlike the trained ones lifts the whole
-    # map): the map is re-centred there, by one logit shift, to `map_level_reference`, so the head
-    # reads a map at a level it knows, and the window is not inpainted. 1.0: never
-    map_level_ceiling: float = 1.0
-    map_level_reference: float = 0.03
     mask_dilation: int = 1  # latent voxels
     crop_margin: int = 2  # latent voxels of context around the mask's bounding box
     affinity_steps: int = 2  # k in M <- normalize(A^k M)
@@ -132,9 +126,6 @@ PRESETS: dict[str, Preset] = {
         # the seen sets' maps flag at most 7.9% of a window's latent voxels (256 cases); an unseen
         # prompt's map can flag 27-33% (model card, "A map that flags everything")
         inpaint_max_fraction=0.15,
-        # the seen sets' raw maps (256 cases, seeds 80-81): body median at most 0.146 in any
-        # window, 0.0275 in the median case
-        map_level_ceiling=0.2, map_level_reference=0.03,
         # drops 2-4 voxel specks at 3 mm; on the seen sets 0-200 mm^3 are within 0.001 of each other
         min_component_mm3=200.0,
         weights="demo.safetensors",

@@ -11,7 +11,7 @@ import time
 from collections import defaultdict
 from collections.abc import Callable
 from contextlib import contextmanager
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field
 
 import numpy as np
 from scipy import ndimage
@@ -134,19 +134,6 @@ def refine_with_attention(anomaly: np.ndarray, attention: np.ndarray, steps: int
     return ((1.0 - weight) * anomaly + weight * fine).astype(np.float32)
 
 
-def body_median(anomaly: np.ndarray, patch: np.ndarray) -> float:
-    """The map's median over the body (the patch above 0.05); 0 for a window of air."""
-    body = patch > 0.05
-    return float(np.median(anomaly[body])) if body.any() else 0.0
-
-
-def recentred(anomaly: np.ndarray, level: float, reference: float) -> np.ndarray:
-    """The map with its logit shifted so that `level` becomes `reference`: the ranking is kept."""
-    eps = 1e-6
-    logit = lambda p: np.log(np.clip(p, eps, 1 - eps)) - np.log(np.clip(1 - p, eps, 1 - eps))  # noqa: E731
-    return sigmoid(logit(anomaly) + (logit(reference) - logit(level)))
-
-
 def flagged_latent(anomaly: np.ndarray, factor: int, threshold: float) -> np.ndarray:
     """Latent voxels holding a pixel of the map over `threshold`."""
     return block_reduce(anomaly > threshold, factor, np.max)
@@ -224,12 +211,6 @@ def segment_patch(executor: StageExecutor, patch: np.ndarray, prompts: PromptSet
 
     with timings.stage("encode"):
         encoded = executor.encode(image, prompts)
-    level = body_median(encoded.anomaly[0, 0], patch)
-    lifted = level > preset.map_level_ceiling
-    if lifted:
-        encoded = replace(encoded, anomaly=recentred(encoded.anomaly, level, preset.map_level_reference))
-    if stats is not None:
-        stats.setdefault("lifted_levels", []).append(level if lifted else None)
     if options.ablation == "aova":
         return {"prob": encoded.anomaly[0, 0], "anomaly": encoded.anomaly[0, 0], "healthy": patch}
     latent = encoded.latent * preset.scale_factor
@@ -246,8 +227,6 @@ def segment_patch(executor: StageExecutor, patch: np.ndarray, prompts: PromptSet
     with timings.stage("inpaint"):
         flagged = flagged_latent(anomaly, preset.latent_factor, preset.anomaly_threshold)
         mask = dilated_unless_flooded(flagged, preset.mask_dilation, preset.inpaint_max_fraction)
-        if lifted:
-            mask = np.zeros_like(mask)
         if stats is not None:
             stats.setdefault("flagged_shares", []).append(float(flagged.mean()))
         if options.inpaint_also is not None:
@@ -272,28 +251,19 @@ def segment_patch(executor: StageExecutor, patch: np.ndarray, prompts: PromptSet
     return {"prob": sigmoid(logits[0, 0]), "anomaly": anomaly, "healthy": patch if healthy is None else healthy[0, 0]}
 
 
-def loop_notices(target: str, flagged_shares: list[float], max_fraction: float,
-                 lifted_levels: list[float | None] = (), ceiling: float = 1.0) -> tuple[str, ...]:
+def loop_notices(target: str, flagged_shares: list[float], max_fraction: float) -> tuple[str, ...]:
     """Plain-language notes on a run that the mask alone does not show.
 
-    Windows where the map sat above every trained level (`Preset.map_level_ceiling`: re-centred,
-    not inpainted), and windows where it flagged too much to inpaint (`Preset.inpaint_max_fraction`).
+    Today one: windows where the map flagged too much to inpaint (`Preset.inpaint_max_fraction`).
     A prompt the model was not trained on can lift the map over the whole scan (model card, "A map
     that flags everything"); the mask there rests on the map and the scan alone."""
-    notices = []
-    lifted = [v for v in lifted_levels if v is not None]
-    if lifted:
-        notices.append(f"the anomaly map for {target!r} sat above every level seen in training in {len(lifted)} of "
-                       f"{len(lifted_levels)} windows (median over the body up to {max(lifted):.2f}, trained at most "
-                       f"{ceiling:.2f}), so it was re-centred there and nothing was inpainted: a prompt unlike the "
-                       "trained ones can raise the map over the whole scan; read this mask with care")
     gated = [s for s in flagged_shares if s > max_fraction]
-    if gated:
-        notices.append(f"the anomaly map for {target!r} flagged more than {max_fraction:.0%} of {len(gated)} of "
-                       f"{len(flagged_shares)} windows (up to {max(gated):.0%}), so nothing was inpainted there: "
-                       "a prompt unlike the trained ones can raise the map over the whole scan; read this mask "
-                       "with care")
-    return tuple(notices)
+    if not gated:
+        return ()
+    return (f"the anomaly map for {target!r} flagged more than {max_fraction:.0%} of {len(gated)} of "
+            f"{len(flagged_shares)} windows (up to {max(gated):.0%}), so nothing was inpainted there: "
+            "a prompt unlike the trained ones can raise the map over the whole scan; read this mask "
+            "with care",)
 
 
 def segment_volume(executor: StageExecutor, volume: Volume, target: str, modality: str | None = None,
@@ -326,8 +296,7 @@ def segment_volume(executor: StageExecutor, volume: Volume, target: str, modalit
     def on_input_grid(name):
         return lambda: grid.to_input_grid(blended[name])
 
-    notices = loop_notices(normalize_target(target), stats.get("flagged_shares", []), preset.inpaint_max_fraction,
-                           stats.get("lifted_levels", []), preset.map_level_ceiling)
+    notices = loop_notices(normalize_target(target), stats.get("flagged_shares", []), preset.inpaint_max_fraction)
     return Segmentation(mask, on_input_grid("prob"), on_input_grid("anomaly"), on_input_grid("healthy"),
                         modality, prompts, dict(timings), fraction, notices)
 
