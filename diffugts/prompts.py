@@ -22,8 +22,8 @@ LESION_WORDS = (
     "nodule", "nodules", "cyst", "cysts", "metastasis", "metastases", "neoplasm", "malignancy",
 )
 MAX_PROMPT_CHARS = 200
-# The text encoder reads clinical abbreviations as unknown word pieces ("RCC" projected 0.68 of
-# the way to "kidney tumor", "NSCLC" 0.78; the paraphrase fit cannot reach words it never saw), so
+# The text encoder reads clinical abbreviations as unknown word pieces ("RCC" projected at cosine
+# 0.68 to "kidney tumor", 0.46 after the paraphrase fit, which cannot reach words it never saw), so
 # the model reads them spelt out. Only unambiguous ones; the user's wording is kept everywhere else.
 ABBREVIATIONS = {
     "rcc": "renal cell carcinoma", "ccrcc": "clear cell renal cell carcinoma", "hcc": "hepatocellular carcinoma",
