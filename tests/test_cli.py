@@ -85,6 +85,13 @@ def test_bad_prompt_or_weights(phantom_dir, tmp_path, capsys, argv, message):
     assert not out.exists() or not any(out.iterdir())
 
 
+def test_paraphrases_refuses_a_missing_weights_file_and_writes_nothing(tmp_path, capsys):
+    out = tmp_path / "fit.safetensors"
+    code, _, err = run(capsys, "paraphrases", tmp_path / "nowhere.safetensors", "--out", out, "--preset", "tiny")
+    assert code == 2 and "nowhere.safetensors: weights file not found" in err and "Traceback" not in err
+    assert not out.exists()
+
+
 def test_evaluate_reports_cases_and_means(phantom_dir, tmp_path, capsys):
     result_path = tmp_path / "eval.json"
     code, out, _ = run(capsys, "evaluate", phantom_dir, "--out", result_path, "--preset", "tiny", "--limit", 2)
