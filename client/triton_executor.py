@@ -20,7 +20,7 @@ PIPELINE_MODEL = "diffugts_pipeline"
 
 def remote_preset(transport: GrpcTransport, config=None) -> Preset:
     """The preset the pipeline model serves (from its config, read here unless given)."""
-    config = config or transport.model_config(PIPELINE_MODEL)
+    config = transport.model_config(PIPELINE_MODEL) if config is None else config
     return Preset.from_dict(json.loads(config.parameters["preset"].string_value))
 
 

@@ -97,15 +97,20 @@ def fit_paraphrase_projection(weights: str | Path, out: str | Path, preset_name:
         return F.normalize(sentences @ weight.T + bias, dim=-1)
 
     seen_texts = sorted({t for target, m in seen_prompt_sets() for t in build_prompt_set(target, m).texts})
-    basis, _ = torch.linalg.qr(embed(seen_texts).T)
+    seen = embed(seen_texts)
+    basis, _ = torch.linalg.qr(seen.T)
     outside_seen = torch.eye(basis.shape[0]) - basis @ basis.T
 
-    def cosines(table, weight):
+    def embedded_pairs(table):
+        """(paraphrase sentences, the seen prompt each should read as, projected as before the fit)"""
         pairs = paraphrase_pairs(table)
-        source, target = embed([a for a, _ in pairs]), embed([b for _, b in pairs])
-        return source, project(before, target), float((project(weight, source) * project(before, target)).sum(-1).mean())
+        return embed([a for a, _ in pairs]), project(before, embed([b for _, b in pairs]))
 
-    source, target, start = cosines(TRAINING, before)
+    def mean_cosine(weight, sentences, target) -> float:
+        return float((project(weight, sentences) * target).sum(-1).mean())
+
+    source, target = embedded_pairs(TRAINING)
+    validation = embedded_pairs(VALIDATION)
     change = torch.zeros_like(before, requires_grad=True)
     optimizer = torch.optim.Adam([change], lr=lr)
     progress, task = _progress(steps, "paraphrases")
@@ -117,14 +122,13 @@ def fit_paraphrase_projection(weights: str | Path, out: str | Path, preset_name:
             loss.backward()
             optimizer.step()
             progress.update(task, advance=1, loss=f"loss {float(loss):.4f}")
-    after = (before + change.detach() @ outside_seen)
+    after = before + change.detach() @ outside_seen
     with torch.no_grad():
         linear.weight.copy_(after)
     report = {"l2": l2, "steps": steps, "training_pairs": len(source),
-              "cosine_training": [start, cosines(TRAINING, after)[2]],
-              "cosine_validation": [cosines(VALIDATION, before)[2], cosines(VALIDATION, after)[2]],
-              "seen_texts_lowest_cosine_to_before": float((project(after, embed(seen_texts)) *
-                                                           project(before, embed(seen_texts))).sum(-1).min())}
+              "cosine_training": [mean_cosine(before, source, target), mean_cosine(after, source, target)],
+              "cosine_validation": [mean_cosine(before, *validation), mean_cosine(after, *validation)],
+              "seen_texts_lowest_cosine_to_before": float((project(after, seen) * project(before, seen)).sum(-1).min())}
     models.eval()
     save_weights(models, out, half=True, metadata={k: v for k, v in metadata.items() if k != "preset"})
     report["weights"] = str(out)
