@@ -253,7 +253,7 @@ def cmd_train(args) -> int:
 
     work = Path(args.work)
     sources = train.Sources(Path(args.corpus) if args.corpus else None, Path(args.dataset) if args.dataset else None,
-                            args.anatomy_volumes, args.device, args.amp)
+                            args.anatomy_volumes, args.device, args.amp, args.anatomy_modalities)
     try:
         if args.phase == "snapshot":
             report = train.weights_from_checkpoints(args.preset, work, Path(args.backbone) if args.backbone else None,
@@ -528,6 +528,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--dataset", default=None,
                    help="your MSD dataset: healthy images (backbone); images + labels + prompt (heads)")
     p.add_argument("--anatomy-volumes", type=int, default=96, help="randomized corpus patches / lesion cases")
+    p.add_argument("--anatomy-modalities", choices=("corpus", "balanced"), default="corpus",
+                   help="heads: lesion cases drawn from the corpus's volumes alike (its mix: one head CT, six "
+                        "brains on MR), or a modality first and then one of its volumes")
     p.add_argument("--init", default=None, help="backbone: start from these weights when no checkpoint exists")
     p.add_argument("--backbone", default=None,
                    help="heads: weights to start from (default WORK/backbone.safetensors); a file that also "

@@ -125,6 +125,7 @@ class Sources:
     anatomy_volumes: int = 96  # randomized corpus patches (backbone) / lesion cases (heads)
     device: str = "cpu"
     amp: bool = False  # bfloat16 autocast on the device
+    modalities: str = "corpus"  # heads: anatomy volumes drawn as the corpus holds them, or per modality
 
     @property
     def autocast(self) -> str | None:
@@ -393,7 +394,7 @@ def head_cases(preset, n_phantoms: int, seed: int, sources: Sources, contrast=(0
         with progress:
             cases += anatomy_cases(anatomies, preset, sources.anatomy_volumes, seed + 2, list(SEEN_KINDS),
                                    healthy_fraction=0.1, progress=lambda: progress.update(task, advance=1),
-                                   synth_labels=synth_labels)
+                                   synth_labels=synth_labels, modalities=sources.modalities)
     if sources.dataset:
         cases += dataset_cases(sources.dataset, preset, need_labels=True, rng=np.random.default_rng(seed + 3))
     if not cases:

@@ -25,6 +25,7 @@ from .preprocess import labels_to_model_grid, scale_intensity, to_model_grid
 # phantom categories the heads train on, and those kept for zero-shot evaluation
 SEEN = ("kidney tumor", "liver tumor", "lung nodule", "brain tumor")
 UNSEEN = ("liver cyst", "pancreas tumor", "spleen lesion", "liver metastasis")
+MODALITY_DRAWS = ("corpus", "balanced")
 
 
 @dataclass
@@ -80,10 +81,14 @@ def _organ_id(anatomy: Anatomy, organ: str) -> int | None:
 
 def anatomy_cases(anatomies: list[Anatomy], preset, n: int, seed: int, kinds=None, healthy_fraction: float = 0.0,
                   synth_probability: float = 0.5, randomize: bool = True, realistic: bool = False,
-                  progress=None, synth_labels: str = "parcels") -> list[Case]:
+                  progress=None, synth_labels: str = "parcels", modalities: str = "corpus") -> list[Case]:
     """`n` patches of real anatomy, randomized, each with one lesion of `kinds` (round robin) unless
     healthy. Anatomies without the kind's organ are passed over for that case. `realistic`: only
-    the scanner effects the modality has (no bias field or gamma on CT), for evaluation."""
+    the scanner effects the modality has (no bias field or gamma on CT), for evaluation.
+    `modalities`: "corpus" draws among the usable volumes alike (the corpus's mix: one head CT
+    against six brains on MR); "balanced" draws a modality first, then one of its volumes."""
+    if modalities not in MODALITY_DRAWS:
+        raise ValueError(f"unknown modality draw {modalities!r}: {', '.join(MODALITY_DRAWS)}")
     rng = np.random.default_rng(seed)
     spacing = preset.spacing[0]
     cases = []
@@ -92,6 +97,10 @@ def anatomy_cases(anatomies: list[Anatomy], preset, n: int, seed: int, kinds=Non
         usable = [a for a in anatomies if kind is None or _organ_id(a, kind.organ) is not None]
         if not usable:
             raise ValueError(f"no corpus volume has the organ {kind.organ!r} that {kind.prompt!r} needs")
+        if modalities == "balanced":
+            present = sorted({a.modality for a in usable})
+            modality = present[int(rng.integers(len(present)))]
+            usable = [a for a in usable if a.modality == modality]
         anatomy = usable[int(rng.integers(len(usable)))]
         if randomize:
             anatomy = randomize_anatomy(anatomy, rng, spacing, synth_probability, synth_labels)

@@ -1,6 +1,7 @@
 """Lesion synthesis, domain randomization and training on a user's own MSD dataset."""
 
 import json
+from dataclasses import replace
 
 import nibabel as nib
 import numpy as np
@@ -336,3 +337,21 @@ def test_a_bright_mr_brain_keeps_its_contrast_through_the_scanner_effects():
         assert lesion.any() and case.image.max() <= 1.0
         assert (case.image[brain] >= 0.999).mean() < 0.05  # the brain is not saturated
         assert case.image[lesion].mean() > np.median(case.image[brain])  # the bright lesion stays bright
+
+
+def test_balanced_modalities_draw_ct_as_often_as_mr_and_the_default_keeps_the_corpus_mix():
+    """One CT head against six MR brains: the corpus mix gives the head ~1 CT lesion case in 7;
+    "balanced" draws the modality first. The default must not move (evaluation sets use it)."""
+    from diffugts.training_data import anatomy_cases
+
+    mr = [_head(32) for _ in range(6)]
+    ct = replace(_head(32), modality="CT")
+    preset, kinds = get_preset("tiny"), ["brain cyst"]
+    drawn = {m: [c.modality for c in anatomy_cases(mr + [ct], preset, 60, 3, kinds, randomize=False, modalities=m)]
+             for m in ("corpus", "balanced")}
+    assert 2 <= drawn["corpus"].count("CT") <= 18  # ~60 / 7
+    assert 20 <= drawn["balanced"].count("CT") <= 40  # ~60 / 2
+    again = anatomy_cases(mr + [ct], preset, 60, 3, kinds, randomize=False)
+    assert [c.modality for c in again] == drawn["corpus"]
+    with pytest.raises(ValueError, match="unknown modality draw 'ct-only'"):
+        anatomy_cases(mr, preset, 1, 0, kinds, modalities="ct-only")
