@@ -341,7 +341,8 @@ def test_a_bright_mr_brain_keeps_its_contrast_through_the_scanner_effects():
 
 def test_balanced_modalities_draw_ct_as_often_as_mr_and_the_default_keeps_the_corpus_mix():
     """One CT head against six MR brains: the corpus mix gives the head ~1 CT lesion case in 7;
-    "balanced" draws the modality first. The default must not move (evaluation sets use it)."""
+    "balanced" draws the modality first. The default draws the same cases when run again (the
+    balanced branch is the only new use of the random stream: evaluation sets use the default)."""
     from diffugts.training_data import anatomy_cases
 
     mr = [_head(32) for _ in range(6)]
