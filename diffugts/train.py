@@ -332,47 +332,71 @@ class Recorder:
         return self.inner.score(image, healthy, anomaly, encoded, prompts)
 
 
-def _fingerprint(models, cases, seed: int) -> str:
-    """What the loop outputs depend on: the cases and every network the loop runs."""
+def _networks_digest(models, seed: int) -> str:
+    """What every case's loop outputs depend on besides the case: the seed and the loop's networks."""
     import hashlib
 
-    digest = hashlib.sha256(str((seed, len(cases), [c.prompt for c in cases])).encode())
-    for case in cases:
-        digest.update(np.ascontiguousarray(case.image).tobytes())
-        digest.update(np.ascontiguousarray(case.label).tobytes())
+    digest = hashlib.sha256(str(seed).encode())
     for part in ("vae", "unet", "aova", "projection", "text_encoder"):
         for value in getattr(models, part).state_dict().values():
             digest.update(value.detach().float().cpu().numpy().tobytes())
     return digest.hexdigest()
 
 
+def _case_digest(case) -> str:
+    import hashlib
+
+    digest = hashlib.sha256(str((case.prompt, case.modality)).encode())
+    digest.update(np.ascontiguousarray(case.image).tobytes())
+    digest.update(np.ascontiguousarray(case.label).tobytes())
+    return digest.hexdigest()
+
+
+def _cached_prefix(cache: Path, networks: str, digests: list[str]) -> list[torch.Tensor]:
+    """The cached views of the longest run of leading cases that the cache holds unchanged. Case i
+    runs the loop with seed + i, so a case is reusable only at its own position: a longer draw of
+    the same cases (one random stream) reuses all of a shorter run's outputs."""
+    if not cache.exists():
+        return []
+    kept = torch.load(cache, map_location="cpu", weights_only=True)
+    if kept.get("networks") != networks:  # other networks or seed, or a cache of the old format
+        return []
+    same = 0
+    for old, new in zip(kept["cases"], digests):
+        if old != new:
+            break
+        same += 1
+    return kept["views"][:same]
+
+
 def loop_outputs(models, cases, prompt_sets, seed: int, cache: Path) -> list[torch.Tensor]:
     """The residual head's input views for every case, from the frozen loop (CPU, torch executor).
 
     Every other case also inpaints its (dilated) lesion: the head sees lesions that the inpainting
-    removed as well as lesions the map missed. The views are kept in `cache` (float16) under a
-    fingerprint of the cases and networks: a resumed or retuned head phase does not recompute
-    them (they are most of a heads run on CPU)."""
+    removed as well as lesions the map missed. The views are kept in `cache` (float16) under digests
+    of the networks and of each case: a resumed or retuned head phase does not recompute them (they
+    are most of a heads run on CPU), and a run on more cases computes only the cases it adds."""
     preset = models.preset
-    fingerprint = _fingerprint(models, cases, seed)
-    if cache.exists():
-        kept = torch.load(cache, map_location="cpu", weights_only=True)
-        if kept["fingerprint"] == fingerprint:
-            return [v.float() for v in kept["views"]]
+    networks, digests = _networks_digest(models, seed), [_case_digest(c) for c in cases]
+    views = _cached_prefix(cache, networks, digests)  # float16, as they are stored
+    reused = len(views)
+    if reused == len(cases):
+        return [v.float() for v in views]
     recorder = Recorder(TorchExecutor(models))
-    views = []  # the head's input channels per case (its six raw inputs are not kept: ~6 MB each)
-    progress, task = _progress(len(cases), "loop outputs")
+    label = f"loop outputs ({reused} cached)" if reused else "loop outputs"
+    progress, task = _progress(len(cases) - reused, label)
     with torch.no_grad(), progress:
-        for i, case in enumerate(cases):
+        for i in range(reused, len(cases)):
+            case = cases[i]
             lesion = inpainting_mask(case.label, preset.latent_factor, 0.5, preset.mask_dilation) if i % 2 else None
             segment_patch(recorder, case.image, prompt_sets[i], LoopOptions(seed=seed + i, inpaint_also=lesion),
                           np.random.default_rng(seed + i), Timings())
-            views.append(models.head.views(*recorder.records.pop()))
+            # the head's input channels; its six raw inputs are not kept (~6 MB each)
+            views.append(models.head.views(*recorder.records.pop()).half())
             progress.update(task, advance=1)
-    views = [v.half() for v in views]
     tmp = cache.with_suffix(".tmp")
     labels = [torch.from_numpy(c.label.astype(np.uint8)) for c in cases]  # for whoever studies the head apart
-    torch.save({"fingerprint": fingerprint, "views": views, "labels": labels,
+    torch.save({"networks": networks, "cases": digests, "views": views, "labels": labels,
                 "prompts": [c.prompt for c in cases]}, tmp)
     tmp.replace(cache)
     return [v.float() for v in views]  # as a cached run reads them: resumed runs train on the same values

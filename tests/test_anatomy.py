@@ -278,10 +278,47 @@ def test_a_retuned_heads_run_reuses_the_loop_outputs_and_trains_the_same(tmp_pat
     again = train.train_heads("tiny", tmp_path / "b", aova_steps=2, head_steps=3, n_cases=3,
                               backbone=tmp_path / "backbone.safetensors")
     assert again["head"]["final_loss"] == pytest.approx(first["head"]["final_loss"], rel=1e-6)
-    # other cases (one more): the fingerprint differs and the loop runs (and fails here)
+    # one more case: the loop runs for the cases the cache does not hold (and fails here)
     with pytest.raises(TypeError):
         train.train_heads("tiny", tmp_path / "b", aova_steps=2, head_steps=3, n_cases=4,
                           backbone=tmp_path / "backbone.safetensors")
+
+
+def test_a_longer_case_list_runs_the_loop_only_for_the_cases_past_the_cached_prefix(tmp_path, monkeypatch):
+    from diffugts.models import build_models
+    from diffugts.prompts import build_prompt_set
+
+    preset = get_preset("tiny")
+    torch.manual_seed(0)
+    models = build_models(preset).eval()
+    cases = train.make_cases(preset, 4, 3, list(train.SEEN))
+    prompt_sets = [build_prompt_set(c.prompt, c.modality) for c in cases]
+    reference = train.loop_outputs(models, cases, prompt_sets, 0, tmp_path / "all.pt")
+
+    calls, segment_patch = [], train.segment_patch
+    monkeypatch.setattr(train, "segment_patch", lambda *a, **k: (calls.append(1), segment_patch(*a, **k))[1])
+    cache = tmp_path / "loop_outputs.pt"
+    train.loop_outputs(models, cases[:2], prompt_sets[:2], 0, cache)
+    calls.clear()
+    longer = train.loop_outputs(models, cases, prompt_sets, 0, cache)
+    assert len(calls) == 2  # cases 2 and 3 only
+    for got, want in zip(longer, reference, strict=True):
+        torch.testing.assert_close(got, want)
+    calls.clear()
+    assert len(train.loop_outputs(models, cases[:3], prompt_sets[:3], 0, cache)) == 3 and not calls
+    # a case changed at position 1: only case 0 comes from the cache
+    changed = replace(cases[1], image=np.clip(cases[1].image + 0.05, 0, 1))
+    train.loop_outputs(models, [cases[0], changed], prompt_sets[:2], 0, cache)
+    assert len(calls) == 1
+    # another seed (every case's loop noise) or other networks: nothing is reused
+    calls.clear()
+    train.loop_outputs(models, cases[:2], prompt_sets[:2], 1, cache)
+    assert len(calls) == 2
+    calls.clear()
+    with torch.no_grad():
+        next(models.aova.parameters()).add_(0.01)
+    train.loop_outputs(models, cases[:2], prompt_sets[:2], 1, cache)
+    assert len(calls) == 2
 
 
 def test_tissue_synthesis_gives_the_atlas_regions_of_one_tissue_one_intensity():
