@@ -226,6 +226,7 @@ def segment_patch(executor: StageExecutor, patch: np.ndarray, prompts: PromptSet
 
     with timings.stage("inpaint"):
         flagged = flagged_latent(anomaly, preset.latent_factor, preset.anomaly_threshold)
+        flooded = bool(flagged.mean() > preset.inpaint_max_fraction)
         mask = dilated_unless_flooded(flagged, preset.mask_dilation, preset.inpaint_max_fraction)
         if stats is not None:
             stats.setdefault("flagged_shares", []).append(float(flagged.mean()))
@@ -247,7 +248,10 @@ def segment_patch(executor: StageExecutor, patch: np.ndarray, prompts: PromptSet
             stats["latent_voxels"] = stats.get("latent_voxels", 0) + mask.size
 
     with timings.stage("score"):
-        logits = executor.score(image, healthy, anomaly[None, None], encoded, prompts)
+        # a map that floods the window localizes nothing: there the head reads the scan alone, as
+        # training's view dropout taught it (model card, "The scan alone where the map floods")
+        seen_map = np.zeros_like(anomaly) if flooded else anomaly
+        logits = executor.score(image, healthy, seen_map[None, None], encoded, prompts)
     return {"prob": sigmoid(logits[0, 0]), "anomaly": anomaly, "healthy": patch if healthy is None else healthy[0, 0]}
 
 
@@ -256,7 +260,7 @@ def loop_notices(target: str, flagged_shares: list[float], max_fraction: float) 
 
     Today one: windows where the map flagged too much to inpaint (`Preset.inpaint_max_fraction`).
     A prompt the model was not trained on can lift the map over the whole scan (model card, "A map
-    that flags everything"); the mask there rests on the map and the scan alone."""
+    that flags everything"); the mask there rests on the scan alone."""
     gated = [s for s in flagged_shares if s > max_fraction]
     if not gated:
         return ()

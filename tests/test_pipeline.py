@@ -109,10 +109,12 @@ def test_segment_volume_is_deterministic_and_on_the_input_grid(torch_executor, p
 
 
 class ShapeSpy:
-    """Delegates to a real executor and records the latent shapes the UNet and the decoder see."""
+    """Delegates to a real executor and records the latent shapes the UNet and the decoder see,
+    and the map the head scores with."""
 
     def __init__(self, executor, preset):
         self.inner, self.preset, self.unet_shapes, self.decode_shapes = executor, preset, [], []
+        self.head_maps = []
 
     def encode(self, image, prompts):
         return self.inner.encode(image, prompts)
@@ -125,8 +127,9 @@ class ShapeSpy:
         self.decode_shapes.append(latent.shape)
         return self.inner.decode(latent)
 
-    def score(self, *args):
-        return self.inner.score(*args)
+    def score(self, image, healthy, anomaly, encoded, prompts):
+        self.head_maps.append(anomaly)
+        return self.inner.score(image, healthy, anomaly, encoded, prompts)
 
 
 def test_cropping_runs_the_loop_on_the_bounding_box(torch_executor, phantom_dir):
@@ -162,13 +165,17 @@ def test_segment_volume_skips_inpainting_where_the_map_flags_too_much(torch_exec
     volume = Volume(volume.array[:32, :32, :32], volume.affine)  # one window at the tiny preset's 4 mm
     # theta below every map value: every latent voxel is flagged
     flag_all = torch_executor.preset.with_(anomaly_threshold=-1.0)
-    calls, segs = {}, {}
+    calls, segs, head_maps = {}, {}, {}
     for limit in (1.0, 0.5):
         spy = ShapeSpy(torch_executor, flag_all.with_(inpaint_max_fraction=limit))
         segs[limit] = segment_volume(spy, volume, "liver cyst", "CT", LoopOptions())
         calls[limit] = (len(spy.unet_shapes), len(spy.decode_shapes))
+        (head_maps[limit],) = spy.head_maps
     assert calls[1.0][0] > 1 and calls[1.0][1] == 1  # probe + the inpainting steps, one decode
     assert calls[0.5] == (1, 0)  # the attention probe only: nothing inpainted, nothing decoded
+    # nor does the head see the flooded map: it reads the scan alone (the map is still reported)
+    assert head_maps[1.0].any() and not head_maps[0.5].any()
+    np.testing.assert_array_equal(segs[0.5].anomaly, segs[1.0].anomaly)
     # without inpainting the head scores the scan against itself: x_h is the scan, as the map-only
     # ablation reports it
     scan = segment_volume(torch_executor, volume, "liver cyst", "CT", LoopOptions(ablation="aova")).healthy
