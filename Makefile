@@ -83,12 +83,15 @@ calibrate: $(STAMP) corpus-sources
 	$(VENV)/bin/diffugts calibrate eval_data/seen77 eval_data/anatomy_seen77 eval_data/anatomy_seen78 \
 	  --out eval_out/calibration.json --preset demo
 
-# The shipped file (model card, "Ensemble of two heads"): two residual heads trained apart on the
-# bundled backbone, AOVA and text projection, joined. (1) v14, "Head on larger crops": the head
+# The shipped file (model card, "Ensemble of two heads", then "The scan alone where the map
+# floods"): two residual heads trained apart on the bundled backbone, AOVA and text projection,
+# joined. (1) v14, "Head on larger crops": the head
 # fine-tuned on 48^3 crops of the loop's outputs (seen-kind lesions in real anatomy + seen
 # phantoms), 5000 steps, then resumed to 20000 (the cosine schedule restarts over the new total).
 # (2) v17, "small lesions": (1) fine-tuned with tissue-class contrasts, crops drawn by lesion size
-# and a Dice per lesion, 8000 -> 16000 -> 24000 steps. (3) join-heads, each member on 4 mirrorings.
+# and a Dice per lesion, 8000 -> 16000 -> 24000 steps. (2b) v21, "CT lesions as often as MR": (2)
+# fine-tuned 8000 steps on 640 lesion cases drawn a modality first (~320 MR, ~320 CT; model card,
+# "The scan alone where the map floods"). (3) join-heads of (1) and (2b), each on 4 mirrorings.
 # (4) paraphrases: the prompt projection fit so that other wordings of the seen prompts read as
 # the seen prompt (model card, "Paraphrases"; no images, seconds).
 # TRAIN_FROM is the file (1) starts from: the shipped file's history used the file before it
@@ -101,6 +104,8 @@ TRAIN_FROM ?= diffugts/weights/demo.safetensors
 TRAIN_HEADS := $(VENV)/bin/diffugts train heads --corpus train_work/corpus --aova-steps 0 --anatomy-volumes 320 \
   --cases 136 --head-crop 48
 SMALL_LESIONS := --head-synth tissue --head-sampling size --head-dice lesion
+TRAIN_HEADS_BALANCED := $(VENV)/bin/diffugts train heads --corpus train_work/corpus --aova-steps 0 \
+  --anatomy-volumes 640 --anatomy-modalities balanced --cases 136 --head-crop 48
 train: $(STAMP) corpus-sources
 	$(VENV)/bin/diffugts corpus --out train_work/corpus
 	$(TRAIN_HEADS) --work train_work/v14 --backbone $(TRAIN_FROM) --head-steps 5000
@@ -108,7 +113,9 @@ train: $(STAMP) corpus-sources
 	for steps in 8000 16000 24000; do \
 	  $(TRAIN_HEADS) --work train_work/v17 --backbone train_work/v14/demo.safetensors $(SMALL_LESIONS) --head-steps $$steps; \
 	done
-	$(VENV)/bin/diffugts join-heads train_work/v14/demo.safetensors train_work/v17/demo.safetensors --mirrors 4 \
+	$(TRAIN_HEADS_BALANCED) --work train_work/v21 --backbone train_work/v17/demo.safetensors $(SMALL_LESIONS) \
+	  --head-steps 8000
+	$(VENV)/bin/diffugts join-heads train_work/v14/demo.safetensors train_work/v21/demo.safetensors --mirrors 4 \
 	  --out train_work/joined.safetensors
 	$(VENV)/bin/diffugts paraphrases train_work/joined.safetensors --out train_work/demo.safetensors
 
