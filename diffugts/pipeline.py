@@ -265,9 +265,9 @@ def loop_notices(target: str, flagged_shares: list[float], max_fraction: float) 
     if not gated:
         return ()
     return (f"the anomaly map for {target!r} flagged more than {max_fraction:.0%} of {len(gated)} of "
-            f"{len(flagged_shares)} windows (up to {max(gated):.0%}), so nothing was inpainted there: "
-            "a prompt unlike the trained ones can raise the map over the whole scan; read this mask "
-            "with care",)
+            f"{len(flagged_shares)} windows (up to {max(gated):.0%}), so nothing was inpainted there "
+            "and the head read the scan alone: a prompt unlike the trained ones can raise the map over "
+            "the whole scan; read this mask with care",)
 
 
 def segment_volume(executor: StageExecutor, volume: Volume, target: str, modality: str | None = None,

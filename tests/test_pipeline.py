@@ -185,8 +185,9 @@ def test_segment_volume_skips_inpainting_where_the_map_flags_too_much(torch_exec
     # the reader is told (one window, every latent voxel flagged); a run that inpainted is not
     assert segs[1.0].notices == ()
     assert segs[0.5].notices == ("the anomaly map for 'liver cyst' flagged more than 50% of 1 of 1 windows (up to "
-                                 "100%), so nothing was inpainted there: a prompt unlike the trained ones can raise "
-                                 "the map over the whole scan; read this mask with care",)
+                                 "100%), so nothing was inpainted there and the head read the scan alone: a prompt "
+                                 "unlike the trained ones can raise the map over the whole scan; read this mask "
+                                 "with care",)
 
 
 def test_loop_notices_count_the_gated_windows_only():
