@@ -226,10 +226,11 @@ def segment_patch(executor: StageExecutor, patch: np.ndarray, prompts: PromptSet
 
     with timings.stage("inpaint"):
         flagged = flagged_latent(anomaly, preset.latent_factor, preset.anomaly_threshold)
-        flooded = bool(flagged.mean() > preset.inpaint_max_fraction)
-        mask = dilated_unless_flooded(flagged, preset.mask_dilation, preset.inpaint_max_fraction)
+        share = float(flagged.mean())
+        flooded = share > preset.inpaint_max_fraction  # decides the inpainting and the head's map below
+        mask = np.zeros_like(flagged) if flooded else dilated_unless_flooded(flagged, preset.mask_dilation)
         if stats is not None:
-            stats.setdefault("flagged_shares", []).append(float(flagged.mean()))
+            stats.setdefault("flagged_shares", []).append(share)
         if options.inpaint_also is not None:
             mask = mask | options.inpaint_also
         healthy = None  # x_h is x until something is inpainted
