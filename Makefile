@@ -101,11 +101,10 @@ calibrate: $(STAMP) corpus-sources
 # 99.5th-percentile rescale (model card, "The generator's MR ceiling"); this recipe now draws them
 # without that ceiling, so its loop outputs differ from the shipped file's in those MR cases.
 TRAIN_FROM ?= diffugts/weights/demo.safetensors
-TRAIN_HEADS := $(VENV)/bin/diffugts train heads --corpus train_work/corpus --aova-steps 0 --anatomy-volumes 320 \
-  --cases 136 --head-crop 48
+HEADS_ON_CORPUS := $(VENV)/bin/diffugts train heads --corpus train_work/corpus --aova-steps 0 --cases 136 --head-crop 48
+TRAIN_HEADS := $(HEADS_ON_CORPUS) --anatomy-volumes 320
+TRAIN_HEADS_BALANCED := $(HEADS_ON_CORPUS) --anatomy-volumes 640 --anatomy-modalities balanced
 SMALL_LESIONS := --head-synth tissue --head-sampling size --head-dice lesion
-TRAIN_HEADS_BALANCED := $(VENV)/bin/diffugts train heads --corpus train_work/corpus --aova-steps 0 \
-  --anatomy-volumes 640 --anatomy-modalities balanced --cases 136 --head-crop 48
 train: $(STAMP) corpus-sources
 	$(VENV)/bin/diffugts corpus --out train_work/corpus
 	$(TRAIN_HEADS) --work train_work/v14 --backbone $(TRAIN_FROM) --head-steps 5000
