@@ -23,7 +23,7 @@ install: $(STAMP)
 demo: $(STAMP)
 	$(VENV)/bin/diffugts demo --out demo_out
 
-test: $(STAMP) corpus-sources perf-analyzer $(CHECKOV_STAMP)
+test: $(STAMP) corpus-sources real-tumour-sources perf-analyzer $(CHECKOV_STAMP)
 	$(PY) -m pytest
 
 # Debian packages the training corpus reads (`diffugts corpus`), installed when missing; without
@@ -37,6 +37,15 @@ corpus-sources:
 	    apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -q $$missing; \
 	  else echo "corpus-sources: cannot install $$missing (needs apt-get as root); the corpus skips them"; fi; \
 	fi
+
+# Real scans with expert tumour masks (evaluation only): pyradiomics' test cases ship in its sdist,
+# not its wheel. pip fetches the sdist once, at install time (its metadata step needs numpy, hence no
+# build isolation); `diffugts real-tumours` checks its SHA-256 before reading it.
+REAL_TUMOURS_SDIST := $(VENV)/share/diffugts/pyradiomics-3.0.1.tar.gz
+.PHONY: real-tumour-sources
+real-tumour-sources: $(STAMP)
+	@test -f $(REAL_TUMOURS_SDIST) || $(PY) -m pip download -q --no-deps --no-binary :all: --no-build-isolation \
+	  pyradiomics==3.0.1 -d $(dir $(REAL_TUMOURS_SDIST))
 
 corpus: $(STAMP) corpus-sources
 	$(VENV)/bin/diffugts corpus --out corpus
@@ -63,12 +72,14 @@ checkov: $(CHECKOV_STAMP)
 # phantoms and on real anatomy (the corpus's installed scans, lesion kinds kept out of training).
 UNSEEN := liver cyst,pancreas tumor,spleen lesion,liver metastasis
 UNSEEN_KINDS := brain metastasis,intracranial hemorrhage,brain abscess
-eval: $(STAMP) corpus-sources
+eval: $(STAMP) corpus-sources real-tumour-sources
 	$(VENV)/bin/diffugts phantom --out eval_data/unseen --n 16 --seed 2026 --categories "$(UNSEEN)"
 	$(VENV)/bin/diffugts evaluate eval_data/unseen --out eval_out/unseen.json --preset demo --ablation all
 	$(VENV)/bin/diffugts corpus --out eval_data/corpus
 	$(VENV)/bin/diffugts lesions --corpus eval_data/corpus --out eval_data/anatomy_unseen --n 18 --seed 2026 --kinds "$(UNSEEN_KINDS)"
 	$(VENV)/bin/diffugts evaluate eval_data/anatomy_unseen --out eval_out/anatomy_unseen.json --preset demo --ablation all
+	$(VENV)/bin/diffugts real-tumours --out eval_data/real_tumours
+	$(VENV)/bin/diffugts evaluate eval_data/real_tumours --out eval_out/real_tumours.json --preset demo --ablation all
 	$(VENV)/bin/diffugts real-lesion --out eval_out --preset demo
 	$(PY) -m diffugts.benchmarks.served_vs_eager --out eval_out/served_vs_eager.json
 

@@ -320,6 +320,23 @@ def cmd_lesions(args) -> int:
     return 0
 
 
+def cmd_real_tumours(args) -> int:
+    from rich.progress import Progress
+
+    from .real_tumours import CASES, checked_sdist, write_real_tumours
+
+    try:
+        sdist = checked_sdist(args.sdist)  # before the bar: a missing file is one line, nothing else
+        with Progress(console=_console(True)) as progress:
+            task = progress.add_task("real tumours", total=len(CASES))
+            out = write_real_tumours(args.out, sdist, progress=lambda: progress.update(task, advance=1))
+    except (ValueError, InputError, OSError) as exc:
+        fail(str(exc))
+        return 2
+    print(f"wrote {len(CASES)} real scans with expert tumour masks to {out}")
+    return 0
+
+
 def cmd_bench(args) -> int:
     from diffugts.benchmarks.run import run_bench
 
@@ -565,6 +582,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--kinds", default=None, help="comma-separated lesion kinds (default: the unseen ones)")
     p.add_argument("--preset", default="demo")
     p.set_defaults(func=cmd_lesions)
+
+    p = sub.add_parser("real-tumours", help="pyradiomics' real scans with expert tumour masks, as an MSD test set")
+    p.add_argument("--out", required=True)
+    p.add_argument("--sdist", default=None, help="pyradiomics-3.0.1.tar.gz (default: where `make real-tumour-sources` puts it)")
+    p.set_defaults(func=cmd_real_tumours)
 
     p = sub.add_parser("bench", help="latency and throughput of every executor, side by side")
     p.add_argument("--quick", action="store_true", help="tiny preset, one repeat: checks the harness only")
