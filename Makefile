@@ -23,7 +23,7 @@ install: $(STAMP)
 demo: $(STAMP)
 	$(VENV)/bin/diffugts demo --out demo_out
 
-test: $(STAMP) corpus-sources real-tumour-sources perf-analyzer $(CHECKOV_STAMP)
+test: $(STAMP) corpus-sources data-sources perf-analyzer $(CHECKOV_STAMP)
 	$(PY) -m pytest
 
 # Debian packages the training corpus reads (`diffugts corpus`), installed when missing; without
@@ -38,16 +38,21 @@ corpus-sources:
 	  else echo "corpus-sources: cannot install $$missing (needs apt-get as root); the corpus skips them"; fi; \
 	fi
 
-# Real scans with expert tumour masks (evaluation only): pyradiomics' test cases ship in its sdist,
-# not its wheel. pip fetches the sdist once, at install time (its metadata step needs numpy, hence no
-# build isolation); `diffugts real-tumours` checks its SHA-256 before reading it.
-REAL_TUMOURS_SDIST := $(VENV)/share/diffugts/pyradiomics-3.0.1.tar.gz
-.PHONY: real-tumour-sources
-real-tumour-sources: $(STAMP)
-	@test -f $(REAL_TUMOURS_SDIST) || $(PY) -m pip download -q --no-deps --no-binary :all: --no-build-isolation \
-	  pyradiomics==3.0.1 -d $(dir $(REAL_TUMOURS_SDIST))
+# Data that ships only in sdists (diffugts/sdists.py): pyradiomics' real tumours with expert masks
+# (evaluation only) and TotalSegmentator's example body CT and MR with organ maps (corpus). pip
+# fetches each sdist once, at install time (their metadata step needs numpy and setuptools from the
+# venv, hence no build isolation); the code checks each file's SHA-256 before reading it.
+DATA_SDISTS := pyradiomics==3.0.1 totalsegmentator==2.18.0
+DATA_DIR := $(VENV)/share/diffugts
+.PHONY: data-sources
+data-sources: $(STAMP)
+	@for spec in $(DATA_SDISTS); do \
+	  file=$$(echo $$spec | sed 's/==/-/').tar.gz; \
+	  test -f $(DATA_DIR)/$$file || $(PY) -m pip download -q --no-deps --no-binary :all: --no-build-isolation \
+	    $$spec -d $(DATA_DIR) || exit 1; \
+	done
 
-corpus: $(STAMP) corpus-sources
+corpus: $(STAMP) corpus-sources data-sources
 	$(VENV)/bin/diffugts corpus --out corpus
 
 # The MONAI Deploy app (apps/monai_deploy) in a venv of its own: installed next to monai, the SDK
@@ -72,7 +77,7 @@ checkov: $(CHECKOV_STAMP)
 # phantoms and on real anatomy (the corpus's installed scans, lesion kinds kept out of training).
 UNSEEN := liver cyst,pancreas tumor,spleen lesion,liver metastasis
 UNSEEN_KINDS := brain metastasis,intracranial hemorrhage,brain abscess
-eval: $(STAMP) corpus-sources real-tumour-sources
+eval: $(STAMP) corpus-sources data-sources
 	$(VENV)/bin/diffugts phantom --out eval_data/unseen --n 16 --seed 2026 --categories "$(UNSEEN)"
 	$(VENV)/bin/diffugts evaluate eval_data/unseen --out eval_out/unseen.json --preset demo --ablation all
 	$(VENV)/bin/diffugts corpus --out eval_data/corpus
@@ -86,7 +91,7 @@ eval: $(STAMP) corpus-sources real-tumour-sources
 # The demo preset's inpainting theta and head threshold: chosen on seen categories only.
 SEEN := kidney tumor,liver tumor,lung nodule,brain tumor
 SEEN_KINDS := brain tumor,glioma,brain cyst
-calibrate: $(STAMP) corpus-sources
+calibrate: $(STAMP) corpus-sources data-sources
 	$(VENV)/bin/diffugts phantom --out eval_data/seen77 --n 16 --seed 77 --categories "$(SEEN)"
 	$(VENV)/bin/diffugts corpus --out eval_data/corpus
 	$(VENV)/bin/diffugts lesions --corpus eval_data/corpus --out eval_data/anatomy_seen77 --n 12 --seed 77 --kinds "$(SEEN_KINDS)"
@@ -112,12 +117,15 @@ calibrate: $(STAMP) corpus-sources
 # 99.5th-percentile rescale (model card, "The generator's MR ceiling"); this recipe now draws them
 # without that ceiling, so its loop outputs differ from the shipped file's in those MR cases.
 TRAIN_FROM ?= diffugts/weights/demo.safetensors
+# the corpus the shipped heads drew from: heads only (the body source came after them; with it the
+# healthy cases, drawn from every volume, would differ)
+SHIPPED_CORPUS := nilearn-mni152,mricron-colin27,invesalius-cranium,pydicom-data,phantom
 HEADS_ON_CORPUS := $(VENV)/bin/diffugts train heads --corpus train_work/corpus --aova-steps 0 --cases 136 --head-crop 48
 TRAIN_HEADS := $(HEADS_ON_CORPUS) --anatomy-volumes 320
 TRAIN_HEADS_BALANCED := $(HEADS_ON_CORPUS) --anatomy-volumes 640 --anatomy-modalities balanced
 SMALL_LESIONS := --head-synth tissue --head-sampling size --head-dice lesion
-train: $(STAMP) corpus-sources
-	$(VENV)/bin/diffugts corpus --out train_work/corpus
+train: $(STAMP) corpus-sources data-sources
+	$(VENV)/bin/diffugts corpus --out train_work/corpus --sources $(SHIPPED_CORPUS)
 	$(TRAIN_HEADS) --work train_work/v14 --backbone $(TRAIN_FROM) --head-steps 5000
 	$(TRAIN_HEADS) --work train_work/v14 --backbone $(TRAIN_FROM) --head-steps 20000
 	for steps in 8000 16000 24000; do \

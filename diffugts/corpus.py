@@ -37,6 +37,7 @@ TISSUE_NAMES = {CSF: "CSF", GREY_MATTER: "grey matter", WHITE_MATTER: "white mat
                 BRAIN: "brain parenchyma (grey and white matter not separated)"}
 PHANTOM_ORGAN_LABELS = {"lung": 20, "liver": 21, "spleen": 22, "kidney": 23, "pancreas": 24}
 ATLAS_OFFSETS = {"aal": 100, "harvard_oxford": 300, "jhu": 400}
+BODY_OFFSET = 500  # real body structures (corpus_body), after every atlas
 
 MRICRON_TEMPLATES = Path("/usr/share/mricron/templates")
 INVESALIUS_CRANIUM = Path("/usr/share/doc/invesalius-examples/examples/Cranium.inv3")
@@ -71,6 +72,14 @@ SOURCES = {
         "package": "pydicom-data (PyPI): data_store/data/emri_small.dcm",
         "licence": "MIT (the wheel's LICENSE: Copyright (c) 2020 Dicom in Python)",
         "citation": "pydicom-data, https://github.com/pydicom/pydicom-data",
+    },
+    "totalsegmentator": {
+        "package": "totalsegmentator 2.18.0 (PyPI sdist, fetched by `make data-sources`): "
+                   "tests/reference_files/example_ct_sm, example_seg, example_mr_sm, example_seg_mr",
+        "licence": "Apache-2.0 (the sdist's LICENSE covers the repository, its test files included; they "
+                   "state no separate terms). The organ maps are TotalSegmentator's output",
+        "citation": "Wasserthal et al., Radiology: Artificial Intelligence 5(5) 2023 (CT); "
+                    "D'Antonoli et al., Radiology 314(2) 2025 (MR)",
     },
     "phantom": {
         "package": "diffugts.phantom (this project)",
@@ -170,8 +179,9 @@ def tissue_classes(labels: np.ndarray) -> np.ndarray:
     """The label map with every atlas region put back to the tissue class it was laid over."""
     out = labels.copy()
     for name, low in sorted(ATLAS_OFFSETS.items(), key=lambda item: item[1]):
-        high = min([o for o in ATLAS_OFFSETS.values() if o > low], default=np.inf)
+        high = min([o for o in ATLAS_OFFSETS.values() if o > low], default=BODY_OFFSET)
         out[(labels > low) & (labels < high)] = ATLAS_TISSUE[name]
+    out[labels >= BODY_OFFSET] = SOFT_TISSUE  # the body's named structures (corpus_body)
     return out
 
 
@@ -408,11 +418,18 @@ def _phantoms(n: int = 6, seed: int = 0) -> list[Entry]:
     return entries
 
 
+def _totalsegmentator() -> list[Entry]:
+    from .corpus_body import totalsegmentator_examples  # imports this module's helpers
+
+    return totalsegmentator_examples()
+
+
 BUILDERS: dict[str, Callable[[], list[Entry]]] = {
     "nilearn-mni152": _mni152,
     "mricron-colin27": _colin27,
     "invesalius-cranium": _cranium,
     "pydicom-data": _pydicom_data,
+    "totalsegmentator": _totalsegmentator,
     "phantom": _phantoms,
 }
 
@@ -435,7 +452,10 @@ def _crop(entry: Entry, margin: int = 4) -> Entry:
 
 def _label_names() -> dict[str, str]:
     names = {str(k): v for k, v in TISSUE_NAMES.items()}
-    names.update({str(v): f"phantom {k}" for k, v in PHANTOM_ORGAN_LABELS.items()})
+    names.update({str(v): f"{k} (phantoms and real body scans)" for k, v in PHANTOM_ORGAN_LABELS.items()})
+    from .corpus_body import body_label_names
+
+    names.update(body_label_names())
     for atlas, file in (("aal", "aal"), ("jhu", "JHU-WhiteMatter-labels-1mm")):
         for index, name in _atlas_names(file).items():
             names[str(ATLAS_OFFSETS[atlas] + index)] = f"{atlas}: {name}"

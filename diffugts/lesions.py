@@ -44,9 +44,24 @@ KINDS: dict[str, LesionKind] = {k.prompt: k for k in (
                mass_effect_mm=(2, 6), texture=0.1),
     LesionKind("brain abscess", "brain", (10, 35), (0.1, 0.3), polarity=(-1,), irregularity=0.1, necrotic_core=1.0,
                rim=1.0, oedema=0.9, mass_effect_mm=(1, 3), texture=0.1),
+    # seen in real body anatomy (the corpus's TotalSegmentator CT and MR): the phantoms' seen
+    # categories, drawn into real organs
+    LesionKind("kidney tumor", "kidney", (15, 60), (0.03, 0.2), irregularity=0.3, necrotic_core=0.3,
+               mass_effect_mm=(0, 3), texture=0.3),
+    LesionKind("liver tumor", "liver", (10, 60), (0.03, 0.2), irregularity=0.4, necrotic_core=0.3, rim=0.3,
+               mass_effect_mm=(0, 2), texture=0.3),
+    LesionKind("lung nodule", "lung", (5, 30), (0.15, 0.45), polarity=(1,), irregularity=0.35, texture=0.15),
+    # unseen in real body anatomy: the phantoms' unseen categories, with settings no seen kind has
+    LesionKind("pancreas tumor", "pancreas", (8, 30), (0.02, 0.08), polarity=(-1,), irregularity=0.5,
+               mass_effect_mm=(0, 1), texture=0.2),
+    LesionKind("spleen lesion", "spleen", (8, 35), (0.05, 0.25), polarity=(-1,), irregularity=0.1, texture=0.05),
+    LesionKind("liver metastasis", "liver", (6, 25), (0.08, 0.3), polarity=(1,), irregularity=0.15, rim=0.7,
+               texture=0.15),
 )}
 SEEN_KINDS = ("brain tumor", "glioma", "brain cyst")
 UNSEEN_KINDS = ("brain metastasis", "intracranial hemorrhage", "brain abscess")
+BODY_SEEN_KINDS = ("kidney tumor", "liver tumor", "lung nodule")
+BODY_UNSEEN_KINDS = ("pancreas tumor", "spleen lesion", "liver metastasis")
 
 
 def _smooth_noise(rng, shape, sigma) -> np.ndarray:

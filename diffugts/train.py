@@ -126,6 +126,7 @@ class Sources:
     device: str = "cpu"
     amp: bool = False  # bfloat16 autocast on the device
     modalities: str = "corpus"  # heads: anatomy volumes drawn as the corpus holds them, or per modality
+    kinds: tuple[str, ...] | None = None  # heads: lesion kinds drawn into the anatomy (default: the seen brain kinds)
 
     @property
     def autocast(self) -> str | None:
@@ -405,8 +406,14 @@ def loop_outputs(models, cases, prompt_sets, seed: int, cache: Path) -> list[tor
 def head_cases(preset, n_phantoms: int, seed: int, sources: Sources, contrast=(0.35, 1.0),
                synth_labels: str = "parcels") -> list:
     """Seen-category lesions: phantoms, real anatomy with seen lesion kinds, and a user's labelled data."""
-    from .lesions import SEEN_KINDS
+    from .lesions import BODY_SEEN_KINDS, KINDS, SEEN_KINDS
     from .training_data import anatomy_cases, anatomy_on_model_grid, dataset_cases
+
+    refused = [k for k in sources.kinds or () if k not in SEEN_KINDS + BODY_SEEN_KINDS]
+    if refused:  # the unseen kinds are for evaluation only
+        raise ValueError(f"--anatomy-kinds: {', '.join(refused)} "
+                         f"{'is an unseen kind (evaluation only)' if all(k in KINDS for k in refused) else 'unknown'}; "
+                         f"seen kinds: {', '.join(SEEN_KINDS + BODY_SEEN_KINDS)}")
 
     # lesion contrast augmented down to 0.35x the category's own: seen lesions are otherwise all
     # conspicuous, and a head trained on them only misses subtler lesions of other categories
@@ -416,7 +423,8 @@ def head_cases(preset, n_phantoms: int, seed: int, sources: Sources, contrast=(0
         anatomies = anatomy_on_model_grid(sources.corpus, preset)
         progress, task = _progress(sources.anatomy_volumes, "anatomy lesions")
         with progress:
-            cases += anatomy_cases(anatomies, preset, sources.anatomy_volumes, seed + 2, list(SEEN_KINDS),
+            cases += anatomy_cases(anatomies, preset, sources.anatomy_volumes, seed + 2,
+                                   list(sources.kinds or SEEN_KINDS),
                                    healthy_fraction=0.1, progress=lambda: progress.update(task, advance=1),
                                    synth_labels=synth_labels, modalities=sources.modalities)
     if sources.dataset:

@@ -105,7 +105,7 @@ def anatomy_cases(anatomies: list[Anatomy], preset, n: int, seed: int, kinds=Non
         if randomize:
             anatomy = randomize_anatomy(anatomy, rng, spacing, synth_probability, synth_labels)
         organ = _organ_id(anatomy, kind.organ) if kind else None
-        anatomy = random_crop(anatomy, preset.patch, rng, organ_fraction=1.0 if kind else 0.5)
+        anatomy = random_crop(anatomy, preset.patch, rng, organ_fraction=1.0 if kind else 0.5, organ=organ)
         image, label = anatomy.image, np.zeros(anatomy.image.shape, np.uint8)
         # CT keeps the MAISI window's ceiling (1000 HU); MR has none until it is rescaled below
         top = None if anatomy.modality == "MR" else 1.0

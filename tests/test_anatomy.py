@@ -13,7 +13,8 @@ from diffugts import train
 from diffugts.augment import Anatomy, randomize_anatomy, random_crop, scanner_effects
 from diffugts.config import get_preset
 from diffugts.io import Volume
-from diffugts.lesions import KINDS, SEEN_KINDS, UNSEEN_KINDS, LesionKind, draw_lesion
+from diffugts.lesions import (BODY_SEEN_KINDS, BODY_UNSEEN_KINDS, KINDS, SEEN_KINDS, UNSEEN_KINDS, LesionKind,
+                              draw_lesion)
 from diffugts.preprocess import labels_to_model_grid, to_model_grid
 
 
@@ -26,8 +27,11 @@ def _head(size=48):
 
 
 def test_seen_and_unseen_kinds_are_disjoint_and_cover_both_polarities_and_sizes():
-    assert not set(SEEN_KINDS) & set(UNSEEN_KINDS)
-    assert set(SEEN_KINDS) | set(UNSEEN_KINDS) == set(KINDS)
+    seen_all, unseen_all = set(SEEN_KINDS) | set(BODY_SEEN_KINDS), set(UNSEEN_KINDS) | set(BODY_UNSEEN_KINDS)
+    assert not seen_all & unseen_all
+    assert seen_all | unseen_all == set(KINDS)
+    # two unseen body kinds lie in organs no seen kind uses (as on the phantoms)
+    assert {KINDS[k].organ for k in BODY_UNSEEN_KINDS} - {KINDS[k].organ for k in seen_all} == {"pancreas", "spleen"}
     seen = [KINDS[k] for k in SEEN_KINDS]
     assert {-1, 1} <= {p for k in seen for p in k.polarity}
     lo, hi = min(k.diameter_mm[0] for k in KINDS.values()), max(k.diameter_mm[1] for k in KINDS.values())
@@ -393,3 +397,23 @@ def test_balanced_modalities_draw_ct_as_often_as_mr_and_the_default_keeps_the_co
     assert [c.modality for c in again] == drawn["corpus"]
     with pytest.raises(ValueError, match="unknown modality draw 'ct-only'"):
         anatomy_cases(mr, preset, 1, 0, kinds, modalities="ct-only")
+
+
+def test_a_crop_for_a_lesion_holds_the_organ_the_lesion_needs():
+    """A body holds several organs: the crop centres on the kind's own organ, not on any organ."""
+    organs = np.zeros((96, 40, 40), np.uint8)
+    organs[4:20, 10:30, 10:30] = 1  # a large organ at one end
+    organs[80:84, 18:22, 18:22] = 2  # a small one at the other
+    anatomy = Anatomy(np.zeros(organs.shape, np.float32), organs.astype(np.int16), organs, {1: "liver", 2: "spleen"},
+                      "CT")
+    for seed in range(20):
+        crop = random_crop(anatomy, 32, np.random.default_rng(seed), organ_fraction=1.0, organ=2)
+        assert (crop.organs == 2).sum() >= 8, seed
+
+
+def test_training_refuses_unseen_kinds():
+    sources = train.Sources(corpus=None, kinds=("kidney tumor", "spleen lesion"))
+    with pytest.raises(ValueError, match="spleen lesion is an unseen kind"):
+        train.head_cases(get_preset("tiny"), 0, 0, sources)
+    with pytest.raises(ValueError, match="spleen tumour unknown"):
+        train.head_cases(get_preset("tiny"), 0, 0, train.Sources(kinds=("spleen tumour",)))

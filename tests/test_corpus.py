@@ -14,11 +14,13 @@ from scipy import ndimage
 
 from diffugts import corpus
 from diffugts.cli import main
+from diffugts.sdists import default_sdist
 
 INSTALLED = {
     "nilearn-mni152": importlib.util.find_spec("nilearn") is not None,
     "mricron-colin27": (corpus.MRICRON_TEMPLATES / "ch2.nii.gz").exists(),
     "invesalius-cranium": corpus.INVESALIUS_CRANIUM.exists(),
+    "totalsegmentator": default_sdist("totalsegmentator").is_file(),
 }
 needs = {name: pytest.mark.skipif(not ok, reason=f"{name} not installed (make corpus-sources)")
          for name, ok in INSTALLED.items()}
@@ -99,7 +101,7 @@ def test_affines_are_ras_with_the_sources_spacing(built):
     _, manifest, cases = built
     expected = {"nilearn-mni152": (1.0, 1.0, 1.0), "mricron-colin27": (1.0, 1.0, 1.0),
                 "invesalius-cranium": (0.957031, 0.957031, 1.5), "phantom": (1.5, 1.5, 1.5),
-                "pydicom-data": (1.2, 1.2, 1.2)}
+                "pydicom-data": (1.2, 1.2, 1.2), "totalsegmentator": (3.0, 3.0, 3.0)}
     for entry in manifest["training"]:
         affine = cases[entry["id"]]["affine"]
         assert nib.aff2axcodes(affine) == ("R", "A", "S"), entry["id"]
@@ -199,3 +201,37 @@ def test_phantom_bodies_are_in_ras(built):
     assert liver[0] > 0 > spleen[0]
     assert spine[1] < liver[1]
     assert lung[2] > liver[2]
+
+
+@needs["totalsegmentator"]
+def test_real_bodies_put_organs_where_totalsegmentator_maps_them(built, tmp_path):
+    """The example CT and MR: organ maps equal to the files' own classes, in RAS, in HU for CT."""
+    from diffugts.corpus_body import FILES, ORGANS, STRUCTURES
+    from diffugts.sdists import checked_sdist, extract
+
+    _, _, cases = built
+    files = extract(checked_sdist("totalsegmentator"), [f for pair in FILES.values() for f in pair], tmp_path)
+    for modality in ("CT", "MR"):
+        body = cases[f"totalsegmentator_{modality.lower()}_abdomen"]
+        classes = np.asanyarray(nib.as_closest_canonical(nib.load(str(files[FILES[modality][1]]))).dataobj)
+        ids = {name: int(k) for k, name in body["organ_names"].items()}
+        for organ, indices in ORGANS[modality].items():
+            expected = int(np.isin(classes, indices).sum())
+            assert int((body["labels"] == corpus.PHANTOM_ORGAN_LABELS[organ]).sum()) == expected, (modality, organ)
+            if organ in ids:
+                assert int((body["organs"] == ids[organ]).sum()) == expected, (modality, organ)
+        # the MR slab grazes the lung (a few voxels): no lesion could go there, so it is not offered
+        assert ("lung" in ids) == (modality == "CT")
+        offset = corpus.BODY_OFFSET + (0 if modality == "CT" else 100)
+        stomach = next(i for i, name in STRUCTURES[modality].items() if name == "stomach")
+        assert int((body["labels"] == offset + stomach).sum()) == int((classes == stomach).sum()) > 0
+
+        def centre(mask):
+            return body["affine"][:3, :3] @ np.argwhere(mask).mean(0) + body["affine"][:3, 3]
+
+        liver, spleen = centre(body["organs"] == ids["liver"]), centre(body["organs"] == ids["spleen"])
+        assert liver[0] > spleen[0]  # the liver on the patient's right
+        if modality == "CT":
+            image = body["image"]
+            assert np.median(image[body["organs"] == ids["liver"]]) == pytest.approx(50, abs=40)
+            assert np.median(image[body["labels"] == corpus.BONE]) > 100  # vertebrae and ribs, marrow included

