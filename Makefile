@@ -74,17 +74,22 @@ checkov: $(CHECKOV_STAMP)
 	$(CHECKOV_VENV)/bin/checkov -d deploy --framework kubernetes dockerfile --skip-download --compact --quiet
 
 # Zero-shot evaluation of the README's ablation tables: lesions the demo weights never saw, on the
-# phantoms and on real anatomy (the corpus's installed scans, lesion kinds kept out of training).
+# phantoms and on real anatomy (the corpus's installed scans, lesion kinds kept out of training),
+# and pyradiomics' five real tumours with expert masks (evaluation only; overlays beside them).
 UNSEEN := liver cyst,pancreas tumor,spleen lesion,liver metastasis
 UNSEEN_KINDS := brain metastasis,intracranial hemorrhage,brain abscess
+BODY_UNSEEN_KINDS := pancreas tumor,spleen lesion,liver metastasis
 eval: $(STAMP) corpus-sources data-sources
 	$(VENV)/bin/diffugts phantom --out eval_data/unseen --n 16 --seed 2026 --categories "$(UNSEEN)"
 	$(VENV)/bin/diffugts evaluate eval_data/unseen --out eval_out/unseen.json --preset demo --ablation all
 	$(VENV)/bin/diffugts corpus --out eval_data/corpus
 	$(VENV)/bin/diffugts lesions --corpus eval_data/corpus --out eval_data/anatomy_unseen --n 18 --seed 2026 --kinds "$(UNSEEN_KINDS)"
 	$(VENV)/bin/diffugts evaluate eval_data/anatomy_unseen --out eval_out/anatomy_unseen.json --preset demo --ablation all
+	$(VENV)/bin/diffugts lesions --corpus eval_data/corpus --out eval_data/body_unseen --n 18 --seed 2026 --kinds "$(BODY_UNSEEN_KINDS)"
+	$(VENV)/bin/diffugts evaluate eval_data/body_unseen --out eval_out/body_unseen.json --preset demo --ablation all
 	$(VENV)/bin/diffugts real-tumours --out eval_data/real_tumours
 	$(VENV)/bin/diffugts evaluate eval_data/real_tumours --out eval_out/real_tumours.json --preset demo --ablation all
+	$(VENV)/bin/diffugts segment eval_data/real_tumours/dataset.json --out eval_out/real_tumours --preset demo
 	$(VENV)/bin/diffugts real-lesion --out eval_out --preset demo
 	$(PY) -m diffugts.benchmarks.served_vs_eager --out eval_out/served_vs_eager.json
 

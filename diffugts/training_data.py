@@ -186,7 +186,7 @@ def _guess(volume: Volume) -> str:
     return guess_modality(volume.array)
 
 
-MIN_EXTENT_MM = 60.0  # a volume thinner than this along any axis is a slab, not a scan of a head
+MIN_EXTENT_MM = 60.0  # thinner along any axis is a patch, not a scan (pydicom-data's 12 mm brain; the body slabs: 60, 90)
 
 
 def _extent_mm(mask: np.ndarray, spacing: float) -> np.ndarray:
@@ -202,8 +202,8 @@ def write_anatomy_lesions(corpus_dir, out, preset, n: int, seed: int, kinds, pro
         raise ValueError(f"unknown lesion kinds {unknown}; known: {', '.join(KINDS)}")
     if n < 1:
         raise ValueError("--n must be at least 1")
-    # the phantoms in a corpus are for training, and so are slabs (pydicom-data's 12 mm brain patch):
-    # this set is real anatomy, whole heads, only
+    # the phantoms in a corpus are for training, and so are patches (pydicom-data's 12 mm brain):
+    # this set is real anatomy only
     anatomies = [a for a in anatomy_on_model_grid(corpus_dir, preset)
                  if a.source != "phantom" and _extent_mm(a.labels > 0, preset.spacing[0]).min() >= MIN_EXTENT_MM]
     cases = anatomy_cases(anatomies, preset, n, seed, list(kinds), synth_probability=0.0, realistic=True,
