@@ -139,11 +139,13 @@ def flagged_latent(anomaly: np.ndarray, factor: int, threshold: float) -> np.nda
     return block_reduce(anomaly > threshold, factor, np.max)
 
 
-def dilated_unless_flooded(flagged: np.ndarray, dilation: int, max_fraction: float = 1.0) -> np.ndarray:
-    """The flagged latent voxels, dilated. Empty when more than `max_fraction` of them are flagged
-    before dilation (a map that marks most of the window localizes nothing)."""
-    if flagged.mean() > max_fraction:
-        return np.zeros_like(flagged)
+def is_flooded(flagged: np.ndarray, max_fraction: float) -> bool:
+    """More than `max_fraction` of the latent voxels flagged: a map that marks most of the window
+    localizes nothing, so nothing is inpainted there and the head does not see it."""
+    return float(flagged.mean()) > max_fraction
+
+
+def dilated(flagged: np.ndarray, dilation: int) -> np.ndarray:
     if dilation > 0 and flagged.any():
         return ndimage.binary_dilation(flagged, iterations=dilation)
     return flagged
@@ -153,7 +155,8 @@ def inpainting_mask(anomaly: np.ndarray, factor: int, threshold: float, dilation
                     max_fraction: float = 1.0) -> np.ndarray:
     """Latent voxels to inpaint: those holding a pixel of the map over `threshold`, dilated, unless
     more than `max_fraction` of them are flagged."""
-    return dilated_unless_flooded(flagged_latent(anomaly, factor, threshold), dilation, max_fraction)
+    flagged = flagged_latent(anomaly, factor, threshold)
+    return np.zeros_like(flagged) if is_flooded(flagged, max_fraction) else dilated(flagged, dilation)
 
 
 def crop_box(mask: np.ndarray, margin: int, multiple: int) -> tuple[slice, ...]:
@@ -226,11 +229,10 @@ def segment_patch(executor: StageExecutor, patch: np.ndarray, prompts: PromptSet
 
     with timings.stage("inpaint"):
         flagged = flagged_latent(anomaly, preset.latent_factor, preset.anomaly_threshold)
-        share = float(flagged.mean())
-        flooded = share > preset.inpaint_max_fraction  # decides the inpainting and the head's map below
-        mask = np.zeros_like(flagged) if flooded else dilated_unless_flooded(flagged, preset.mask_dilation)
+        flooded = is_flooded(flagged, preset.inpaint_max_fraction)  # decides the inpainting and the head's map
+        mask = np.zeros_like(flagged) if flooded else dilated(flagged, preset.mask_dilation)
         if stats is not None:
-            stats.setdefault("flagged_shares", []).append(share)
+            stats.setdefault("flagged_shares", []).append(float(flagged.mean()))
         if options.inpaint_also is not None:
             mask = mask | options.inpaint_also
         healthy = None  # x_h is x until something is inpainted
