@@ -70,6 +70,7 @@ class BlsClient:
             "modality": np.array([(modality or "").encode()], dtype=np.object_),
             "seed": np.array([options.seed], np.int64),
             "crop": np.array([options.crop], bool),
+            "organ": np.array([options.organ], bool),
         }
         out = self.transport.infer(PIPELINE_MODEL, inputs, self.outputs)
         timings = json.loads(out["timings"][0])

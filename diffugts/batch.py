@@ -169,7 +169,7 @@ class BatchResult:
 
 
 def _request(item: BatchItem, options: LoopOptions, spec: OutputSpec) -> dict:
-    return {"prompt": item.prompt, "modality": item.modality, "seed": options.seed, "crop": options.crop,
+    return {"prompt": item.prompt, "modality": item.modality, "seed": options.seed, "crop": options.crop, "organ": options.organ,
             "steps": options.steps, "format": spec.format, "series_uid": spec.series_uid,
             "anomaly_map_dicom": spec.anomaly_map_dicom}
 
@@ -315,7 +315,7 @@ def segment_command(args) -> int:
     if args.workers < 1 or args.retries < 0 or args.timeout <= 0:
         return fail("--workers must be >= 1, --retries >= 0 and --timeout > 0", 2)
     items = collect_inputs(args.inputs, args.prompt, args.modality)
-    options = LoopOptions(crop=not args.no_crop, seed=args.seed, steps=args.steps)
+    options = LoopOptions(crop=not args.no_crop, seed=args.seed, steps=args.steps, organ=not args.whole_scan)
     urls = args.url or ["127.0.0.1:8001"]
     try:
         if args.backend in TRITON_BACKENDS:

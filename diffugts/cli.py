@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import json
 import sys
+from dataclasses import replace
 from pathlib import Path
 
 from .io import InputError
@@ -32,6 +33,8 @@ def _executor_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--repository", default=None, help="exported repository for the onnx and openvino backends")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--no-crop", action="store_true", help="inpaint the whole latent, not its bounding box")
+    p.add_argument("--whole-scan", action="store_true",
+                   help="do not restrict the maps and the mask to the organ the target names (brain, lung)")
     p.add_argument("--steps", type=int, default=None, help="inference steps (default: the preset's)")
     p.add_argument("--shared-memory", action="store_true",
                    help="triton: pass tensors through system shared memory (client and server on one host)")
@@ -48,7 +51,7 @@ def _make_executor(args):
 def _options(args):
     from .pipeline import LoopOptions
 
-    return LoopOptions(crop=not args.no_crop, seed=args.seed, steps=args.steps)
+    return LoopOptions(crop=not args.no_crop, seed=args.seed, steps=args.steps, organ=not args.whole_scan)
 
 
 def cmd_phantom(args) -> int:
@@ -95,7 +98,7 @@ def cmd_evaluate(args) -> int:
     with Progress(console=_console(True)) as progress:
         for ablation in ablations:
             task = progress.add_task(f"cases ({ablation})", total=total)
-            options = LoopOptions(crop=not args.no_crop, seed=args.seed, steps=args.steps, ablation=ablation)
+            options = replace(_options(args), ablation=ablation)
             results[ablation] = evaluate_dataset(executor, args.dataset, args.split, args.limit, options,
                                                  on_case=lambda _, t=task: progress.advance(t))
             results[ablation]["backend"], results[ablation]["ablation"] = args.backend, ablation

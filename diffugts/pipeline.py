@@ -18,9 +18,10 @@ from scipy import ndimage
 
 from .executors.base import StageExecutor
 from .io import Volume
+from .organ_regions import organ_envelope
 from .postprocess import mask_on_input_grid
 from .preprocess import guess_modality, resample, to_model_grid
-from .prompts import PromptSet, build_prompt_set, normalize_target
+from .prompts import PromptSet, build_prompt_set, normalize_target, spelt_out
 from .schedulers import make_sampler
 from .windows import sliding_window
 
@@ -52,6 +53,9 @@ class LoopOptions:
     # where the mask comes from: the residual head (full), the refined or raw AOVA map, or an
     # intensity-outlier baseline with no learning at all
     ablation: str = "full"
+    # restrict the maps (and so the mask) to the organ the target names, where one is found in the
+    # scan (`organ_regions`): ZePT's tumours-in-their-organ rule
+    organ: bool = True
     # training only: latent voxels inpainted whatever the map says (the ground truth, so that the
     # residual head learns what an inpainted lesion looks like)
     inpaint_also: np.ndarray | None = None
@@ -294,6 +298,9 @@ def segment_volume(executor: StageExecutor, volume: Volume, target: str, modalit
     blended = sliding_window(model_array, preset.patch, preset.window_overlap, run_window)
 
     with timings.stage("postprocess"):
+        envelope = organ_envelope(model_array, modality, spelt_out(target), preset.spacing) if options.organ else None
+        if envelope is not None:
+            blended = {**blended, "prob": blended["prob"] * envelope, "anomaly": blended["anomaly"] * envelope}
         threshold = {"full": preset.mask_threshold, "baseline": 0.5}.get(options.ablation, preset.map_threshold)
         mask = mask_on_input_grid(grid, blended["prob"], threshold, volume.spacing,
                                   preset.min_component_mm3, preset.top_k_components)

@@ -38,14 +38,15 @@ class TritonPythonModel:
         self.specs = input_specs(config)
 
     def _segment(self, request):
-        read_request(request, self.specs, pb_utils.get_input_tensor_by_name, optional=("modality", "seed", "crop"))
+        read_request(request, self.specs, pb_utils.get_input_tensor_by_name, optional=("modality", "seed", "crop", "organ"))
         if _text(request, "modality").upper() not in ("", "CT", "MR"):
             raise ValueError("modality must be CT or MR")
         volume = pb_utils.get_input_tensor_by_name(request, "volume").as_numpy()
         affine = pb_utils.get_input_tensor_by_name(request, "affine").as_numpy()
         volume = Volume(validate_array("volume", volume), validate_affine("affine", affine), "request")
         modality = _text(request, "modality") or None
-        options = LoopOptions(crop=bool(_scalar(request, "crop", True)), seed=int(_scalar(request, "seed", 0)))
+        options = LoopOptions(crop=bool(_scalar(request, "crop", True)), seed=int(_scalar(request, "seed", 0)),
+                              organ=bool(_scalar(request, "organ", True)))
         seg = segment_volume(self.executor, volume, _text(request, "prompt"), modality, options)
         return [pb_utils.Tensor("mask", seg.mask.astype(np.uint8)),
                 pb_utils.Tensor("anomaly", seg.anomaly.astype(np.float32)),

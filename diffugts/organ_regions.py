@@ -1,0 +1,141 @@
+"""The target's organ, found by classical image analysis, to restrict the maps to it.
+
+ZePT restricts each tumour to its organ (method.md, "Peer"). We have no organ model, but two
+organs are found reliably from intensities alone, and they are the ones whose false positives
+swamp the real tumours (eyes and scalp around a brain; humeral heads, spine, stomach and aorta
+around the lungs):
+
+- the brain, on MR or CT: the head's tissue, eroded until the skull's gap cuts the scalp, eyes and
+  neck away, the largest piece grown back and its holes filled;
+- the lungs, on CT: the air inside the body, closed and filled so that nodules and masses in or
+  against the lung are in it.
+
+A target names its organ by a word (`ORGAN_WORDS`); any other target is not restricted. A region
+that comes out implausibly small (a crop, a slab, an odd contrast) restricts nothing either: the
+rule must never take away what the maps found when it cannot find the organ.
+"""
+
+from __future__ import annotations
+
+import re
+
+import cc3d
+import numpy as np
+import SimpleITK as sitk
+from scipy import ndimage
+
+ORGAN_WORDS = {
+    "brain": ("brain", "cerebral", "cerebellar", "intracranial", "glioma", "glioblastoma", "astrocytoma",
+              "meningioma", "oligodendroglioma"),
+    "lung": ("lung", "lungs", "pulmonary", "bronchial", "bronchogenic"),
+}
+# grown around the organ so that a lesion on its border (juxtapleural, at the dura) stays whole
+MARGIN_MM = 9.0
+ERODE_MM = 7.0  # brain: deeper than the skull and CSF gap, shallower than half the brain
+CLOSE_MM = 15.0  # bridges a lesion against the organ's edge (the pleura, the hilum, the dura)
+LUNG_MEDIAN_HU = -960.0
+BRAIN_HU = (-900.0, 300.0)  # neither air nor bone: a lesion may read anything between
+MIN_ML = {"brain": 300.0, "lung": 300.0}
+
+
+def target_organ(target: str) -> str | None:
+    """'lung nodule' -> 'lung', 'glioma' -> 'brain', 'kidney tumor' -> None."""
+    words = set(re.findall(r"[a-z]+", target.lower()))
+    return next((organ for organ, names in ORGAN_WORDS.items() if words & set(names)), None)
+
+
+def hounsfield(image: np.ndarray) -> np.ndarray:
+    """Model intensities of a CT ([0, 1] over -1000..1000 HU) back in HU."""
+    return image * 2000.0 - 1000.0
+
+
+def distance_mm(mask: np.ndarray, spacing) -> np.ndarray:
+    """Distance of every voxel outside `mask` to it, in mm (0 inside)."""
+    return ndimage.distance_transform_edt(~mask, sampling=spacing)
+
+
+def grown(mask: np.ndarray, mm: float, spacing) -> np.ndarray:
+    return distance_mm(mask, spacing) <= mm if mask.any() else mask
+
+
+def shrunk(mask: np.ndarray, mm: float, spacing) -> np.ndarray:
+    return ndimage.distance_transform_edt(mask, sampling=spacing) > mm
+
+
+def large_components(mask: np.ndarray, share: float) -> np.ndarray:
+    """The components of at least `share` of the largest one's size."""
+    labels = cc3d.connected_components(mask.view(np.uint8), connectivity=6)
+    sizes = np.bincount(labels.ravel())
+    sizes[0] = 0
+    return np.isin(labels, np.flatnonzero(sizes >= share * sizes.max())) if sizes.any() else mask
+
+
+def filled(mask: np.ndarray) -> np.ndarray:
+    """Holes filled in 3D, then in each axial slice (a hole open at the volume's top or bottom)."""
+    return filled_slices(ndimage.binary_fill_holes(mask))
+
+
+def closed(mask: np.ndarray, mm: float, spacing) -> np.ndarray:
+    """Grown then shrunk by `mm`: bridges gaps and concavities narrower than that."""
+    return ~grown(~grown(mask, mm, spacing), mm, spacing) if mask.any() else mask
+
+
+def filled_slices(mask: np.ndarray) -> np.ndarray:
+    out = mask.copy()
+    for z in range(mask.shape[2]):
+        out[..., z] = ndimage.binary_fill_holes(mask[..., z])
+    return out
+
+
+def head_signal(image: np.ndarray, modality: str) -> np.ndarray:
+    """CT: the brain's band of HU (parenchyma, blood, CSF; not bone, fat or air). MR: the scan's
+    signal above its Otsu level over every voxel (air, cortical bone and most CSF below)."""
+    if modality == "CT":
+        hu = hounsfield(image)
+        return (hu > BRAIN_HU[0]) & (hu < BRAIN_HU[1])
+    otsu = sitk.OtsuThresholdImageFilter()
+    otsu.Execute(sitk.GetImageFromArray(image))
+    return image > otsu.GetThreshold()
+
+
+def brain_region(image: np.ndarray, modality: str, spacing) -> np.ndarray:
+    """The head's signal eroded until the skull's gap cuts the scalp, eyes and neck away, the
+    largest piece grown back; closed and filled so that a lesion of any intensity inside or at the
+    edge of the brain stays in."""
+    # both hemispheres when a large lesion parts them
+    core = large_components(shrunk(head_signal(image, modality), ERODE_MM, spacing), 0.25)
+    return filled(closed(grown(core, ERODE_MM, spacing), CLOSE_MM, spacing))
+
+
+def lung_region(image: np.ndarray, modality: str, spacing) -> np.ndarray:
+    if modality != "CT":  # air is dark on MR, like everything else without signal
+        return np.zeros(image.shape, bool)
+    hu = hounsfield(image)
+    air = hu < -400
+    inside = np.zeros_like(air)
+    for z in range(air.shape[2]):  # per axial slice: a lung open at the scan's end reaches no side
+        labels, _ = ndimage.label(air[..., z])
+        sides = np.unique(np.concatenate([labels[0], labels[-1], labels[:, 0], labels[:, -1]]))
+        inside[..., z] = air[..., z] & ~np.isin(labels, sides)
+    # lung parenchyma reads -950..-600 HU at our spacing; gas in the bowel is air itself
+    labels = cc3d.connected_components(inside.view(np.uint8), connectivity=6)
+    parenchyma = [k for k in range(1, int(labels.max()) + 1)
+                  if np.median(hu[labels == k]) > LUNG_MEDIAN_HU]
+    lungs = large_components(np.isin(labels, parenchyma), 0.1)  # both lungs, not a stray pocket
+    # filled in 3D only: in an axial slice the mediastinum lies between the lungs, closed off
+    return ndimage.binary_fill_holes(closed(lungs, CLOSE_MM, spacing))
+
+
+RULES = {"brain": brain_region, "lung": lung_region}
+
+
+def organ_envelope(image: np.ndarray, modality: str, target: str, spacing) -> np.ndarray | None:
+    """Voxels of the model grid where the target's organ is (with `MARGIN_MM` around it), or None
+    when the target names no organ we find or the organ found is implausibly small."""
+    organ = target_organ(target)
+    if organ is None:
+        return None
+    region = RULES[organ](image, modality.upper(), spacing)
+    if region.sum() * float(np.prod(spacing)) / 1000.0 < MIN_ML[organ]:
+        return None
+    return grown(region, MARGIN_MM, spacing)
