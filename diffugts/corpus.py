@@ -29,6 +29,8 @@ from typing import Callable
 import numpy as np
 from scipy import ndimage
 
+from .organ_regions import filled
+
 
 # Tissue classes shared by every entry; atlas regions are offset so that ids never collide.
 CSF, GREY_MATTER, WHITE_MATTER, BONE, SOFT_TISSUE, FAT, AIR_CAVITY, BRAIN = 1, 2, 3, 4, 5, 6, 7, 8
@@ -150,19 +152,11 @@ def _largest_component(mask: np.ndarray) -> np.ndarray:
     return labels == 1 + int(np.argmax(sizes))
 
 
-def _fill_slices(mask: np.ndarray, axis: int = 2) -> np.ndarray:
-    """Fill holes slice by slice (a skull open at the foramen magnum has no 3-D hole to fill)."""
-    out = np.moveaxis(mask.copy(), axis, 0)
-    for k in range(out.shape[0]):
-        out[k] = ndimage.binary_fill_holes(out[k])
-    return np.moveaxis(out, 0, axis)
-
-
 def _head_mask(image: np.ndarray, threshold: float) -> np.ndarray:
     """Everything inside the skin: the largest bright component, closed and filled."""
     mask = _largest_component(image > threshold)
     mask = ndimage.binary_closing(mask, iterations=2)
-    return _fill_slices(ndimage.binary_fill_holes(mask))
+    return filled(mask)
 
 
 def _atlas_overlay(labels: np.ndarray, atlas: np.ndarray, name: str, where: np.ndarray) -> None:
@@ -326,7 +320,7 @@ def _ct_labels(hu: np.ndarray, head: np.ndarray) -> tuple[np.ndarray, np.ndarray
     soft = head & (smooth > -30) & (smooth < 100) & ~ndimage.binary_dilation(bone, iterations=1)
     core = _largest_component(ndimage.binary_erosion(soft, iterations=4))
     brain = ndimage.binary_dilation(core, iterations=5, mask=soft)
-    brain = _fill_slices(ndimage.binary_fill_holes(brain), axis=2) & ~bone
+    brain = filled(brain) & ~bone
     labels = np.zeros(hu.shape, np.int16)
     labels[head & (smooth < -200)] = AIR_CAVITY
     labels[head & (smooth >= -200) & (smooth < -30)] = FAT

@@ -81,6 +81,7 @@ def closed(mask: np.ndarray, mm: float, spacing) -> np.ndarray:
 
 
 def filled_slices(mask: np.ndarray) -> np.ndarray:
+    """Holes filled in each axial slice (a skull open at the foramen magnum has no 3D hole)."""
     out = mask.copy()
     for z in range(mask.shape[2]):
         out[..., z] = ndimage.binary_fill_holes(mask[..., z])

@@ -1,0 +1,136 @@
+"""The target's organ found by classical image analysis, checked against organ maps we did not draw
+with it (the corpus's brains and the phantoms' lungs), and the loop's restriction to it."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from diffugts import corpus, organ_regions
+from diffugts.io import Volume
+from diffugts.organ_regions import organ_envelope, target_organ
+from diffugts.pipeline import LoopOptions, segment_volume
+from diffugts.preprocess import labels_to_model_grid, to_model_grid
+from diffugts.sdists import default_sdist
+
+SPACING = (3.0, 3.0, 3.0)  # the demo preset's
+
+
+def on_model_grid(entry: corpus.Entry) -> tuple[np.ndarray, np.ndarray]:
+    """An entry's image and organ map on the demo preset's model grid."""
+    image, _ = to_model_grid(Volume(entry.image, entry.affine, entry.id), entry.modality, SPACING, 64)
+    organs = labels_to_model_grid(Volume(entry.organs.astype(np.float32), entry.affine, entry.id), SPACING, 64)
+    return image, organs
+
+
+def organ_map(entry: corpus.Entry, organs: np.ndarray, organ: str) -> np.ndarray:
+    return np.isin(organs, [int(k) for k, name in entry.organ_names.items() if name == organ])
+
+
+def dice(a: np.ndarray, b: np.ndarray) -> float:
+    return 2.0 * float((a & b).sum()) / max(float(a.sum() + b.sum()), 1.0)
+
+
+@pytest.mark.parametrize("target, organ", [
+    ("brain tumor", "brain"), ("Glioblastoma", "brain"), ("intracranial hemorrhage", "brain"),
+    ("lung nodule", "lung"), ("pulmonary mass", "lung"), ("non-small cell lung cancer", "lung"),
+    ("kidney tumor", None), ("liver metastasis", None), ("breast tumor", None), ("nodule", None),
+])
+def test_a_target_names_its_organ_by_a_word(target, organ):
+    assert target_organ(target) == organ
+
+
+@pytest.fixture(scope="module")
+def colin27():
+    if not (corpus.MRICRON_TEMPLATES / "ch2.nii.gz").exists():
+        pytest.skip("mricron-data not installed (make corpus-sources)")
+    return {e.id: e for e in corpus._colin27()}
+
+
+def test_the_brain_on_a_head_mr_with_skull_and_eyes_is_the_brain(colin27):
+    for entry in colin27.values():
+        image, organs = on_model_grid(entry)
+        region = organ_regions.brain_region(image, "MR", SPACING)
+        assert dice(region, organ_map(entry, organs, "brain")) > 0.93, entry.id
+    # the eyes and the scalp are outside it: nothing of the region in front of the brain's front
+    entry = colin27["colin27_ch2"]
+    image, organs = on_model_grid(entry)
+    region = organ_regions.brain_region(image, "MR", SPACING)
+    front = np.flatnonzero(organ_map(entry, organs, "brain").any(axis=(0, 2))).max()
+    assert not region[:, front + 3:].any()
+
+
+def test_a_lesion_of_any_intensity_at_the_brains_edge_stays_in_the_envelope(colin27):
+    entry = colin27["colin27_ch2"]
+    image, organs = on_model_grid(entry)
+    brain = organ_map(entry, organs, "brain")
+    edge = np.argwhere(brain & ~organ_regions.shrunk(brain, 3.0, SPACING))
+    centre = edge[len(edge) // 3]
+    ball = np.linalg.norm((np.indices(image.shape).T - centre).T, axis=0) * SPACING[0] <= 12.0
+    for value in (0.0, 1.0):  # a fluid cyst reads like the air; a bleed or a rim like the fat
+        lesioned = np.where(ball, value, image)
+        envelope = organ_envelope(lesioned, "MR", "brain tumor", SPACING)
+        assert envelope[ball & brain].mean() > 0.95, value
+
+
+def test_the_brain_on_a_real_head_ct():
+    if not corpus.INVESALIUS_CRANIUM.exists():
+        pytest.skip("invesalius-examples not installed (make corpus-sources)")
+    (entry,) = corpus._cranium()
+    image, organs = on_model_grid(entry)
+    assert dice(organ_regions.brain_region(image, "CT", SPACING), organ_map(entry, organs, "brain")) > 0.93
+
+
+def test_the_lungs_on_a_ct_body_and_nothing_on_mr():
+    ct, mr = corpus._phantoms(n=2)
+    image, organs = on_model_grid(ct)
+    lungs = organ_map(ct, organs, "lung")
+    assert dice(organ_regions.lung_region(image, "CT", SPACING), lungs) > 0.85
+    envelope = organ_envelope(image, "CT", "lung nodule", SPACING)
+    assert envelope[lungs].all()
+    assert envelope.mean() < 0.5  # the body's soft tissue and bone are outside it
+    image, _ = on_model_grid(mr)
+    assert organ_envelope(image, "MR", "lung nodule", SPACING) is None
+
+
+def test_an_abdominal_slab_with_only_the_lung_bases_restricts_nothing():
+    if not default_sdist("totalsegmentator").is_file():
+        pytest.skip("TotalSegmentator's sdist not fetched (make data-sources)")
+    from diffugts.corpus_body import totalsegmentator_examples
+
+    ct = next(e for e in totalsegmentator_examples() if e.modality == "CT")
+    image, organs = on_model_grid(ct)
+    lungs = organ_map(ct, organs, "lung")
+    region = organ_regions.lung_region(image, "CT", SPACING)
+    assert dice(region, lungs) > 0.9  # the bases are found (the gas in the bowel is not lung)
+    assert region.sum() * 27 / 1000 < organ_regions.MIN_ML["lung"]
+    assert organ_envelope(image, "CT", "lung nodule", SPACING) is None
+
+
+@pytest.fixture(scope="module")
+def tiny_executor():
+    pytest.importorskip("torch")
+    from diffugts.executors import make_executor
+
+    return make_executor("torch", "tiny")
+
+
+def test_the_loop_restricts_the_maps_to_the_organ_the_target_names(tiny_executor):
+    ct, _ = corpus._phantoms(n=2)
+    volume = Volume(ct.image, ct.affine, ct.id)
+    restricted = segment_volume(tiny_executor, volume, "lung nodule", "CT")
+    whole = segment_volume(tiny_executor, volume, "lung nodule", "CT", LoopOptions(organ=False))
+    preset = tiny_executor.preset
+    model, grid = to_model_grid(volume, "CT", preset.spacing, preset.patch)
+    # the envelope as the maps see it on the input grid: 1 inside, 0 away from it, between on its edge
+    envelope = grid.to_input_grid(organ_envelope(model, "CT", "lung nodule", preset.spacing).astype(np.float32))
+    inside, away = envelope > 1 - 1e-6, envelope < 1e-6
+    assert inside.any() and away.any()
+    assert whole.anomaly[away].max() > 0  # random weights: the unrestricted map is everywhere
+    assert np.all(restricted.anomaly[away] == 0)
+    np.testing.assert_allclose(restricted.anomaly[inside], whole.anomaly[inside], rtol=1e-5, atol=1e-7)
+    assert not (restricted.mask.astype(bool) & away).any()
+    # a target that names no organ we find: the same run, voxel for voxel
+    np.testing.assert_array_equal(segment_volume(tiny_executor, volume, "kidney tumor", "CT").mask,
+                                  segment_volume(tiny_executor, volume, "kidney tumor", "CT",
+                                                 LoopOptions(organ=False)).mask)
