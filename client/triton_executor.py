@@ -58,6 +58,8 @@ class BlsClient:
         self.preset = remote_preset(self.transport, config)
         # a repository exported before the loop reported notices has no such output
         self.outputs = ["mask", "anomaly", "timings"] + [o.name for o in config.output if o.name == "notices"]
+        # nor an 'organ' input: such a server never restricts to the organ (as --whole-scan)
+        self.takes_organ = any(i.name == "organ" for i in config.input)
 
     def segment_volume(self, volume: Volume, target: str, modality: str | None = None,
                        options: LoopOptions | None = None) -> Segmentation:
@@ -70,8 +72,9 @@ class BlsClient:
             "modality": np.array([(modality or "").encode()], dtype=np.object_),
             "seed": np.array([options.seed], np.int64),
             "crop": np.array([options.crop], bool),
-            "organ": np.array([options.organ], bool),
         }
+        if self.takes_organ:
+            inputs["organ"] = np.array([options.organ], bool)
         out = self.transport.infer(PIPELINE_MODEL, inputs, self.outputs)
         timings = json.loads(out["timings"][0])
         notices = tuple(json.loads(out["notices"][0])) if "notices" in out else ()

@@ -31,7 +31,10 @@ ORGAN_WORDS = {
 }
 # grown around the organ so that a lesion on its border (juxtapleural, at the dura) stays whole
 MARGIN_MM = 9.0
-ERODE_MM = 7.0  # brain: deeper than the skull and CSF gap, shallower than half the brain
+# brain: deeper than the skull and CSF gap, shallower than half the brain; deeper steps for thick
+# slices (Colin27 averaged into 6 mm slices: region Dice 0.81 at 7 mm, 0.93 at 9 mm)
+ERODE_MM = (7.0, 9.0, 11.0, 13.0)
+MAX_BRAIN_ML = 2100.0  # above the intracranial volume of a large adult
 CLOSE_MM = 15.0  # bridges a lesion against the organ's edge (the pleura, the hilum, the dura)
 LUNG_MEDIAN_HU = -960.0
 BRAIN_HU = (-900.0, 300.0)  # neither air nor bone: a lesion may read anything between
@@ -101,11 +104,17 @@ def head_signal(image: np.ndarray, modality: str) -> np.ndarray:
 
 def brain_region(image: np.ndarray, modality: str, spacing) -> np.ndarray:
     """The head's signal eroded until the skull's gap cuts the scalp, eyes and neck away, the
-    largest piece grown back; closed and filled so that a lesion of any intensity inside or at the
-    edge of the brain stays in."""
-    # both hemispheres when a large lesion parts them
-    core = large_components(shrunk(head_signal(image, modality), ERODE_MM, spacing), 0.25)
-    return filled(closed(grown(core, ERODE_MM, spacing), CLOSE_MM, spacing))
+    large pieces grown back; closed and filled so that a lesion of any intensity inside or at the
+    edge of the brain stays in. Thick slices blur the gap along z: while the region is larger
+    than any brain (`MAX_BRAIN_ML`, the eyes or scalp still attached), erode deeper."""
+    signal = head_signal(image, modality)
+    for erode in ERODE_MM:
+        # both hemispheres when a large lesion parts them
+        core = large_components(shrunk(signal, erode, spacing), 0.25)
+        region = filled(closed(grown(core, erode, spacing), CLOSE_MM, spacing))
+        if region.sum() * float(np.prod(spacing)) / 1000.0 <= MAX_BRAIN_ML:
+            break
+    return region
 
 
 def lung_region(image: np.ndarray, modality: str, spacing) -> np.ndarray:

@@ -17,6 +17,7 @@ class Tensor:
     name: str
     dtype: str  # Triton dtype name without TYPE_: FP32, INT64, BYTES, UINT8, FP64, BOOL
     dims: tuple[int, ...]
+    optional: bool = False  # a request may leave it out (inputs added later: older clients still work)
 
 
 @dataclass(frozen=True)
@@ -78,7 +79,7 @@ PIPELINE = StageSpec(
     "diffugts_pipeline",
     (Tensor("volume", "FP32", (-1, -1, -1)), Tensor("affine", "FP64", (4, 4)), Tensor("prompt", "BYTES", (1,)),
      Tensor("modality", "BYTES", (1,)), Tensor("seed", "INT64", (1,)), Tensor("crop", "BOOL", (1,)),
-     Tensor("organ", "BOOL", (1,))),  # organ: restrict the maps to the target's organ (LoopOptions.organ)
+     Tensor("organ", "BOOL", (1,), optional=True)),  # restrict the maps to the target's organ (LoopOptions.organ)
     (Tensor("mask", "UINT8", (-1, -1, -1)), Tensor("anomaly", "FP32", (-1, -1, -1)),
      Tensor("timings", "BYTES", (1,)), Tensor("notices", "BYTES", (1,))),  # timings, notices: JSON
     max_batch_size=0,

@@ -55,8 +55,8 @@ def _config_dtype(t: Tensor) -> str:
 
 
 def _tensors(kind: str, tensors: tuple[Tensor, ...]) -> str:
-    rows = ",\n".join(f'  {{ name: "{t.name}", data_type: {_config_dtype(t)}, dims: {_dims(t)} }}'
-                       for t in tensors)
+    rows = ",\n".join(f'  {{ name: "{t.name}", data_type: {_config_dtype(t)}, dims: {_dims(t)}'
+                       f'{", optional: true" if t.optional else ""} }}' for t in tensors)
     return f"{kind} [\n{rows}\n]"
 
 

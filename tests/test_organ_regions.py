@@ -60,6 +60,22 @@ def test_the_brain_on_a_head_mr_with_skull_and_eyes_is_the_brain(colin27):
     assert not region[:, front + 3:].any()
 
 
+def test_the_brain_in_thick_slices_as_clinical_mr_takes_them(colin27):
+    """Colin27 averaged into 6 mm axial slices: the blurred skull gap leaves the eyes and scalp
+    attached at the first erosion (region ~2440 ml); the deeper one finds the brain."""
+    entry = colin27["colin27_ch2"]
+    n = entry.image.shape[2] // 6
+    thick = entry.image[..., :n * 6].reshape(*entry.image.shape[:2], n, 6).mean(-1)
+    affine = entry.affine.copy()
+    affine[:3, 2] *= 6
+    image, _ = to_model_grid(Volume(thick, affine, "thick"), "MR", SPACING, 64)
+    organs = labels_to_model_grid(Volume(entry.organs[..., 3:n * 6:6].astype(np.float32), affine, "thick"),
+                                  SPACING, 64)
+    region = organ_regions.brain_region(image, "MR", SPACING)
+    assert region.sum() * 27 / 1000 <= organ_regions.MAX_BRAIN_ML
+    assert dice(region, organs > 0) > 0.9
+
+
 def test_a_lesion_of_any_intensity_at_the_brains_edge_stays_in_the_envelope(colin27):
     entry = colin27["colin27_ch2"]
     image, organs = on_model_grid(entry)

@@ -158,6 +158,26 @@ def test_the_in_server_loop_reports_where_it_skipped_inpainting(tiny_repository,
     assert dice(served.mask, eager.mask) >= 0.99 or not (served.mask.any() or eager.mask.any())
 
 
+def test_the_in_server_loop_restricts_to_the_organ_unless_asked_not_to(triton_server, torch_executor):
+    """The BLS model's optional 'organ' input: left out or true, the lungs; false, the whole scan."""
+    from diffugts.corpus import _phantoms
+    from diffugts.io import Volume
+
+    (ct,) = _phantoms(n=1)
+    volume = Volume(ct.image, ct.affine, ct.id)
+    client = BlsClient(triton_server.grpc_url)
+    assert client.takes_organ
+    for organ in (True, False):
+        eager = segment_volume(torch_executor, volume, "lung nodule", "CT", LoopOptions(organ=organ))
+        served = client.segment_volume(volume, "lung nodule", "CT", LoopOptions(organ=organ))
+        assert relative(served.anomaly, eager.anomaly) < 1e-3, organ
+        assert dice(served.mask, eager.mask) >= 0.99 or not (served.mask.any() or eager.mask.any())
+    restricted = client.segment_volume(volume, "lung nodule", "CT")
+    whole = client.segment_volume(volume, "lung nodule", "CT", LoopOptions(organ=False))
+    assert (restricted.anomaly == 0).sum() > (whole.anomaly == 0).sum()  # zero away from the lungs
+    client.close()
+
+
 def test_killed_server_gives_a_clear_error_not_a_hang(tiny_repository, unseen, tmp_path):
     from diffugts.serve import TritonServer
 
