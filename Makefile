@@ -83,6 +83,7 @@ eval: $(STAMP) corpus-sources data-sources
 	$(VENV)/bin/diffugts real-tumours --out eval_data/real_tumours
 	$(VENV)/bin/diffugts evaluate eval_data/real_tumours --out eval_out/real_tumours.json --preset demo --ablation all
 	$(VENV)/bin/diffugts segment eval_data/real_tumours/dataset.json --out eval_out/real_tumours --preset demo
+	$(PY) -m diffugts.benchmarks.real_tumours_figure --out eval_out/real_tumours_overlay.png
 	$(VENV)/bin/diffugts real-lesion --out eval_out --preset demo
 	$(PY) -m diffugts.benchmarks.served_vs_eager --out eval_out/served_vs_eager.json
 

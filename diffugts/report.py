@@ -48,6 +48,12 @@ def _orientation_letters(ax) -> None:
                 ha="center", va="center")
 
 
+def outline(ax, region: np.ndarray, color: str = "lime"):
+    """A region's outline over an `imshow(origin="upper")` picture. Not `contour(origin="upper")`:
+    on axes imshow has already turned, that flips the outline upside down."""
+    return ax.contour(region, levels=[0.5], colors=color, linewidths=1)
+
+
 def write_overlay(path: Path, image: np.ndarray, mask: np.ndarray, anomaly: np.ndarray | None = None,
                   truth: np.ndarray | None = None, title: str = "", modality: str | None = None,
                   affine: np.ndarray | None = None) -> bool:
@@ -73,7 +79,7 @@ def write_overlay(path: Path, image: np.ndarray, mask: np.ndarray, anomaly: np.n
         row[0].imshow(np.ma.masked_where(mask[..., z].T == 0, mask[..., z].T), cmap="autumn",
                       alpha=0.5, origin="upper")
         if truth is not None and truth[..., z].any():
-            row[0].contour(truth[..., z].T, levels=[0.5], colors="lime", linewidths=1, origin="upper")
+            outline(row[0], truth[..., z].T)
         row[0].set_title(f"axial {z}: mask (red)" + (", truth (green)" if truth is not None else ""))
         if anomaly is not None:
             row[1].imshow(image[..., z].T, cmap="gray", vmin=lo, vmax=hi, origin="upper")

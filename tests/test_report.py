@@ -3,7 +3,7 @@
 import numpy as np
 import pytest
 
-from diffugts.report import display_window, radiological, top_slices, write_overlay
+from diffugts.report import display_window, outline, radiological, top_slices, write_overlay
 
 
 def test_top_slices_are_the_ones_with_most_lesion():
@@ -33,6 +33,24 @@ def test_overlay_png_is_written(tmp_path):
     assert write_overlay(tmp_path / "o.png", image, mask, np.full(image.shape, 0.05, np.float32),
                          truth=mask, title="t", modality="CT")
     assert (tmp_path / "o.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_the_truth_outline_is_drawn_where_the_truth_is():
+    """Over a picture drawn top row first, the outline of a region in the top rows is at the top
+    (contour(origin="upper") drew it at the bottom: the real lesion's outline was upside down)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    region = np.zeros((20, 20))
+    region[2:5, 8:12] = 1
+    fig, ax = plt.subplots()
+    ax.imshow(region, origin="upper")
+    drawn = np.concatenate([p.vertices for p in outline(ax, region).get_paths()])
+    plt.close(fig)
+    assert 1 <= drawn[:, 1].min() and drawn[:, 1].max() <= 5  # rows 2-4, give or take half a pixel
+    assert 7 <= drawn[:, 0].min() and drawn[:, 0].max() <= 12
 
 
 def marked_volume(affine, shape=(20, 22, 6)):
