@@ -140,7 +140,7 @@ def write_outputs(out: Path, key: str, volume, seg, prompt: str, meta: dict,
         identity = algorithm_of(model or {}) if spec.format != "nifti" else None
         save_outputs(staging, key, volume, seg, prompt, spec.format, identity, spec.anomaly_map_dicom)
         with _plot_lock:
-            note = "\nnote: the map flagged too much to inpaint (see notices)" if seg.notices else ""
+            note = "".join(f"\nnote: {n[:90]}{'...' if len(n) > 90 else ''}" for n in seg.notices)
             write_overlay(staging / f"{key}_overlay.png", volume.array, seg.mask, seg.anomaly,
                           title=f"{key}: {prompt} ({seg.modality}){note}", modality=seg.modality, affine=volume.affine)
         (staging / f"{key}_timings.json").write_text(json.dumps(

@@ -137,6 +137,7 @@ def lung_region(image: np.ndarray, modality: str, spacing) -> np.ndarray:
 
 
 RULES = {"brain": brain_region, "lung": lung_region}
+NAMES = {"brain": "brain", "lung": "lungs"}
 
 
 def organ_envelope(image: np.ndarray, modality: str, target: str, spacing) -> np.ndarray | None:
@@ -149,3 +150,17 @@ def organ_envelope(image: np.ndarray, modality: str, target: str, spacing) -> np
     if region.sum() * float(np.prod(spacing)) / 1000.0 < MIN_ML[organ]:
         return None
     return grown(region, MARGIN_MM, spacing)
+
+
+def restriction_notice(target: str, envelope: np.ndarray | None, spacing) -> tuple[str, ...]:
+    """What a reader of the mask should know about the restriction (`Segmentation.notices`)."""
+    organ = target_organ(target)
+    if organ is None:
+        return ()
+    name = NAMES[organ]
+    if envelope is None:
+        return (f"the {name} could not be found in this scan (none of {MIN_ML[organ]:g} ml or more: a crop, a "
+                f"slab, another region), so the maps were not restricted to the {name}",)
+    ml = float(envelope.sum()) * float(np.prod(spacing)) / 1000.0
+    return (f"the maps were restricted to the {name} found in this scan ({ml:.0f} ml with a "
+            f"{MARGIN_MM:g} mm margin); --whole-scan turns this off",)

@@ -18,7 +18,7 @@ from scipy import ndimage
 
 from .executors.base import StageExecutor
 from .io import Volume
-from .organ_regions import organ_envelope
+from .organ_regions import organ_envelope, restriction_notice
 from .postprocess import mask_on_input_grid
 from .preprocess import guess_modality, resample, to_model_grid
 from .prompts import PromptSet, build_prompt_set, normalize_target, spelt_out
@@ -265,7 +265,8 @@ def segment_patch(executor: StageExecutor, patch: np.ndarray, prompts: PromptSet
 def loop_notices(target: str, flagged_shares: list[float], max_fraction: float) -> tuple[str, ...]:
     """Plain-language notes on a run that the mask alone does not show.
 
-    Today one: windows where the map flagged too much to inpaint (`Preset.inpaint_max_fraction`).
+    Here: windows where the map flagged too much to inpaint (`Preset.inpaint_max_fraction`); the
+    organ restriction adds its own (`organ_regions.restriction_notice`).
     A prompt the model was not trained on can lift the map over the whole scan (model card, "A map
     that flags everything"); the mask there rests on the scan alone."""
     gated = [s for s in flagged_shares if s > max_fraction]
@@ -311,6 +312,8 @@ def segment_volume(executor: StageExecutor, volume: Volume, target: str, modalit
         return lambda: grid.to_input_grid(blended[name])
 
     notices = loop_notices(normalize_target(target), stats.get("flagged_shares", []), preset.inpaint_max_fraction)
+    if options.organ:
+        notices += restriction_notice(spelt_out(target), envelope, preset.spacing)
     return Segmentation(mask, on_input_grid("prob"), on_input_grid("anomaly"), on_input_grid("healthy"),
                         modality, prompts, dict(timings), fraction, notices)
 

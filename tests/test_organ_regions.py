@@ -123,6 +123,17 @@ def test_an_abdominal_slab_with_only_the_lung_bases_restricts_nothing():
     assert organ_envelope(image, "CT", "lung nodule", SPACING) is None
 
 
+def test_the_notice_says_where_the_maps_were_kept_or_that_no_organ_was_found():
+    envelope = np.zeros((10, 10, 10), bool)
+    envelope[:5] = True
+    (kept,) = organ_regions.restriction_notice("lung nodule", envelope, SPACING)
+    assert kept == ("the maps were restricted to the lungs found in this scan (14 ml with a 9 mm margin); "
+                    "--whole-scan turns this off")
+    (missing,) = organ_regions.restriction_notice("glioma", None, SPACING)
+    assert missing.startswith("the brain could not be found in this scan (none of 300 ml or more")
+    assert organ_regions.restriction_notice("kidney tumor", None, SPACING) == ()
+
+
 @pytest.fixture(scope="module")
 def tiny_executor():
     pytest.importorskip("torch")
@@ -146,6 +157,8 @@ def test_the_loop_restricts_the_maps_to_the_organ_the_target_names(tiny_executor
     assert np.all(restricted.anomaly[away] == 0)
     np.testing.assert_allclose(restricted.anomaly[inside], whole.anomaly[inside], rtol=1e-5, atol=1e-7)
     assert not (restricted.mask.astype(bool) & away).any()
+    assert restricted.notices[-1].startswith("the maps were restricted to the lungs found in this scan (")
+    assert not any("restricted" in n for n in whole.notices)
     # a target that names no organ we find: the same run, voxel for voxel
     np.testing.assert_array_equal(segment_volume(tiny_executor, volume, "kidney tumor", "CT").mask,
                                   segment_volume(tiny_executor, volume, "kidney tumor", "CT",

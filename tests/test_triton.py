@@ -131,7 +131,9 @@ def test_client_runs_where_torch_cannot_be_imported(triton_server, phantom_dir, 
     assert (tmp_path / "case_002_mask.nii.gz").is_file()
     timings = json.loads((tmp_path / "case_002_timings.json").read_text())
     assert timings["backend"] == "triton" and timings["seconds"]["inpaint"] >= 0
-    assert timings["notices"] == []  # the tiny preset never skips inpainting
+    # the tiny preset never skips inpainting; the brain prompt is kept to the phantom's brain
+    (notice,) = timings["notices"]
+    assert notice.startswith("the maps were restricted to the brain found in this scan")
 
 
 def test_the_in_server_loop_reports_where_it_skipped_inpainting(tiny_repository, torch_executor, unseen, tmp_path):
