@@ -6,7 +6,7 @@ swamp the real tumours (eyes and scalp around a brain; humeral heads, spine, sto
 around the lungs):
 
 - the brain, on MR or CT: the head's tissue, eroded until the skull's gap cuts the scalp, eyes and
-  neck away, the largest piece grown back and its holes filled;
+  neck away, the large pieces grown back, closed and filled;
 - the lungs, on CT: the air inside the body, closed and filled so that nodules and masses in or
   against the lung are in it.
 
@@ -45,6 +45,10 @@ def target_organ(target: str) -> str | None:
     """'lung nodule' -> 'lung', 'glioma' -> 'brain', 'kidney tumor' -> None."""
     words = set(re.findall(r"[a-z]+", target.lower()))
     return next((organ for organ, names in ORGAN_WORDS.items() if words & set(names)), None)
+
+
+def millilitres(mask: np.ndarray, spacing) -> float:
+    return float(mask.sum()) * float(np.prod(spacing)) / 1000.0
 
 
 def hounsfield(image: np.ndarray) -> np.ndarray:
@@ -112,7 +116,7 @@ def brain_region(image: np.ndarray, modality: str, spacing) -> np.ndarray:
         # both hemispheres when a large lesion parts them
         core = large_components(shrunk(signal, erode, spacing), 0.25)
         region = filled(closed(grown(core, erode, spacing), CLOSE_MM, spacing))
-        if region.sum() * float(np.prod(spacing)) / 1000.0 <= MAX_BRAIN_ML:
+        if millilitres(region, spacing) <= MAX_BRAIN_ML:
             break
     return region
 
@@ -128,10 +132,10 @@ def lung_region(image: np.ndarray, modality: str, spacing) -> np.ndarray:
         sides = np.unique(np.concatenate([labels[0], labels[-1], labels[:, 0], labels[:, -1]]))
         inside[..., z] = air[..., z] & ~np.isin(labels, sides)
     # lung parenchyma reads -950..-600 HU at our spacing; gas in the bowel is air itself
-    labels = cc3d.connected_components(inside.view(np.uint8), connectivity=6)
-    parenchyma = [k for k in range(1, int(labels.max()) + 1)
-                  if np.median(hu[labels == k]) > LUNG_MEDIAN_HU]
-    lungs = large_components(np.isin(labels, parenchyma), 0.1)  # both lungs, not a stray pocket
+    labels, n = cc3d.connected_components(inside.view(np.uint8), connectivity=6, return_N=True)
+    medians = np.asarray(ndimage.median(hu, labels, np.arange(1, n + 1))) if n else np.zeros(0)
+    parenchyma = np.isin(labels, 1 + np.flatnonzero(medians > LUNG_MEDIAN_HU))
+    lungs = large_components(parenchyma, 0.1)  # both lungs, not a stray pocket
     # filled in 3D only: in an axial slice the mediastinum lies between the lungs, closed off
     return ndimage.binary_fill_holes(closed(lungs, CLOSE_MM, spacing))
 
@@ -147,7 +151,7 @@ def organ_envelope(image: np.ndarray, modality: str, target: str, spacing) -> np
     if organ is None:
         return None
     region = RULES[organ](image, modality.upper(), spacing)
-    if region.sum() * float(np.prod(spacing)) / 1000.0 < MIN_ML[organ]:
+    if millilitres(region, spacing) < MIN_ML[organ]:
         return None
     return grown(region, MARGIN_MM, spacing)
 
@@ -161,6 +165,5 @@ def restriction_notice(target: str, envelope: np.ndarray | None, spacing) -> tup
     if envelope is None:
         return (f"the {name} could not be found in this scan (none of {MIN_ML[organ]:g} ml or more: a crop, a "
                 f"slab, another region), so the maps were not restricted to the {name}",)
-    ml = float(envelope.sum()) * float(np.prod(spacing)) / 1000.0
-    return (f"the maps were restricted to the {name} found in this scan ({ml:.0f} ml with a "
+    return (f"the maps were restricted to the {name} found in this scan ({millilitres(envelope, spacing):.0f} ml with a "
             f"{MARGIN_MM:g} mm margin); --whole-scan turns this off",)
