@@ -40,11 +40,11 @@ def load_case() -> tuple[Volume, np.ndarray]:
     return Volume(volume, affine, DICOM_NAME), truth
 
 
-def run_real_lesion(executor, out: Path, prompt: str = "liver lesion") -> dict:
+def run_real_lesion(executor, out: Path, prompt: str = "liver lesion", options: LoopOptions | None = None) -> dict:
     from diffugts.report import write_json, write_overlay
 
     volume, truth = load_case()
-    seg = run_segmentation(executor, volume, prompt, "MR", LoopOptions())
+    seg = run_segmentation(executor, volume, prompt, "MR", options or LoopOptions())
     z = DEPTH // 2
     result = {"file": DICOM_NAME, "prompt": prompt, "preset": executor.preset.name,
               "dice_center_slice": dice(seg.mask[..., z], truth[..., z]),

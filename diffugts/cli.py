@@ -368,7 +368,7 @@ def cmd_soak(args) -> int:
 def cmd_real_lesion(args) -> int:
     from diffugts.benchmarks.real_lesion import run_real_lesion
 
-    result = run_real_lesion(_make_executor(args), Path(args.out), args.prompt)
+    result = run_real_lesion(_make_executor(args), Path(args.out), args.prompt, _options(args))
     print(json.dumps(result, indent=2))
     return 0
 

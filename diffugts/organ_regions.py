@@ -29,6 +29,13 @@ ORGAN_WORDS = {
               "meningioma", "oligodendroglioma"),
     "lung": ("lung", "lungs", "pulmonary", "bronchial", "bronchogenic"),
 }
+# other organs a target may name: "liver metastasis" is not restricted, nor "adrenal mass bronchogenic"
+OTHER_ORGAN_WORDS = (
+    "liver", "hepatic", "hepatocellular", "bone", "bones", "osseous", "spine", "spinal", "vertebral",
+    "adrenal", "kidney", "kidneys", "renal", "pancreas", "pancreatic", "spleen", "splenic", "breast",
+    "colon", "colorectal", "rectal", "prostate", "thyroid", "bladder", "ovary", "ovarian", "stomach",
+    "gastric", "esophageal", "oesophageal", "pleural", "chest", "wall", "skin", "lymph", "node", "nodes",
+)
 # grown around the organ so that a lesion on its border (juxtapleural, at the dura) stays whole
 MARGIN_MM = 9.0
 # brain: deeper than the skull and CSF gap, shallower than half the brain; deeper steps for thick
@@ -42,9 +49,15 @@ MIN_ML = {"brain": 300.0, "lung": 300.0}
 
 
 def target_organ(target: str) -> str | None:
-    """'lung nodule' -> 'lung', 'glioma' -> 'brain', 'kidney tumor' -> None."""
-    words = set(re.findall(r"[a-z]+", target.lower()))
-    return next((organ for organ, names in ORGAN_WORDS.items() if words & set(names)), None)
+    """'lung nodule' -> 'lung', 'glioma' -> 'brain', 'kidney tumor' -> None.
+
+    The organ the lesion is in, not the one it came from ("brain metastasis from lung cancer" ->
+    'brain'; "bone metastases of NSCLC" -> None), and only when the target names no other organ:
+    a restriction to the wrong organ would take the lesion away."""
+    where = re.split(r"\b(?:from|of)\b", target.lower())[0]
+    words = set(re.findall(r"[a-z]+", where))
+    named = [organ for organ, names in ORGAN_WORDS.items() if words & set(names)]
+    return named[0] if len(named) == 1 and not words & set(OTHER_ORGAN_WORDS) else None
 
 
 def millilitres(mask: np.ndarray, spacing) -> float:

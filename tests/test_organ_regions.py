@@ -35,6 +35,11 @@ def dice(a: np.ndarray, b: np.ndarray) -> float:
     ("brain tumor", "brain"), ("Glioblastoma", "brain"), ("intracranial hemorrhage", "brain"),
     ("lung nodule", "lung"), ("pulmonary mass", "lung"), ("non-small cell lung cancer", "lung"),
     ("kidney tumor", None), ("liver metastasis", None), ("breast tumor", None), ("nodule", None),
+    # the organ the lesion is in, not the one it came from; none when another organ is named
+    ("brain metastasis from lung cancer", "brain"), ("liver metastasis from lung cancer", None),
+    ("bone metastases of non-small cell lung cancer", None), ("adrenal metastasis bronchogenic carcinoma", None),
+    ("lung metastasis of colorectal cancer", "lung"), ("brain and lung tumors", None),
+    ("pleural mass", None), ("cancer of the lung", None),
 ])
 def test_a_target_names_its_organ_by_a_word(target, organ):
     assert target_organ(target) == organ

@@ -177,6 +177,11 @@ def test_the_in_server_loop_restricts_to_the_organ_unless_asked_not_to(triton_se
     restricted = client.segment_volume(volume, "lung nodule", "CT")
     whole = client.segment_volume(volume, "lung nodule", "CT", LoopOptions(organ=False))
     assert (restricted.anomaly == 0).sum() > (whole.anomaly == 0).sum()  # zero away from the lungs
+    client.takes_organ = False  # a client that never sends the input: the server's default, restricted
+    left_out = client.segment_volume(volume, "lung nodule", "CT")
+    np.testing.assert_array_equal(left_out.anomaly, restricted.anomaly)
+    # the same client believing the server predates the input says that it could not restrict
+    assert left_out.notices[-1].startswith("this server's pipeline model was exported before the organ restriction")
     client.close()
 
 
