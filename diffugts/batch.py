@@ -169,8 +169,8 @@ class BatchResult:
 
 
 def _request(item: BatchItem, options: LoopOptions, spec: OutputSpec) -> dict:
-    return {"prompt": item.prompt, "modality": item.modality, "seed": options.seed, "crop": options.crop, "organ": options.organ,
-            "steps": options.steps, "format": spec.format, "series_uid": spec.series_uid,
+    return {"prompt": item.prompt, "modality": item.modality, "seed": options.seed, "crop": options.crop,
+            "organ": options.organ, "steps": options.steps, "format": spec.format, "series_uid": spec.series_uid,
             "anomaly_map_dicom": spec.anomaly_map_dicom}
 
 
@@ -294,9 +294,10 @@ def run_batch(items: list[BatchItem], out: str | Path, pool: EndpointPool, model
 
 # -------------------------------------------------------------------- `diffugts segment`
 
-def segment_command(args) -> int:
-    """The `segment` subcommand: arguments -> inputs, endpoints, run; a one-line error and exit
-    code 2 when the batch cannot start, 1 when any volume failed."""
+def segment_command(args, options: LoopOptions) -> int:
+    """The `segment` subcommand: arguments -> inputs, endpoints, run with `options` (the loop's, from
+    the same arguments); a one-line error and exit code 2 when the batch cannot start, 1 when any
+    volume failed."""
     from rich.console import Console
     from rich.markup import escape
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
@@ -315,7 +316,6 @@ def segment_command(args) -> int:
     if args.workers < 1 or args.retries < 0 or args.timeout <= 0:
         return fail("--workers must be >= 1, --retries >= 0 and --timeout > 0", 2)
     items = collect_inputs(args.inputs, args.prompt, args.modality)
-    options = LoopOptions(crop=not args.no_crop, seed=args.seed, steps=args.steps, organ=not args.whole_scan)
     urls = args.url or ["127.0.0.1:8001"]
     try:
         if args.backend in TRITON_BACKENDS:

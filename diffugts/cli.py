@@ -75,7 +75,7 @@ def cmd_phantom(args) -> int:
 def cmd_segment(args) -> int:
     from .batch import segment_command
 
-    return segment_command(args)
+    return segment_command(args, _options(args))
 
 
 def cmd_listen(args) -> int:

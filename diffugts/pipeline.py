@@ -299,7 +299,11 @@ def segment_volume(executor: StageExecutor, volume: Volume, target: str, modalit
     blended = sliding_window(model_array, preset.patch, preset.window_overlap, run_window)
 
     with timings.stage("postprocess"):
-        envelope = organ_envelope(model_array, modality, spelt_out(target), preset.spacing) if options.organ else None
+        envelope, organ_notices = None, ()
+        if options.organ:
+            spelt = spelt_out(target)
+            envelope = organ_envelope(model_array, modality, spelt, preset.spacing)
+            organ_notices = restriction_notice(spelt, envelope, preset.spacing)
         if envelope is not None:
             blended = {**blended, "prob": blended["prob"] * envelope, "anomaly": blended["anomaly"] * envelope}
         threshold = {"full": preset.mask_threshold, "baseline": 0.5}.get(options.ablation, preset.map_threshold)
@@ -312,8 +316,7 @@ def segment_volume(executor: StageExecutor, volume: Volume, target: str, modalit
         return lambda: grid.to_input_grid(blended[name])
 
     notices = loop_notices(normalize_target(target), stats.get("flagged_shares", []), preset.inpaint_max_fraction)
-    if options.organ:
-        notices += restriction_notice(spelt_out(target), envelope, preset.spacing)
+    notices += organ_notices
     return Segmentation(mask, on_input_grid("prob"), on_input_grid("anomaly"), on_input_grid("healthy"),
                         modality, prompts, dict(timings), fraction, notices)
 
