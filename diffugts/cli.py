@@ -268,7 +268,9 @@ def cmd_train(args) -> int:
                                                     args.head_levels)
         elif args.phase == "backbone":
             report = train.train_backbone(args.preset, work, args.seed, args.vae_steps, args.unet_steps, args.volumes,
-                                          sources, Path(args.init) if args.init else None)
+                                          sources, Path(args.init) if args.init else None,
+                                          args.from_volumes and Path(args.from_volumes), args.save_volumes and Path(args.save_volumes),
+                                          args.vae_batch, args.unet_batch)
         else:
             report = train.train_heads(args.preset, work, args.seed, args.aova_steps, args.head_steps, args.cases,
                                        Path(args.backbone) if args.backbone else None, sources=sources,
@@ -531,6 +533,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--vae-steps", type=int, default=1500)
     p.add_argument("--unet-steps", type=int, default=2500)
+    p.add_argument("--vae-batch", type=int, default=2, help="backbone: VAE crops per step (a GPU takes 16 or more)")
+    p.add_argument("--unet-batch", type=int, default=4, help="backbone: UNet latents per step")
     p.add_argument("--volumes", type=int, default=64, help="healthy training volumes")
     p.add_argument("--aova-steps", type=int, default=1000)
     p.add_argument("--head-steps", type=int, default=6000)
@@ -561,6 +565,11 @@ def build_parser() -> argparse.ArgumentParser:
                    help="heads: comma-separated seen lesion kinds to draw into the corpus's anatomy (default: the "
                         "brain kinds; 'kidney tumor,liver tumor,lung nodule' go into real body scans)")
     p.add_argument("--init", default=None, help="backbone: start from these weights when no checkpoint exists")
+    p.add_argument("--save-volumes", default=None, metavar="FILE",
+                   help="backbone: prepare the training volumes (phantoms, randomized anatomy, dataset), write "
+                        "them to FILE (.npz) and stop: prepare on a CPU machine, train on a GPU one")
+    p.add_argument("--from-volumes", default=None, metavar="FILE",
+                   help="backbone: train on volumes written by --save-volumes instead of preparing them")
     p.add_argument("--backbone", default=None,
                    help="heads: weights to start from (default WORK/backbone.safetensors); a file that also "
                         "holds AOVA and head weights (e.g. the bundled one) fine-tunes them")

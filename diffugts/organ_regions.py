@@ -21,7 +21,6 @@ import re
 
 import cc3d
 import numpy as np
-import SimpleITK as sitk
 from scipy import ndimage
 
 ORGAN_WORDS = {
@@ -114,6 +113,8 @@ def head_signal(image: np.ndarray, modality: str) -> np.ndarray:
     if modality == "CT":
         hu = hounsfield(image)
         return (hu > BRAIN_HU[0]) & (hu < BRAIN_HU[1])
+    import SimpleITK as sitk  # here, not on import: training machines load the loop without it
+
     otsu = sitk.OtsuThresholdImageFilter()
     otsu.Execute(sitk.GetImageFromArray(image))
     return image > otsu.GetThreshold()

@@ -12,14 +12,17 @@ from __future__ import annotations
 import json
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 
-from .augment import Anatomy, randomize_anatomy, random_crop, scanner_effects
 from .io import Volume, read_volume
 from .lesions import KINDS, draw_lesion
 from .phantom import CATEGORIES, make_case
 from .preprocess import labels_to_model_grid, scale_intensity, to_model_grid
+
+if TYPE_CHECKING:
+    from .augment import Anatomy
 
 
 # phantom categories the heads train on, and those kept for zero-shot evaluation
@@ -59,6 +62,10 @@ def make_cases(preset, n: int, seed: int, categories=None, healthy_fraction: flo
 
 
 def anatomy_on_model_grid(corpus_dir: str | Path, preset) -> list[Anatomy]:
+    # .augment (TorchIO, SimpleITK under it) loads where anatomy is randomized, not on import:
+    # a GPU machine training from prepared volumes (`train backbone --from-volumes`) needs neither
+    from .augment import Anatomy
+
     """Every corpus volume brought once onto the preset's grid (RAS, model spacing, MAISI intensity)."""
     from .corpus import load_corpus
 
@@ -87,6 +94,8 @@ def anatomy_cases(anatomies: list[Anatomy], preset, n: int, seed: int, kinds=Non
     the scanner effects the modality has (no bias field or gamma on CT), for evaluation.
     `modalities`: "corpus" draws among the usable volumes alike (the corpus's mix: one head CT
     against six brains on MR); "balanced" draws a modality first, then one of its volumes."""
+    from .augment import randomize_anatomy, random_crop, scanner_effects
+
     if modalities not in MODALITY_DRAWS:
         raise ValueError(f"unknown modality draw {modalities!r}: {', '.join(MODALITY_DRAWS)}")
     rng = np.random.default_rng(seed)
@@ -148,6 +157,7 @@ def write_cases(cases: list[Case], out: str | Path, spacing: float, description:
 def dataset_cases(dataset_dir: str | Path, preset, need_labels: bool, rng: np.random.Generator) -> list[Case]:
     """A user's MSD dataset (`training` entries: image, optional label, modality, prompt) as model-grid
     patches; a volume larger than the patch gives the patch around its lesion (or its centre)."""
+    from .augment import Anatomy, random_crop
     from .evaluate import load_manifest
 
     root = Path(dataset_dir)

@@ -210,3 +210,68 @@ def test_heads_train_from_the_first_member_of_a_joined_file(tmp_path):
     for key, a, b in weights:
         torch.testing.assert_close(b, a.half().float(), msg=key)  # no steps: the first member, as saved
     assert not torch.allclose(weights[0][2], second.head.state_dict()[weights[0][0]].half().float())
+
+
+def test_volumes_prepared_on_one_machine_train_on_another(tmp_path):
+    """`--save-volumes` writes what `backbone_volumes` prepares (float16) and stops; `--from-volumes`
+    trains on it, at the batch sizes asked for."""
+    import numpy as np
+
+    from diffugts.cli import main
+
+    prepared = tmp_path / "prepared.npz"
+    assert main(["train", "backbone", "--preset", "tiny", "--work", str(tmp_path / "cpu"), "--volumes", "3",
+                 "--save-volumes", str(prepared)]) == 0
+    assert prepared.is_file() and not (tmp_path / "cpu" / "vae.pt").exists()
+    assert [p.name for p in tmp_path.iterdir() if p.suffix == ".tmp"] == []
+    preset = get_preset("tiny")
+    volumes, held_out = train.load_volumes(prepared, preset)
+    reference, reference_held = train.backbone_volumes(preset, 3, 0, train.Sources())
+    torch.testing.assert_close(volumes, reference, atol=2**-11, rtol=0)
+    assert held_out.keys() == reference_held.keys() == {"phantoms"}
+
+    batches = []
+    crop = train._crop
+    train._crop = lambda batch, size, rng: batches.append(len(batch)) or crop(batch, size, rng)
+    try:
+        report = train.train_backbone("tiny", tmp_path / "gpu", vae_steps=2, unet_steps=2, from_volumes=prepared,
+                                      vae_batch=3, unet_batch=5)
+    finally:
+        train._crop = crop
+    assert batches == [3, 3, 5]  # two VAE steps; the UNet crops its odd steps only
+    assert report["training_volumes"] == 3 and set(report["reconstruction"]) == {"phantoms"}
+    assert (tmp_path / "gpu" / "backbone.safetensors").is_file()
+    assert np.isfinite(report["unet"]["final_loss"])
+
+
+def test_a_volumes_file_that_is_missing_or_not_for_this_preset_is_refused(tmp_path):
+    import numpy as np
+    import pytest
+
+    preset = get_preset("tiny")
+    with pytest.raises(ValueError, match="no such file"):
+        train.load_volumes(tmp_path / "missing.npz", preset)
+    np.savez_compressed(tmp_path / "other.npz", images=np.zeros((1, 1, 32, 32, 32), np.float16))
+    with pytest.raises(ValueError, match="not a file written by --save-volumes"):
+        train.load_volumes(tmp_path / "other.npz", preset)
+    train.save_volumes(tmp_path / "demo.npz", torch.zeros(2, 1, 64, 64, 64), {})
+    with pytest.raises(ValueError, match=r"train has shape \(2, 1, 64, 64, 64\), the tiny preset trains on"):
+        train.load_volumes(tmp_path / "demo.npz", preset)
+
+
+def test_training_from_prepared_volumes_needs_neither_torchio_nor_simpleitk():
+    """A GPU machine gets the volumes prepared elsewhere; the corpus's libraries need not be there."""
+    import subprocess
+    import sys
+
+    code = ("import sys\n"
+            "class Missing:\n"
+            "    def find_spec(self, name, path=None, target=None):\n"
+            "        if name.split('.')[0] in ('torchio', 'SimpleITK'):\n"
+            "            raise ModuleNotFoundError(name, name=name)\n"
+            "sys.meta_path.insert(0, Missing())\n"
+            "from diffugts.train import train_backbone, load_volumes\n"
+            "print(sorted(m for m in ('torchio', 'SimpleITK') if m in sys.modules))\n")
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert done.stdout.strip() == "[]"
