@@ -13,6 +13,7 @@ from __future__ import annotations
 import json
 import math
 import time
+import zipfile
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -181,8 +182,11 @@ def load_volumes(path: Path, preset) -> tuple[torch.Tensor, dict]:
     path = Path(path)
     if not path.is_file():
         raise ValueError(f"--from-volumes {path}: no such file (write one with --save-volumes)")
-    with np.load(path) as data:
-        arrays = {k: torch.from_numpy(data[k].astype(np.float32)) for k in data.files}
+    try:
+        with np.load(path) as data:
+            arrays = {k: torch.from_numpy(data[k].astype(np.float32)) for k in data.files}
+    except (OSError, ValueError, TypeError, zipfile.BadZipFile):  # not an .npz (a bare .npy: TypeError)
+        arrays = {}
     if "train" not in arrays:
         raise ValueError(f"--from-volumes {path}: not a file written by --save-volumes (no 'train' array)")
     patch = (preset.patch,) * 3

@@ -252,8 +252,10 @@ def test_a_volumes_file_that_is_missing_or_not_for_this_preset_is_refused(tmp_pa
     with pytest.raises(ValueError, match="no such file"):
         train.load_volumes(tmp_path / "missing.npz", preset)
     np.savez_compressed(tmp_path / "other.npz", images=np.zeros((1, 1, 32, 32, 32), np.float16))
-    with pytest.raises(ValueError, match="not a file written by --save-volumes"):
-        train.load_volumes(tmp_path / "other.npz", preset)
+    (tmp_path / "text.npz").write_text("volumes")
+    for name in ("other.npz", "text.npz"):
+        with pytest.raises(ValueError, match="not a file written by --save-volumes"):
+            train.load_volumes(tmp_path / name, preset)
     train.save_volumes(tmp_path / "demo.npz", torch.zeros(2, 1, 64, 64, 64), {})
     with pytest.raises(ValueError, match=r"train has shape \(2, 1, 64, 64, 64\), the tiny preset trains on"):
         train.load_volumes(tmp_path / "demo.npz", preset)
