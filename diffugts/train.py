@@ -207,6 +207,8 @@ def train_backbone(preset_name: str = "demo", work: Path = Path("train_work"), s
     `save_to`: prepare the volumes, write them there and stop (prepare on a CPU machine, train on a
     GPU one); `from_volumes`: train on such a file instead of preparing. `vae_batch`, `unet_batch`:
     crops per step (a GPU runs 16 as fast as 2: small batches leave it waiting on launches)."""
+    if vae_batch < 1 or unet_batch < 1:
+        raise ValueError(f"--vae-batch {vae_batch} / --unet-batch {unet_batch}: each must be at least 1")
     preset = get_preset(preset_name)
     device = _device(sources.device)
     torch.manual_seed(seed)

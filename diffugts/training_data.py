@@ -62,11 +62,10 @@ def make_cases(preset, n: int, seed: int, categories=None, healthy_fraction: flo
 
 
 def anatomy_on_model_grid(corpus_dir: str | Path, preset) -> list[Anatomy]:
+    """Every corpus volume brought once onto the preset's grid (RAS, model spacing, MAISI intensity)."""
     # .augment (TorchIO, SimpleITK under it) loads where anatomy is randomized, not on import:
     # a GPU machine training from prepared volumes (`train backbone --from-volumes`) needs neither
     from .augment import Anatomy
-
-    """Every corpus volume brought once onto the preset's grid (RAS, model spacing, MAISI intensity)."""
     from .corpus import load_corpus
 
     anatomies = []

@@ -256,6 +256,8 @@ def test_a_volumes_file_that_is_missing_or_not_for_this_preset_is_refused(tmp_pa
     for name in ("other.npz", "text.npz"):
         with pytest.raises(ValueError, match="not a file written by --save-volumes"):
             train.load_volumes(tmp_path / name, preset)
+    with pytest.raises(ValueError, match="each must be at least 1"):
+        train.train_backbone("tiny", tmp_path, vae_steps=1, unet_steps=1, n_volumes=1, unet_batch=0)
     train.save_volumes(tmp_path / "demo.npz", torch.zeros(2, 1, 64, 64, 64), {})
     with pytest.raises(ValueError, match=r"train has shape \(2, 1, 64, 64, 64\), the tiny preset trains on"):
         train.load_volumes(tmp_path / "demo.npz", preset)
