@@ -269,7 +269,8 @@ def cmd_train(args) -> int:
         elif args.phase == "backbone":
             report = train.train_backbone(args.preset, work, args.seed, args.vae_steps, args.unet_steps, args.volumes,
                                           sources, Path(args.init) if args.init else None,
-                                          args.from_volumes and Path(args.from_volumes), args.save_volumes and Path(args.save_volumes),
+                                          Path(args.from_volumes) if args.from_volumes else None,
+                                          Path(args.save_volumes) if args.save_volumes else None,
                                           args.vae_batch, args.unet_batch)
         else:
             report = train.train_heads(args.preset, work, args.seed, args.aova_steps, args.head_steps, args.cases,

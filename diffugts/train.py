@@ -211,18 +211,22 @@ def train_backbone(preset_name: str = "demo", work: Path = Path("train_work"), s
         raise ValueError(f"--vae-batch {vae_batch} / --unet-batch {unet_batch}: each must be at least 1")
     preset = get_preset(preset_name)
     device = _device(sources.device)
+
+    def volumes_and_held_out():
+        if from_volumes:
+            return load_volumes(from_volumes, preset)
+        return backbone_volumes(preset, n_volumes, seed, sources)
+
+    if save_to:  # data only: no networks (nor the text encoder under them) are built
+        volumes, held_out = volumes_and_held_out()
+        return {"volumes": str(save_volumes(save_to, volumes, held_out)), "training_volumes": len(volumes),
+                "held_out": {name: len(held) for name, held in held_out.items()}}
     torch.manual_seed(seed)
     rng = np.random.default_rng(seed)
     models = build_models(preset, seed)
-    if init:
+    if init:  # before the volumes: a bad --init fails before minutes of preparation
         load_weights(models, init)
-    if from_volumes:
-        volumes, held_out = load_volumes(from_volumes, preset)
-    else:
-        volumes, held_out = backbone_volumes(preset, n_volumes, seed, sources)
-    if save_to:
-        return {"volumes": str(save_volumes(save_to, volumes, held_out)), "training_volumes": len(volumes),
-                "held_out": {name: len(held) for name, held in held_out.items()}}
+    volumes, held_out = volumes_and_held_out()
     work.mkdir(parents=True, exist_ok=True)
     vae = models.vae.train()
 
