@@ -33,9 +33,8 @@ def real_tumours_figure(dataset: Path, masks: Path, results: Path, out: Path) ->
         truth, mask = (read_volume(p).array > 0 for p in (dataset / entry["label"], masks / f"{stem}_mask.nii.gz"))
         image_r, truth_r, mask_r = radiological(image.affine, image.array, truth.astype(np.uint8), mask.astype(np.uint8))
         z = int(np.argmax(truth_r.reshape(-1, truth_r.shape[-1]).sum(0)))
-        lo, hi = display_window(image_r, entry.get("modality"))
-        if entry.get("modality") == "CT":
-            lo, hi = -1000.0, 400.0  # lung and mediastinum at once
+        # CT: lung and mediastinum at once
+        lo, hi = (-1000.0, 400.0) if entry.get("modality") == "CT" else display_window(image_r, entry.get("modality"))
         ax.imshow(image_r[..., z].T, cmap="gray", vmin=lo, vmax=hi, origin="upper")
         ax.imshow(np.ma.masked_where(mask_r[..., z].T == 0, mask_r[..., z].T), cmap="autumn", alpha=0.6, origin="upper")
         outline(ax, truth_r[..., z].T)
