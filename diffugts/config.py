@@ -64,7 +64,10 @@ class Preset:
     mask_threshold: float = 0.5  # on the residual head's probability
     map_threshold: float = 0.5  # on the AOVA map, when an ablation takes the mask from it
     min_component_mm3: float = 50.0
-    top_k_components: int = 0  # 0: keep all
+    top_k_components: int = 0  # 0: keep all; a target naming several lesions always keeps all
+    # top-k where the maps were restricted to the target's organ (`organ_regions`), the components
+    # then competing inside the right organ, as ZePT pairs the two; 0: top_k_components there too
+    organ_top_k: int = 0
     window_overlap: float = 0.25
     weights: str | None = None  # safetensors file shipped with the package (relative to WEIGHTS_DIR)
 
@@ -128,6 +131,11 @@ PRESETS: dict[str, Preset] = {
         inpaint_max_fraction=0.15,
         # drops 2-4 voxel specks at 3 mm; on the seen sets 0-200 mm^3 are within 0.001 of each other
         min_component_mm3=200.0,
+        # ZePT's top-k per tumour inside the organ: one component (the largest) for a target that
+        # names one lesion where the maps were restricted to its organ; a plural or metastases keeps
+        # all (`postprocess.top_k_for`). Everywhere (top_k_components=1) it lost on unseen body kinds
+        # (benchmarks/prereg/one_component_unseen3045.txt); inside the organ: ..._in_organ_unseen3046.txt
+        organ_top_k=1,
         weights="demo.safetensors",
     ),
     # the published MAISI sizes (rflow-ct UNet); weights from a user's local path

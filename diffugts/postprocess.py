@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import re
+
 import cc3d
 import numpy as np
 from scipy import ndimage
@@ -14,6 +16,33 @@ def kept_components(sizes: np.ndarray, min_voxels: int = 0, top_k: int = 0) -> n
     if top_k > 0:
         keep = keep[np.argsort(sizes[keep])[::-1][:top_k]]
     return keep
+
+
+# ZePT keeps the top-k components per tumour: a target that names one lesion keeps the preset's
+# top-k; one that names several (a plural, metastases, "multiple") keeps every component
+SEVERAL_WORDS = frozenset({
+    "multiple", "multifocal", "multicentric", "several", "bilateral", "tumors", "tumours", "lesions",
+    "masses", "nodules", "cysts", "abscesses", "hemorrhages", "haemorrhages", "bleeds", "gliomas",
+    "meningiomas", "carcinomas", "polyps", "foci",
+})
+
+
+def names_several_lesions(target: str) -> bool:
+    return any(w in SEVERAL_WORDS or w.startswith("metasta") for w in re.findall(r"[a-z]+", target.lower()))
+
+
+def top_k_for(target: str, top_k: int) -> int:
+    """The preset's top-k for a target that names one lesion; 0 (keep all) for one that names several."""
+    return 0 if names_several_lesions(target) else top_k
+
+
+def components_notice(found: int, top_k: int) -> tuple[str, ...]:
+    """What a reader of the mask should know when the top-k dropped components."""
+    if top_k <= 0 or found <= top_k:
+        return ()
+    kept = "the largest component" if top_k == 1 else f"the {top_k} largest components"
+    return (f"kept {kept} of {found} found (one lesion per target); name the target in the plural "
+            "('kidney tumours') or as metastases to keep them all",)
 
 
 def components_filter(mask: np.ndarray, min_voxels: int = 0, top_k: int = 0) -> np.ndarray:
@@ -35,8 +64,9 @@ def probability_to_mask(prob: np.ndarray, spacing, threshold: float = 0.5,
 
 
 def mask_on_input_grid(grid, prob: np.ndarray, threshold: float, spacing, min_component_mm3: float = 0.0,
-                       top_k: int = 0) -> np.ndarray:
-    """`probability_to_mask(grid.to_input_grid(prob), ...)` without resampling the whole map.
+                       top_k: int = 0) -> tuple[np.ndarray, int]:
+    """`probability_to_mask(grid.to_input_grid(prob), ...)` without resampling the whole map, and
+    how many components passed the size floor (before the top-k).
 
     A linearly interpolated voxel exceeds the threshold only if one of the two model voxels it
     falls between on each axis does. So only input-grid boxes over the model voxels above the
@@ -48,7 +78,7 @@ def mask_on_input_grid(grid, prob: np.ndarray, threshold: float, spacing, min_co
     above = model > threshold
     mask = np.zeros(grid.input_shape, np.uint8)
     if not above.any():
-        return mask
+        return mask, 0
     clusters = cc3d.connected_components(above.view(np.uint8), connectivity=26)
     boxes = _apart([_canonical_box(above[box], box, model.shape, grid.canonical_shape)
                     for box in ndimage.find_objects(clusters)])
@@ -57,12 +87,13 @@ def mask_on_input_grid(grid, prob: np.ndarray, threshold: float, spacing, min_co
     sizes = [np.bincount(found.ravel(), minlength=1)[1:] for found in labels]  # per box, labels 1..n
     owner = np.repeat(np.arange(len(boxes)), [len(s) for s in sizes])
     label = np.concatenate([np.arange(1, len(s) + 1) for s in sizes])
-    kept = kept_components(np.concatenate(sizes), min_component_voxels(spacing, min_component_mm3), top_k)
+    floor = min_component_voxels(spacing, min_component_mm3)
+    kept = kept_components(np.concatenate(sizes), floor, top_k)
     for i, box in enumerate(boxes):
         keep = label[kept[owner[kept] == i]]
         if keep.size:
             mask[grid.input_box(box)] = np.isin(labels[i], keep)
-    return mask
+    return mask, len(kept_components(np.concatenate(sizes), floor))
 
 
 def _apart(boxes: list[tuple[slice, ...]]) -> list[tuple[slice, ...]]:

@@ -1,6 +1,7 @@
 """The fast paths to and from the model grid give the very masks and intensities of the plain
 ones: box-only resampling of the probability, in-place float32 intensity scaling."""
 
+import cc3d
 import numpy as np
 import pytest
 from scipy import ndimage
@@ -31,7 +32,10 @@ def test_box_mask_equals_the_full_resample_mask(ct, threshold, min_mm3, top_k):
     padded = tuple(lo + n + hi for (lo, hi), n in zip(grid.pad, grid.resampled_shape))
     prob = model_probability(padded, np.random.default_rng(int(threshold * 100)))
     old = probability_to_mask(grid.to_input_grid(prob), volume.spacing, threshold, min_mm3, top_k)
-    new = mask_on_input_grid(grid, prob, threshold, volume.spacing, min_mm3, top_k)
+    new, found = mask_on_input_grid(grid, prob, threshold, volume.spacing, min_mm3, top_k)
+    # every component over the floor is counted, kept or not
+    every = probability_to_mask(grid.to_input_grid(prob), volume.spacing, threshold, min_mm3, 0)
+    assert found == cc3d.connected_components(every, connectivity=26, return_N=True)[1]
     assert new.shape == volume.array.shape and new.dtype == old.dtype
     if threshold < 0.99:
         assert old.any()  # a non-trivial comparison
@@ -48,7 +52,7 @@ def test_scattered_map_with_many_boxes_gives_the_full_resample_mask(ct):
     prob[rng.random(padded) > 0.997] = 0.95  # isolated voxels, some next to each other
     for top_k in (0, 3):
         old = probability_to_mask(grid.to_input_grid(prob), volume.spacing, 0.5, 0.0, top_k)
-        np.testing.assert_array_equal(mask_on_input_grid(grid, prob, 0.5, volume.spacing, 0.0, top_k), old)
+        np.testing.assert_array_equal(mask_on_input_grid(grid, prob, 0.5, volume.spacing, 0.0, top_k)[0], old)
         assert old.any()
 
 
@@ -92,6 +96,47 @@ def test_segmentation_maps_are_computed_when_read(torch_executor):
     expected = probability_to_mask(seg.probability, volume.spacing, preset.mask_threshold,
                                    preset.min_component_mm3, preset.top_k_components)
     np.testing.assert_array_equal(seg.mask, expected)
+
+
+def test_one_lesion_keeps_the_largest_component_and_several_keep_all(torch_executor):
+    from diffugts.executors.base import preset_changes
+    from diffugts.pipeline import segment_volume
+
+    volume, _ = ct_sized_volume(shape=(60, 56, 40), spacing=(1.5, 1.5, 2.0), seed=4)
+    probability = segment_volume(torch_executor, volume, "kidney tumor", "CT").probability
+    threshold = float(np.quantile(probability, 0.97))  # random weights: several blobs above it
+    every = probability_to_mask(probability, volume.spacing, threshold, 0.0, 0)
+    found = cc3d.connected_components(every, connectivity=26, return_N=True)[1]
+    assert found > 1
+    with preset_changes(torch_executor, top_k_components=1, min_component_mm3=0.0, mask_threshold=threshold):
+        one = segment_volume(torch_executor, volume, "kidney tumor", "CT")
+        several = segment_volume(torch_executor, volume, "multiple kidney tumor", "CT")
+    np.testing.assert_array_equal(one.mask, probability_to_mask(one.probability, volume.spacing, threshold, 0.0, 1))
+    assert one.mask.sum() < every.sum()
+    assert any(f"kept the largest component of {found} found" in n for n in one.notices)
+    np.testing.assert_array_equal(several.mask, probability_to_mask(several.probability, volume.spacing, threshold, 0.0, 0))
+    assert not any("largest component" in n for n in several.notices)
+
+
+@pytest.mark.parametrize("target,several", [
+    ("kidney tumor", False), ("brain tumour", False), ("lung nodule", False), ("liver mass", False),
+    ("kidney tumours", True), ("lung nodules", True), ("liver metastasis", True), ("brain mets", True),
+    ("metastatic disease of the liver", True), ("multiple liver lesions", True), ("multifocal HCC", True),
+])
+def test_targets_that_name_several_lesions(target, several):
+    from diffugts.postprocess import names_several_lesions, top_k_for
+    from diffugts.prompts import spelt_out
+
+    assert names_several_lesions(spelt_out(target)) is several  # the loop reads abbreviations spelt out
+    assert top_k_for(spelt_out(target), 1) == (0 if several else 1)
+
+
+def test_components_notice_only_when_something_was_dropped():
+    from diffugts.postprocess import components_notice
+
+    assert components_notice(5, 0) == () and components_notice(1, 1) == () and components_notice(0, 1) == ()
+    assert components_notice(3, 1)[0].startswith("kept the largest component of 3 found")
+    assert "the 2 largest components of 4" in components_notice(4, 2)[0]
 
 
 def test_real_size_section_wiring(torch_executor):

@@ -3,6 +3,7 @@ with it (the corpus's brains and the phantoms' lungs), and the loop's restrictio
 
 from __future__ import annotations
 
+import cc3d
 import numpy as np
 import pytest
 
@@ -168,3 +169,24 @@ def test_the_loop_restricts_the_maps_to_the_organ_the_target_names(tiny_executor
     np.testing.assert_array_equal(segment_volume(tiny_executor, volume, "kidney tumor", "CT").mask,
                                   segment_volume(tiny_executor, volume, "kidney tumor", "CT",
                                                  LoopOptions(organ=False)).mask)
+
+
+def test_inside_a_restricted_organ_one_lesion_keeps_its_largest_component(tiny_executor):
+    from diffugts.executors.base import preset_changes
+    from diffugts.postprocess import probability_to_mask
+
+    ct, _ = corpus._phantoms(n=2)
+    volume = Volume(ct.image, ct.affine, ct.id)
+    probability = segment_volume(tiny_executor, volume, "lung nodule", "CT").probability
+    threshold = float(np.quantile(probability[probability > 0], 0.9))  # random weights: several blobs above it
+    assert cc3d.connected_components(probability > threshold, connectivity=26, return_N=True)[1] > 1
+    with preset_changes(tiny_executor, organ_top_k=1, min_component_mm3=0.0, mask_threshold=threshold):
+        one = segment_volume(tiny_executor, volume, "lung nodule", "CT")
+        several = segment_volume(tiny_executor, volume, "lung nodules", "CT")
+        whole = segment_volume(tiny_executor, volume, "lung nodule", "CT", LoopOptions(organ=False))
+    assert (one.top_k, several.top_k, whole.top_k) == (1, 0, 0)  # restricted and singular only
+    for seg in (one, several, whole):
+        np.testing.assert_array_equal(seg.mask, probability_to_mask(seg.probability, volume.spacing, threshold,
+                                                                    0.0, seg.top_k))
+    assert cc3d.connected_components(one.mask, connectivity=26, return_N=True)[1] == 1
+    assert one.notices[-1].startswith("kept the largest component of ")
