@@ -37,12 +37,12 @@ def calibrate(executor, datasets, thetas, thresholds, min_components=None, on_ca
         with preset_changes(executor, anomaly_threshold=float(theta)):
             for volume, label, entry in cases:
                 seg = segment_volume(executor, volume, entry["prompt"], entry.get("modality"), LoopOptions())
-                probabilities.append((seg.probability, label, volume.spacing, seg.top_k))
+                probabilities.append((seg.probability, label, volume, seg.components))
                 if on_case:
                     on_case()
         grid[float(theta)] = {float(t): {m: float(np.mean([
-            dice(probability_to_mask(p, spacing, t, m, top_k), label)
-            for p, label, spacing, top_k in probabilities])) for m in sizes} for t in thresholds}
+            dice(probability_to_mask(p, volume.spacing, t, m, rule.top_k, volume.array, rule.min_median), label)
+            for p, label, volume, rule in probabilities])) for m in sizes} for t in thresholds}
     cells = [(a, b, m) for a in grid for b in grid[a] for m in grid[a][b]]
     theta, threshold, size = max(cells, key=lambda k: grid[k[0]][k[1]][k[2]])
     best = {"anomaly_threshold": theta, "mask_threshold": threshold, "min_component_mm3": size,

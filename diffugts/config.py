@@ -68,6 +68,9 @@ class Preset:
     # top-k where the maps were restricted to the target's organ (`organ_regions`), the components
     # then competing inside the right organ, as ZePT pairs the two; 0: top_k_components there too
     organ_top_k: int = 0
+    # on CT, a component whose median in the scan is below this many HU is dropped (no tumour is
+    # aerated lung or air), unless the target names an air-containing finding; None: never
+    min_component_hu: float | None = None
     window_overlap: float = 0.25
     weights: str | None = None  # safetensors file shipped with the package (relative to WEIGHTS_DIR)
 
@@ -136,6 +139,8 @@ PRESETS: dict[str, Preset] = {
         # all (`postprocess.top_k_for`). Everywhere (top_k_components=1) it lost on unseen body kinds
         # (benchmarks/prereg/one_component_unseen3045.txt); inside the organ: ..._in_organ_unseen3046.txt
         organ_top_k=1,
+        # -700 HU: the upper end of aerated lung (benchmarks/prereg/no_aerated_lung_components_3047.txt)
+        min_component_hu=-700.0,
         weights="demo.safetensors",
     ),
     # the published MAISI sizes (rflow-ct UNet); weights from a user's local path

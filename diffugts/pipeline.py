@@ -19,7 +19,8 @@ from scipy import ndimage
 from .executors.base import StageExecutor
 from .io import Volume
 from .organ_regions import organ_envelope, restriction_notice
-from .postprocess import components_notice, mask_on_input_grid, top_k_for
+from .component_rules import ComponentRule, component_rule
+from .postprocess import mask_on_input_grid
 from .preprocess import guess_modality, resample, to_model_grid
 from .prompts import PromptSet, build_prompt_set, normalize_target, spelt_out
 from .schedulers import make_sampler
@@ -97,7 +98,7 @@ class Segmentation:
     timings: dict = field(default_factory=dict)
     inpainted_fraction: float = 0.0  # share of latent voxels the loop touched
     notices: tuple[str, ...] = ()  # what a reader of the mask should know (see `loop_notices`)
-    top_k: int = 0  # components the mask keeps (0: all; `postprocess.top_k_for`)
+    components: ComponentRule = ComponentRule()  # which components the mask kept (`component_rules`)
 
 
 def sigmoid(x: np.ndarray) -> np.ndarray:
@@ -307,10 +308,9 @@ def segment_volume(executor: StageExecutor, volume: Volume, target: str, modalit
         if envelope is not None:
             blended = {**blended, "prob": blended["prob"] * envelope, "anomaly": blended["anomaly"] * envelope}
         threshold = {"full": preset.mask_threshold, "baseline": 0.5}.get(options.ablation, preset.map_threshold)
-        restricted_top_k = preset.organ_top_k if envelope is not None else 0
-        top_k = top_k_for(spelt, restricted_top_k or preset.top_k_components)
-        mask, found = mask_on_input_grid(grid, blended["prob"], threshold, volume.spacing,
-                                         preset.min_component_mm3, top_k)
+        rule = component_rule(spelt, modality, preset, restricted=envelope is not None)
+        mask, counts = mask_on_input_grid(grid, blended["prob"], threshold, volume.spacing,
+                                          preset.min_component_mm3, rule.top_k, volume.array, rule.min_median)
     timings["total"] = sum(timings.values())
     fraction = stats.get("inpainted_voxels", 0) / max(stats.get("latent_voxels", 1), 1)
 
@@ -318,9 +318,9 @@ def segment_volume(executor: StageExecutor, volume: Volume, target: str, modalit
         return lambda: grid.to_input_grid(blended[name])
 
     notices = loop_notices(normalize_target(target), stats.get("flagged_shares", []), preset.inpaint_max_fraction)
-    notices += organ_notices + components_notice(found, top_k)
+    notices += organ_notices + rule.notices(counts)
     return Segmentation(mask, on_input_grid("prob"), on_input_grid("anomaly"), on_input_grid("healthy"),
-                        modality, prompts, dict(timings), fraction, notices, top_k)
+                        modality, prompts, dict(timings), fraction, notices, rule)
 
 
 def run_segmentation(executor, volume: Volume, target: str, modality: str | None = None,

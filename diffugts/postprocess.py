@@ -1,55 +1,46 @@
-"""Probability map -> binary mask: threshold, 26-connected components, size and top-k filters."""
+"""Probability map -> binary mask: threshold, 26-connected components, size, intensity and top-k
+filters (which a target's mask applies: `component_rules`)."""
 
 from __future__ import annotations
 
-import re
+from typing import NamedTuple
 
 import cc3d
 import numpy as np
 from scipy import ndimage
 
 
-def kept_components(sizes: np.ndarray, min_voxels: int = 0, top_k: int = 0) -> np.ndarray:
-    """Indices into `sizes` (voxels per component) of the components kept: at least `min_voxels`,
-    then the `top_k` largest when `top_k` > 0."""
-    keep = np.flatnonzero(sizes >= max(min_voxels, 1))
+class ComponentCounts(NamedTuple):
+    found: int  # components over the size floor and the intensity floor (before the top-k)
+    too_light: int  # components over the size floor whose median intensity is below the floor
+
+
+def kept_components(sizes: np.ndarray, min_voxels: int = 0, top_k: int = 0,
+                    eligible: np.ndarray | None = None) -> np.ndarray:
+    """Indices into `sizes` (voxels per component) of the components kept: at least `min_voxels`
+    and `eligible`, then the `top_k` largest when `top_k` > 0."""
+    keep = np.flatnonzero((sizes >= max(min_voxels, 1)) & (True if eligible is None else eligible))
     if top_k > 0:
         keep = keep[np.argsort(sizes[keep])[::-1][:top_k]]
     return keep
 
 
-# ZePT keeps the top-k components per tumour: a target that names one lesion keeps the preset's
-# top-k; one that names several (a plural, metastases, "multiple") keeps every component
-SEVERAL_WORDS = frozenset({
-    "multiple", "multifocal", "multicentric", "several", "bilateral", "tumors", "tumours", "lesions",
-    "masses", "nodules", "cysts", "abscesses", "hemorrhages", "haemorrhages", "bleeds", "gliomas",
-    "meningiomas", "carcinomas", "polyps", "foci",
-})
+def dense_enough(image: np.ndarray | None, labels: np.ndarray, n: int, min_median: float | None) -> np.ndarray | None:
+    """Per component 1..n: its median in `image` is at least `min_median` (None: no such floor)."""
+    if image is None or min_median is None:
+        return None
+    if n == 0:
+        return np.zeros(0, bool)
+    return np.asarray(ndimage.median(image, labels, np.arange(1, n + 1))) >= min_median
 
 
-def names_several_lesions(target: str) -> bool:
-    return any(w in SEVERAL_WORDS or w.startswith("metasta") for w in re.findall(r"[a-z]+", target.lower()))
-
-
-def top_k_for(target: str, top_k: int) -> int:
-    """The preset's top-k for a target that names one lesion; 0 (keep all) for one that names several."""
-    return 0 if names_several_lesions(target) else top_k
-
-
-def components_notice(found: int, top_k: int) -> tuple[str, ...]:
-    """What a reader of the mask should know when the top-k dropped components."""
-    if top_k <= 0 or found <= top_k:
-        return ()
-    kept = "the largest component" if top_k == 1 else f"the {top_k} largest components"
-    return (f"kept {kept} of {found} found (one lesion per target); name the target in the plural "
-            "('kidney tumours') or as metastases to keep them all",)
-
-
-def components_filter(mask: np.ndarray, min_voxels: int = 0, top_k: int = 0) -> np.ndarray:
+def components_filter(mask: np.ndarray, min_voxels: int = 0, top_k: int = 0, image: np.ndarray | None = None,
+                      min_median: float | None = None) -> np.ndarray:
     labels, n = cc3d.connected_components(mask.astype(np.uint8), connectivity=26, return_N=True)
     if n == 0:
         return np.zeros(mask.shape, np.uint8)
-    keep = kept_components(np.bincount(labels.ravel())[1:], min_voxels, top_k) + 1
+    keep = kept_components(np.bincount(labels.ravel())[1:], min_voxels, top_k,
+                           dense_enough(image, labels, n, min_median)) + 1
     return np.isin(labels, keep).astype(np.uint8)
 
 
@@ -58,15 +49,19 @@ def min_component_voxels(spacing, min_component_mm3: float) -> int:
     return int(np.ceil(min_component_mm3 / float(np.prod(spacing)))) if min_component_mm3 > 0 else 0
 
 
-def probability_to_mask(prob: np.ndarray, spacing, threshold: float = 0.5,
-                        min_component_mm3: float = 0.0, top_k: int = 0) -> np.ndarray:
-    return components_filter(prob > threshold, min_component_voxels(spacing, min_component_mm3), top_k)
+def probability_to_mask(prob: np.ndarray, spacing, threshold: float = 0.5, min_component_mm3: float = 0.0,
+                        top_k: int = 0, image: np.ndarray | None = None, min_median: float | None = None) -> np.ndarray:
+    """The mask: `prob` above `threshold`, components of at least `min_component_mm3` whose median in
+    `image` (the scan, on the same grid) is at least `min_median`, then the `top_k` largest."""
+    return components_filter(prob > threshold, min_component_voxels(spacing, min_component_mm3), top_k,
+                             image, min_median)
 
 
 def mask_on_input_grid(grid, prob: np.ndarray, threshold: float, spacing, min_component_mm3: float = 0.0,
-                       top_k: int = 0) -> tuple[np.ndarray, int]:
-    """`probability_to_mask(grid.to_input_grid(prob), ...)` without resampling the whole map, and
-    how many components passed the size floor (before the top-k).
+                       top_k: int = 0, image: np.ndarray | None = None,
+                       min_median: float | None = None) -> tuple[np.ndarray, ComponentCounts]:
+    """`probability_to_mask(grid.to_input_grid(prob), ...)` without resampling the whole map (`image`
+    is the scan on the input grid), and how many components each floor let through or dropped.
 
     A linearly interpolated voxel exceeds the threshold only if one of the two model voxels it
     falls between on each axis does. So only input-grid boxes over the model voxels above the
@@ -78,7 +73,7 @@ def mask_on_input_grid(grid, prob: np.ndarray, threshold: float, spacing, min_co
     above = model > threshold
     mask = np.zeros(grid.input_shape, np.uint8)
     if not above.any():
-        return mask, 0
+        return mask, ComponentCounts(0, 0)
     clusters = cc3d.connected_components(above.view(np.uint8), connectivity=26)
     boxes = _apart([_canonical_box(above[box], box, model.shape, grid.canonical_shape)
                     for box in ndimage.find_objects(clusters)])
@@ -87,13 +82,18 @@ def mask_on_input_grid(grid, prob: np.ndarray, threshold: float, spacing, min_co
     sizes = [np.bincount(found.ravel(), minlength=1)[1:] for found in labels]  # per box, labels 1..n
     owner = np.repeat(np.arange(len(boxes)), [len(s) for s in sizes])
     label = np.concatenate([np.arange(1, len(s) + 1) for s in sizes])
-    floor = min_component_voxels(spacing, min_component_mm3)
-    kept = kept_components(np.concatenate(sizes), floor, top_k)
+    eligible = None
+    if image is not None and min_median is not None:
+        eligible = np.concatenate([dense_enough(image[grid.input_box(box)], found, len(n), min_median)
+                                   for box, found, n in zip(boxes, labels, sizes)])
+    sizes, floor = np.concatenate(sizes), min_component_voxels(spacing, min_component_mm3)
+    kept = kept_components(sizes, floor, top_k, eligible)
     for i, box in enumerate(boxes):
         keep = label[kept[owner[kept] == i]]
         if keep.size:
             mask[grid.input_box(box)] = np.isin(labels[i], keep)
-    return mask, len(kept_components(np.concatenate(sizes), floor))
+    found = len(kept_components(sizes, floor, 0, eligible))
+    return mask, ComponentCounts(found, len(kept_components(sizes, floor)) - found)
 
 
 def _apart(boxes: list[tuple[slice, ...]]) -> list[tuple[slice, ...]]:

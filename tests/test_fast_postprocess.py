@@ -32,14 +32,35 @@ def test_box_mask_equals_the_full_resample_mask(ct, threshold, min_mm3, top_k):
     padded = tuple(lo + n + hi for (lo, hi), n in zip(grid.pad, grid.resampled_shape))
     prob = model_probability(padded, np.random.default_rng(int(threshold * 100)))
     old = probability_to_mask(grid.to_input_grid(prob), volume.spacing, threshold, min_mm3, top_k)
-    new, found = mask_on_input_grid(grid, prob, threshold, volume.spacing, min_mm3, top_k)
+    new, counts = mask_on_input_grid(grid, prob, threshold, volume.spacing, min_mm3, top_k)
     # every component over the floor is counted, kept or not
     every = probability_to_mask(grid.to_input_grid(prob), volume.spacing, threshold, min_mm3, 0)
-    assert found == cc3d.connected_components(every, connectivity=26, return_N=True)[1]
+    assert counts == (cc3d.connected_components(every, connectivity=26, return_N=True)[1], 0)
     assert new.shape == volume.array.shape and new.dtype == old.dtype
     if threshold < 0.99:
         assert old.any()  # a non-trivial comparison
     np.testing.assert_array_equal(new, old)
+
+
+def test_an_intensity_floor_drops_light_components_the_same_on_both_paths(ct):
+    """Components whose median in the scan is below the floor go, before the top-k; both paths agree."""
+    volume, _ = ct
+    _, grid = to_model_grid(volume, "CT", (3.0, 3.0, 3.0), 32)
+    padded = tuple(lo + n + hi for (lo, hi), n in zip(grid.pad, grid.resampled_shape))
+    prob = model_probability(padded, np.random.default_rng(11), blobs=8)
+    full = grid.to_input_grid(prob)
+    labels, n = cc3d.connected_components(full > 0.3, connectivity=26, return_N=True)
+    medians = np.array(ndimage.median(volume.array, labels, np.arange(1, n + 1)))
+    floor = float(np.median(medians))  # about half the components are lighter
+    light = int((medians < floor).sum())
+    assert 0 < light < n
+    for top_k in (0, 1):
+        old = probability_to_mask(full, volume.spacing, 0.3, 0.0, top_k, volume.array, floor)
+        new, counts = mask_on_input_grid(grid, prob, 0.3, volume.spacing, 0.0, top_k, volume.array, floor)
+        np.testing.assert_array_equal(new, old)
+        assert counts == (n - light, light)
+        kept = np.unique(labels[new.astype(bool)])
+        assert len(kept) == (1 if top_k else n - light) and np.all(medians[kept - 1] >= floor)
 
 
 def test_scattered_map_with_many_boxes_gives_the_full_resample_mask(ct):
@@ -124,19 +145,66 @@ def test_one_lesion_keeps_the_largest_component_and_several_keep_all(torch_execu
     ("metastatic disease of the liver", True), ("multiple liver lesions", True), ("multifocal HCC", True),
 ])
 def test_targets_that_name_several_lesions(target, several):
-    from diffugts.postprocess import names_several_lesions, top_k_for
+    from diffugts.component_rules import names_several_lesions, top_k_for
     from diffugts.prompts import spelt_out
 
     assert names_several_lesions(spelt_out(target)) is several  # the loop reads abbreviations spelt out
     assert top_k_for(spelt_out(target), 1) == (0 if several else 1)
 
 
-def test_components_notice_only_when_something_was_dropped():
-    from diffugts.postprocess import components_notice
+def test_component_notices_only_when_something_was_dropped():
+    from diffugts.component_rules import ComponentRule
+    from diffugts.postprocess import ComponentCounts
 
-    assert components_notice(5, 0) == () and components_notice(1, 1) == () and components_notice(0, 1) == ()
-    assert components_notice(3, 1)[0].startswith("kept the largest component of 3 found")
-    assert "the 2 largest components of 4" in components_notice(4, 2)[0]
+    one, two, floor = ComponentRule(top_k=1), ComponentRule(top_k=2), ComponentRule(min_median=-700.0)
+    assert ComponentRule().notices(ComponentCounts(5, 3)) == ()
+    assert one.notices(ComponentCounts(1, 0)) == () and one.notices(ComponentCounts(0, 0)) == ()
+    assert one.notices(ComponentCounts(3, 0))[0].startswith("kept the largest component of 3 found")
+    assert "the 2 largest components of 4" in two.notices(ComponentCounts(4, 0))[0]
+    assert floor.notices(ComponentCounts(2, 0)) == ()
+    assert floor.notices(ComponentCounts(2, 6))[0].startswith("dropped 6 component(s) of aerated lung or air "
+                                                              "(median below -700 HU)")
+
+
+@pytest.mark.parametrize("target,modality,restricted,rule", [
+    ("lung nodule", "CT", True, (1, -700.0)), ("lung nodule", "CT", False, (0, -700.0)),
+    ("lung nodules", "CT", True, (0, -700.0)), ("brain tumor", "MR", True, (1, None)),
+    ("lung cyst", "CT", True, (1, None)), ("cavitary lung lesion", "CT", True, (1, None)),
+    ("kidney tumor", "CT", False, (0, -700.0)),
+])
+def test_the_demo_rule_for_a_target(target, modality, restricted, rule):
+    from diffugts.component_rules import component_rule
+    from diffugts.config import get_preset
+
+    got = component_rule(target, modality, get_preset("demo"), restricted)
+    assert (got.top_k, got.min_median) == rule
+
+
+def test_the_loop_drops_light_components_on_ct_only_and_not_for_an_air_finding(torch_executor):
+    from diffugts.executors.base import preset_changes
+    from diffugts.io import Volume
+    from diffugts.pipeline import segment_volume
+
+    volume, _ = ct_sized_volume(shape=(60, 56, 40), spacing=(1.5, 1.5, 2.0), seed=4)
+    probability = segment_volume(torch_executor, volume, "kidney tumor", "CT").probability
+    threshold = float(np.quantile(probability, 0.97))
+    every = probability_to_mask(probability, volume.spacing, threshold, 0.0, 0)
+    labels, n = cc3d.connected_components(every, connectivity=26, return_N=True)
+    medians = np.array(ndimage.median(volume.array, labels, np.arange(1, n + 1)))
+    floor = float(np.max(medians))  # every component but the densest is lighter
+    assert n > 1 and (medians < floor).sum() == n - 1
+    with preset_changes(torch_executor, min_component_hu=floor, min_component_mm3=0.0, mask_threshold=threshold):
+        ct = segment_volume(torch_executor, volume, "kidney tumor", "CT")
+        air = segment_volume(torch_executor, volume, "kidney cyst", "CT")
+        mr = segment_volume(torch_executor, Volume(volume.array - volume.array.min(), volume.affine, "mr"),
+                            "kidney tumor", "MR")
+    np.testing.assert_array_equal(ct.mask, probability_to_mask(ct.probability, volume.spacing, threshold, 0.0, 0,
+                                                                volume.array, floor))
+    assert ct.components.min_median == floor and np.all(medians[np.unique(labels[ct.mask.astype(bool)]) - 1] >= floor)
+    assert any(note.startswith(f"dropped {n - 1} component(s) of aerated lung or air") for note in ct.notices)
+    assert air.components.min_median is None and mr.components.min_median is None
+    np.testing.assert_array_equal(air.mask, probability_to_mask(air.probability, volume.spacing, threshold, 0.0, 0))
+    assert not any("aerated" in note for note in air.notices + mr.notices)
 
 
 def test_real_size_section_wiring(torch_executor):

@@ -184,9 +184,9 @@ def test_inside_a_restricted_organ_one_lesion_keeps_its_largest_component(tiny_e
         one = segment_volume(tiny_executor, volume, "lung nodule", "CT")
         several = segment_volume(tiny_executor, volume, "lung nodules", "CT")
         whole = segment_volume(tiny_executor, volume, "lung nodule", "CT", LoopOptions(organ=False))
-    assert (one.top_k, several.top_k, whole.top_k) == (1, 0, 0)  # restricted and singular only
+    assert [s.components.top_k for s in (one, several, whole)] == [1, 0, 0]  # restricted and singular only
     for seg in (one, several, whole):
         np.testing.assert_array_equal(seg.mask, probability_to_mask(seg.probability, volume.spacing, threshold,
-                                                                    0.0, seg.top_k))
+                                                                    0.0, seg.components.top_k))
     assert cc3d.connected_components(one.mask, connectivity=26, return_N=True)[1] == 1
     assert one.notices[-1].startswith("kept the largest component of ")
