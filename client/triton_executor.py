@@ -85,7 +85,7 @@ class BlsClient:
         used = (modality or "CT").upper()
         # the BLS model returns the mask and the anomaly map only: no probability, no healthy volume
         return Segmentation(out["mask"], None, out["anomaly"], None, used, build_prompt_set(target, used), timings,
-                            notices=notices)
+                            notices=notices, components=None)
 
     def close(self) -> None:
         self.transport.close()

@@ -6,7 +6,7 @@
   metastases, "multiple") keeps every component.
 - No tumour is aerated lung or air: on CT a component whose median in the scan is below the
   preset's `min_component_hu` (demo: -700 HU, the upper end of aerated lung) is dropped, unless the
-  target names an air-containing finding (a cyst, a cavity, emphysema, ...).
+  target names an air-containing finding (a cavity, emphysema, ground glass, a cyst in the lungs, ...).
 """
 
 from __future__ import annotations
@@ -15,17 +15,25 @@ import re
 from dataclasses import dataclass
 
 from .config import Preset
+from .organ_regions import target_organ
 from .postprocess import ComponentCounts
 
 SEVERAL_WORDS = frozenset({
-    "multiple", "multifocal", "multicentric", "several", "bilateral", "tumors", "tumours", "lesions",
-    "masses", "nodules", "cysts", "abscesses", "hemorrhages", "haemorrhages", "bleeds", "gliomas",
-    "meningiomas", "carcinomas", "polyps", "foci",
+    "multiple", "multifocal", "multicentric", "several", "bilateral", "both", "numerous", "innumerable",
+    "scattered", "diffuse", "disseminated", "tumors", "tumours", "lesions", "masses", "nodules", "cysts",
+    "abscesses", "hemorrhages", "haemorrhages", "hematomas", "haematomas", "bleeds", "microbleeds",
+    "infarcts", "emboli", "opacities", "plaques", "cancers", "neoplasms", "gliomas", "meningiomas",
+    "lymphomas", "carcinomas", "polyps", "foci",
 })
+ONE_WORDS = frozenset({"solitary", "single", "one"})  # "solitary brain metastasis"
+# air-containing findings: on CT their components may well be lighter than aerated lung
 AIR_WORDS = frozenset({
-    "cyst", "cysts", "cystic", "cavity", "cavities", "cavitary", "cavitating", "bulla", "bullae", "bleb",
-    "blebs", "emphysema", "pneumothorax", "pneumatocele", "pneumatosis", "air", "gas",
+    "cavity", "cavities", "cavitary", "cavitating", "cavitation", "cavitated", "bulla", "bullae", "bullous",
+    "bleb", "blebs", "emphysema", "emphysematous", "pneumothorax", "pneumothoraces", "pneumatocele",
+    "pneumatoceles", "pneumatosis", "pneumoperitoneum", "pneumomediastinum", "air", "gas", "glass",
+    "subsolid", "ggo", "ggn",  # ground glass: lighter than soft tissue, near aerated lung
 })
+CYST_WORDS = frozenset({"cyst", "cysts", "cystic"})  # air in the lungs; fluid (far above the floor) elsewhere
 
 
 def _words(target: str) -> list[str]:
@@ -33,11 +41,13 @@ def _words(target: str) -> list[str]:
 
 
 def names_several_lesions(target: str) -> bool:
-    return any(w in SEVERAL_WORDS or w.startswith("metasta") for w in _words(target))
+    words = _words(target)
+    return not ONE_WORDS & set(words) and any(w in SEVERAL_WORDS or w.startswith("metasta") for w in words)
 
 
 def names_air_finding(target: str) -> bool:
-    return any(w in AIR_WORDS for w in _words(target))
+    words = set(_words(target))
+    return bool(words & AIR_WORDS) or bool(words & CYST_WORDS) and target_organ(target) == "lung"
 
 
 def top_k_for(target: str, top_k: int) -> int:
@@ -49,18 +59,19 @@ def top_k_for(target: str, top_k: int) -> int:
 class ComponentRule:
     top_k: int = 0  # keep the largest k (0: all)
     min_median: float | None = None  # drop a component whose median in the scan is below this (None: none)
+    target: str = "the target"  # for the notices
 
     def notices(self, counts: ComponentCounts) -> tuple[str, ...]:
         """What a reader of the mask should know about the components it dropped."""
         out = ()
         if self.min_median is not None and counts.too_light:
             out += (f"dropped {counts.too_light} component(s) of aerated lung or air (median below "
-                    f"{self.min_median:g} HU): no tumour is that light; a target naming a cyst, cavity or air "
-                    "keeps them",)
+                    f"{self.min_median:g} HU): a tumour rarely is that light; a target naming a cavity, "
+                    "ground glass or air keeps them",)
         if 0 < self.top_k < counts.found:
             kept = "the largest component" if self.top_k == 1 else f"the {self.top_k} largest components"
-            out += (f"kept {kept} of {counts.found} found (one lesion per target); name the target in the "
-                    "plural ('kidney tumours') or as metastases to keep them all",)
+            out += (f"kept {kept} of {counts.found} found (one lesion per target); ask for 'multiple "
+                    f"{self.target}' to keep them all",)
         return out
 
 
@@ -69,4 +80,4 @@ def component_rule(target: str, modality: str, preset: Preset, restricted: bool)
     were restricted to the target's organ."""
     top_k = top_k_for(target, (preset.organ_top_k if restricted else 0) or preset.top_k_components)
     light = preset.min_component_hu if modality == "CT" and not names_air_finding(target) else None
-    return ComponentRule(top_k, light)
+    return ComponentRule(top_k, light, target)

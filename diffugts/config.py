@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass, field, replace
+from dataclasses import asdict, dataclass, field, fields, replace
 from pathlib import Path
 
 WEIGHTS_DIR = Path(__file__).parent / "weights"
@@ -92,8 +92,10 @@ class Preset:
 
     @classmethod
     def from_dict(cls, data: dict) -> "Preset":
-        tuples = {k: tuple(v) for k, v in data.items() if isinstance(v, list)}
-        return cls(**{**data, **tuples})
+        """From `to_dict`'s data; keys this version does not know (a repository exported by a newer
+        one) are left out, so a client still reads the sizes it needs."""
+        known = {f.name for f in fields(cls)}
+        return cls(**{k: tuple(v) if isinstance(v, list) else v for k, v in data.items() if k in known})
 
     def with_(self, **changes) -> "Preset":
         return replace(self, **changes)
@@ -136,7 +138,7 @@ PRESETS: dict[str, Preset] = {
         min_component_mm3=200.0,
         # ZePT's top-k per tumour inside the organ: one component (the largest) for a target that
         # names one lesion where the maps were restricted to its organ; a plural or metastases keeps
-        # all (`postprocess.top_k_for`). Everywhere (top_k_components=1) it lost on unseen body kinds
+        # all (`component_rules.top_k_for`). Everywhere (top_k_components=1) it lost on unseen body kinds
         # (benchmarks/prereg/one_component_unseen3045.txt); inside the organ: ..._in_organ_unseen3046.txt
         organ_top_k=1,
         # -700 HU: the upper end of aerated lung (benchmarks/prereg/no_aerated_lung_components_3047.txt)

@@ -98,7 +98,9 @@ class Segmentation:
     timings: dict = field(default_factory=dict)
     inpainted_fraction: float = 0.0  # share of latent voxels the loop touched
     notices: tuple[str, ...] = ()  # what a reader of the mask should know (see `loop_notices`)
-    components: ComponentRule = ComponentRule()  # which components the mask kept (`component_rules`)
+    # which components the mask kept (`component_rules`); None from the BLS model, whose server
+    # applied its own preset's rule
+    components: ComponentRule | None = ComponentRule()
 
 
 def sigmoid(x: np.ndarray) -> np.ndarray:

@@ -31,7 +31,8 @@ def dense_enough(image: np.ndarray | None, labels: np.ndarray, n: int, min_media
         return None
     if n == 0:
         return np.zeros(0, bool)
-    return np.asarray(ndimage.median(image, labels, np.arange(1, n + 1))) >= min_median
+    inside = labels > 0  # ndimage.median sorts every voxel it is given: the background is most of them
+    return np.asarray(ndimage.median(image[inside], labels[inside], np.arange(1, n + 1))) >= min_median
 
 
 def components_filter(mask: np.ndarray, min_voxels: int = 0, top_k: int = 0, image: np.ndarray | None = None,
