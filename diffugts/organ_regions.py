@@ -158,16 +158,31 @@ RULES = {"brain": brain_region, "lung": lung_region}
 NAMES = {"brain": "brain", "lung": "lungs"}
 
 
-def organ_envelope(image: np.ndarray, modality: str, target: str, spacing) -> np.ndarray | None:
-    """Voxels of the model grid where the target's organ is (with `MARGIN_MM` around it), or None
-    when the target names no organ we find or the organ found is implausibly small."""
+def organ_region(image: np.ndarray, modality: str, target: str, spacing) -> np.ndarray | None:
+    """Voxels of the model grid where the target's organ is, or None when the target names no organ
+    we find or the organ found is implausibly small."""
     organ = target_organ(target)
     if organ is None:
         return None
     region = RULES[organ](image, modality.upper(), spacing)
-    if millilitres(region, spacing) < MIN_ML[organ]:
-        return None
-    return grown(region, MARGIN_MM, spacing)
+    return region if millilitres(region, spacing) >= MIN_ML[organ] else None
+
+
+def organ_envelope(image: np.ndarray, modality: str, target: str, spacing) -> np.ndarray | None:
+    """`organ_region` with `MARGIN_MM` around it (a lesion at the organ's edge stays in), or None."""
+    region = organ_region(image, modality, target, spacing)
+    return None if region is None else grown(region, MARGIN_MM, spacing)
+
+
+def mostly_inside(above: np.ndarray, region: np.ndarray) -> np.ndarray:
+    """0 on the components of `above` that lie mostly (more than half) outside `region`, in the
+    envelope's margin (an eye beside a brain region that thick slices joined to the orbits); 1
+    elsewhere. The margin is there for a lesion at the organ's edge, not for one beside it."""
+    labels, n = cc3d.connected_components(above.astype(np.uint8), connectivity=26, return_N=True)
+    if n == 0:
+        return np.ones(above.shape, np.float32)
+    share = np.asarray(ndimage.mean(region, labels, np.arange(1, n + 1)))
+    return (~np.isin(labels, np.flatnonzero(share <= 0.5) + 1)).astype(np.float32)
 
 
 def restriction_notice(target: str, envelope: np.ndarray | None, spacing) -> tuple[str, ...]:

@@ -18,7 +18,7 @@ from scipy import ndimage
 
 from .executors.base import StageExecutor
 from .io import Volume
-from .organ_regions import organ_envelope, restriction_notice
+from .organ_regions import MARGIN_MM, grown, mostly_inside, organ_region, restriction_notice
 from .component_rules import ComponentRule, component_rule
 from .postprocess import mask_on_input_grid
 from .preprocess import guess_modality, resample, to_model_grid
@@ -303,13 +303,16 @@ def segment_volume(executor: StageExecutor, volume: Volume, target: str, modalit
     blended = sliding_window(model_array, preset.patch, preset.window_overlap, run_window)
 
     with timings.stage("postprocess"):
-        envelope, organ_notices, spelt = None, (), spelt_out(target)
+        region, envelope, organ_notices, spelt = None, None, (), spelt_out(target)
         if options.organ:
-            envelope = organ_envelope(model_array, modality, spelt, preset.spacing)
+            region = organ_region(model_array, modality, spelt, preset.spacing)
+            envelope = None if region is None else grown(region, MARGIN_MM, preset.spacing)
             organ_notices = restriction_notice(spelt, envelope, preset.spacing)
-        if envelope is not None:
-            blended = {**blended, "prob": blended["prob"] * envelope, "anomaly": blended["anomaly"] * envelope}
         threshold = {"full": preset.mask_threshold, "baseline": 0.5}.get(options.ablation, preset.map_threshold)
+        if envelope is not None:
+            prob = blended["prob"] * envelope
+            prob *= mostly_inside(prob > threshold, region)
+            blended = {**blended, "prob": prob, "anomaly": blended["anomaly"] * envelope}
         rule = component_rule(spelt, modality, preset, restricted=envelope is not None)
         mask, counts = mask_on_input_grid(grid, blended["prob"], threshold, volume.spacing,
                                           preset.min_component_mm3, rule.top_k, volume.array, rule.min_median)

@@ -190,3 +190,38 @@ def test_inside_a_restricted_organ_one_lesion_keeps_its_largest_component(tiny_e
                                                                     0.0, seg.components.top_k))
     assert cc3d.connected_components(one.mask, connectivity=26, return_N=True)[1] == 1
     assert one.notices[-1].startswith("kept the largest component of ")
+
+
+def test_a_component_mostly_outside_the_organ_itself_is_dropped():
+    region = np.zeros((40, 40, 40), bool)
+    region[5:30, 5:35, 5:35] = True
+    above = np.zeros_like(region)
+    above[10:16, 10:16, 10:16] = True  # inside
+    above[27:33, 20:26, 20:26] = True  # half in, half out: 3 of 6 rows inside -> not "mostly" inside
+    above[26:32, 5:11, 25:31] = True  # 4 of 6 rows inside: kept
+    above[33:38, 30:36, 30:36] = True  # outside (the margin)
+    keep = organ_regions.mostly_inside(above, region)
+    assert keep.dtype == np.float32 and keep[~above].min() == 1  # only components are ever dropped
+    assert keep[12, 12, 12] == 1 and keep[28, 7, 27] == 1
+    assert keep[30, 22, 22] == 0 and keep[35, 32, 32] == 0
+    assert np.all(organ_regions.mostly_inside(np.zeros_like(region), region) == 1)
+
+
+def test_the_loop_zeroes_the_probability_of_what_mostly_inside_drops(tiny_executor, monkeypatch):
+    from diffugts import pipeline
+
+    calls = []
+
+    def nothing_inside(above, region):
+        calls.append((above.shape, region.shape, bool(above.any())))
+        return np.zeros(above.shape, np.float32)
+
+    monkeypatch.setattr(pipeline, "mostly_inside", nothing_inside)
+    ct, _ = corpus._phantoms(n=2)
+    volume = Volume(ct.image, ct.affine, ct.id)
+    restricted = segment_volume(tiny_executor, volume, "lung nodule", "CT")
+    assert len(calls) == 1 and calls[0][0] == calls[0][1]  # on the model grid, beside the region
+    assert restricted.probability.max() == 0 and not restricted.mask.any()
+    assert restricted.anomaly.max() > 0  # the map is the envelope's, not the components'
+    segment_volume(tiny_executor, volume, "kidney tumor", "CT")  # no organ: never called
+    assert len(calls) == 1
