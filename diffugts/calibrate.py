@@ -37,6 +37,8 @@ def calibrate(executor, datasets, thetas, thresholds, min_components=None, on_ca
         with preset_changes(executor, anomaly_threshold=float(theta)):
             for volume, label, entry in cases:
                 seg = segment_volume(executor, volume, entry["prompt"], entry.get("modality"), LoopOptions())
+                # the rule the loop applied; its drop of components mostly outside the organ was
+                # made at the preset's threshold, not at each threshold tried here
                 probabilities.append((seg.probability, label, volume, seg.components))
                 if on_case:
                     on_case()

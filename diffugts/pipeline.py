@@ -16,10 +16,10 @@ from dataclasses import dataclass, field
 import numpy as np
 from scipy import ndimage
 
+from .component_rules import ComponentRule, component_rule
 from .executors.base import StageExecutor
 from .io import Volume
 from .organ_regions import MARGIN_MM, grown, mostly_inside, organ_region, restriction_notice
-from .component_rules import ComponentRule, component_rule
 from .postprocess import mask_on_input_grid
 from .preprocess import guess_modality, resample, to_model_grid
 from .prompts import PromptSet, build_prompt_set, normalize_target, spelt_out
