@@ -168,10 +168,14 @@ def organ_region(image: np.ndarray, modality: str, target: str, spacing) -> np.n
     return region if millilitres(region, spacing) >= MIN_ML[organ] else None
 
 
-def organ_envelope(image: np.ndarray, modality: str, target: str, spacing) -> np.ndarray | None:
-    """`organ_region` with `MARGIN_MM` around it (a lesion at the organ's edge stays in), or None."""
-    region = organ_region(image, modality, target, spacing)
+def with_margin(region: np.ndarray | None, spacing) -> np.ndarray | None:
+    """The envelope: `region` with `MARGIN_MM` around it (a lesion at the organ's edge stays in)."""
     return None if region is None else grown(region, MARGIN_MM, spacing)
+
+
+def organ_envelope(image: np.ndarray, modality: str, target: str, spacing) -> np.ndarray | None:
+    """`organ_region` with `MARGIN_MM` around it, or None."""
+    return with_margin(organ_region(image, modality, target, spacing), spacing)
 
 
 def mostly_inside(above: np.ndarray, region: np.ndarray) -> np.ndarray:

@@ -19,7 +19,7 @@ from scipy import ndimage
 from .component_rules import ComponentRule, component_rule
 from .executors.base import StageExecutor
 from .io import Volume
-from .organ_regions import MARGIN_MM, grown, mostly_inside, organ_region, restriction_notice
+from .organ_regions import mostly_inside, organ_region, restriction_notice, with_margin
 from .postprocess import mask_on_input_grid
 from .preprocess import guess_modality, resample, to_model_grid
 from .prompts import PromptSet, build_prompt_set, normalize_target, spelt_out
@@ -306,7 +306,7 @@ def segment_volume(executor: StageExecutor, volume: Volume, target: str, modalit
         region, envelope, organ_notices, spelt = None, None, (), spelt_out(target)
         if options.organ:
             region = organ_region(model_array, modality, spelt, preset.spacing)
-            envelope = None if region is None else grown(region, MARGIN_MM, preset.spacing)
+            envelope = with_margin(region, preset.spacing)
             organ_notices = restriction_notice(spelt, envelope, preset.spacing)
         threshold = {"full": preset.mask_threshold, "baseline": 0.5}.get(options.ablation, preset.map_threshold)
         if envelope is not None:
