@@ -9,6 +9,7 @@ import numpy as np
 
 from diffugts.config import Preset
 from diffugts.io import Volume
+from diffugts.notices import CAUTION
 from diffugts.organ_regions import target_organ
 from diffugts.pipeline import LoopOptions, Segmentation
 from diffugts.prompts import build_prompt_set, normalize_target, spelt_out
@@ -80,7 +81,7 @@ class BlsClient:
         timings = json.loads(out["timings"][0])
         notices = tuple(json.loads(out["notices"][0])) if "notices" in out else ()
         if options.organ and not self.takes_organ and target_organ(spelt_out(target)):
-            notices += ("this server's pipeline model was exported before the organ restriction, so the maps "
+            notices += (f"{CAUTION}this server's pipeline model was exported before the organ restriction, so the maps "
                         "cover the whole scan; re-export the repository to restrict them",)
         used = (modality or "CT").upper()
         # the BLS model returns the mask and the anomaly map only: no probability, no healthy volume

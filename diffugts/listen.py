@@ -205,6 +205,7 @@ class Listener:
         import tempfile
 
         from .io import read_volume
+        from .notices import is_caution
         from .outputs import save_outputs
         from .pipeline import run_segmentation
 
@@ -228,8 +229,9 @@ class Listener:
         log.info("series %s ('%s', %d slices): '%s' -> %d mask voxels%s%s", series.series_uid,
                  series.description, len(series.files), prompt, result["mask_voxels"],
                  f" -> {written['seg']}" if self.config.out else "", f" -> sent to {sent}" if sent else "")
-        for notice in seg.notices:
-            log.warning("series %s: %s", series.series_uid, notice)
+        for notice in seg.notices:  # what the loop did is information; a reason to doubt the mask is a warning
+            log.log(logging.WARNING if is_caution(notice) else logging.INFO, "series %s: %s",
+                    series.series_uid, notice)
         return result
 
     def _send(self, path: Path) -> str:

@@ -23,6 +23,8 @@ import cc3d
 import numpy as np
 from scipy import ndimage
 
+from .notices import CAUTION
+
 ORGAN_WORDS = {
     "brain": ("brain", "cerebral", "cerebellar", "intracranial", "glioma", "glioblastoma", "astrocytoma",
               "meningioma", "oligodendroglioma"),
@@ -196,7 +198,7 @@ def restriction_notice(target: str, envelope: np.ndarray | None, spacing) -> tup
         return ()
     name = NAMES[organ]
     if envelope is None:
-        return (f"the {name} could not be found in this scan (none of {MIN_ML[organ]:g} ml or more: a crop, a "
+        return (f"{CAUTION}the {name} could not be found in this scan (none of {MIN_ML[organ]:g} ml or more: a crop, a "
                 f"slab, another region), so the maps were not restricted to the {name}",)
     return (f"the maps were restricted to the {name} found in this scan ({millilitres(envelope, spacing):.0f} ml with a "
             f"{MARGIN_MM:g} mm margin); --whole-scan turns this off",)

@@ -19,6 +19,7 @@ from scipy import ndimage
 from .component_rules import ComponentRule, component_rule
 from .executors.base import StageExecutor
 from .io import Volume
+from .notices import empty_mask_notice, loop_notices
 from .organ_regions import mostly_inside, organ_region, restriction_notice, with_margin
 from .postprocess import mask_on_input_grid
 from .preprocess import guess_modality, resample, to_model_grid
@@ -266,22 +267,6 @@ def segment_patch(executor: StageExecutor, patch: np.ndarray, prompts: PromptSet
     return {"prob": sigmoid(logits[0, 0]), "anomaly": anomaly, "healthy": patch if healthy is None else healthy[0, 0]}
 
 
-def loop_notices(target: str, flagged_shares: list[float], max_fraction: float) -> tuple[str, ...]:
-    """Plain-language notes on a run that the mask alone does not show.
-
-    Here: windows where the map flagged too much to inpaint (`Preset.inpaint_max_fraction`); the
-    organ restriction adds its own (`organ_regions.restriction_notice`).
-    A prompt the model was not trained on can lift the map over the whole scan (model card, "A map
-    that flags everything"); the mask there rests on the scan alone."""
-    gated = [s for s in flagged_shares if s > max_fraction]
-    if not gated:
-        return ()
-    return (f"the anomaly map for {target!r} flagged more than {max_fraction:.0%} of {len(gated)} of "
-            f"{len(flagged_shares)} windows (up to {max(gated):.0%}), so nothing was inpainted there "
-            "and the head read the scan alone: a prompt unlike the trained ones can raise the map over "
-            "the whole scan; read this mask with care",)
-
-
 def segment_volume(executor: StageExecutor, volume: Volume, target: str, modality: str | None = None,
                    options: LoopOptions | None = None,
                    on_stage: Callable[[str], None] | None = None) -> Segmentation:
@@ -309,8 +294,10 @@ def segment_volume(executor: StageExecutor, volume: Volume, target: str, modalit
             envelope = with_margin(region, preset.spacing)
             organ_notices = restriction_notice(spelt, envelope, preset.spacing)
         threshold = {"full": preset.mask_threshold, "baseline": 0.5}.get(options.ablation, preset.map_threshold)
+        peak = float(blended["prob"].max())
         if envelope is not None:
             prob = blended["prob"] * envelope
+            peak = float(prob.max())
             prob *= mostly_inside(prob > threshold, region)
             blended = {**blended, "prob": prob, "anomaly": blended["anomaly"] * envelope}
         rule = component_rule(spelt, modality, preset, restricted=envelope is not None)
@@ -324,6 +311,8 @@ def segment_volume(executor: StageExecutor, volume: Volume, target: str, modalit
 
     notices = loop_notices(normalize_target(target), stats.get("flagged_shares", []), preset.inpaint_max_fraction)
     notices += organ_notices + rule.notices(counts)
+    if not mask.any():
+        notices += empty_mask_notice(normalize_target(target), peak, threshold, preset.min_component_mm3)
     return Segmentation(mask, on_input_grid("prob"), on_input_grid("anomaly"), on_input_grid("healthy"),
                         modality, prompts, dict(timings), fraction, notices, rule)
 

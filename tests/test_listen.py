@@ -114,6 +114,12 @@ def test_listener_segments_pushed_series_and_sends_the_seg(torch_executor, desti
     finally:
         listener.stop()
     assert [r.get("error") is None for r in listener.results] == [False, True, True]
+    # each notice is logged once: a reason to doubt the mask as a warning, what the loop did as information
+    notices = [n for r in listener.results[1:] for n in r["notices"]]
+    assert notices  # random weights on noise: at least the empty mask or the brain not found is said
+    for notice in notices:
+        levels = {r.levelno for r in caplog.records if r.getMessage().endswith(notice)}
+        assert levels == {logging.WARNING if notice.startswith("caution: ") else logging.INFO}, notice
     assert not any((tmp_path / "spool").glob("1.*"))  # processed series leave the spool
 
 

@@ -136,7 +136,7 @@ def test_the_notice_says_where_the_maps_were_kept_or_that_no_organ_was_found():
     assert kept == ("the maps were restricted to the lungs found in this scan (14 ml with a 9 mm margin); "
                     "--whole-scan turns this off")
     (missing,) = organ_regions.restriction_notice("glioma", None, SPACING)
-    assert missing.startswith("the brain could not be found in this scan (none of 300 ml or more")
+    assert missing.startswith("caution: the brain could not be found in this scan (none of 300 ml or more")
     assert organ_regions.restriction_notice("kidney tumor", None, SPACING) == ()
 
 

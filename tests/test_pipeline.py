@@ -184,7 +184,7 @@ def test_segment_volume_skips_inpainting_where_the_map_flags_too_much(torch_exec
     assert not np.array_equal(segs[0.5].probability, segs[1.0].probability)
     # the reader is told (one window, every latent voxel flagged); a run that inpainted is not
     assert segs[1.0].notices == ()
-    assert segs[0.5].notices == ("the anomaly map for 'liver cyst' flagged more than 50% of 1 of 1 windows (up to "
+    assert segs[0.5].notices == ("caution: the anomaly map for 'liver cyst' flagged more than 50% of 1 of 1 windows (up to "
                                  "100%), so nothing was inpainted there and the head read the scan alone: a prompt "
                                  "unlike the trained ones can raise the map over the whole scan; read this mask "
                                  "with care",)
@@ -196,7 +196,31 @@ def test_loop_notices_count_the_gated_windows_only():
     assert loop_notices("brain tumor", [0.0, 0.05, 0.15], 0.15) == ()  # at the limit is not over it
     assert loop_notices("brain tumor", [], 0.15) == ()
     (notice,) = loop_notices("brain abscess", [0.02, 0.31, 0.4, 0.1], 0.15)
-    assert notice.startswith("the anomaly map for 'brain abscess' flagged more than 15% of 2 of 4 windows (up to 40%)")
+    assert notice.startswith("caution: the anomaly map for 'brain abscess' flagged more than 15% of 2 of 4 windows (up to 40%)")
+
+
+def test_an_empty_mask_says_why_and_a_mask_does_not(torch_executor, phantom_dir):
+    import re
+
+    from diffugts.executors.base import preset_changes
+    from diffugts.notices import is_caution
+
+    volume = read_volume(phantom_dir / "imagesTs" / "case_001.nii.gz")
+    segs = {}
+    for name, changes in {"under": dict(mask_threshold=2.0),  # a sigmoid never reaches 2
+                          "dropped": dict(mask_threshold=-1.0, min_component_mm3=1e12),
+                          "everything": dict(mask_threshold=-1.0, min_component_mm3=0.0)}.items():
+        with preset_changes(torch_executor, **changes):
+            segs[name] = segment_volume(torch_executor, volume, "liver tumor", "MR", LoopOptions())
+    assert not segs["under"].mask.any() and not segs["dropped"].mask.any() and segs["everything"].mask.all()
+    empty = [n for n in segs["under"].notices if "is empty" in n]
+    assert len(empty) == 1 and is_caution(empty[0])
+    peak = float(re.search(r"nothing reached the mask threshold 2 \(highest ([0-9.]+)\)", empty[0]).group(1))
+    assert 0.0 < peak <= 1.0 and empty[0].endswith("an empty mask is not proof that no lesion is there")
+    assert [n for n in segs["dropped"].notices if "is empty" in n] == [
+        "caution: the mask for 'liver tumor' is empty: what reached the mask threshold -1 was dropped (under 1e+12 "
+        "mm^3, air on CT, or mostly outside the organ); an empty mask is not proof that no lesion is there"]
+    assert not any("is empty" in n for n in segs["everything"].notices)
 
 
 def test_pseudo_healthy_is_the_scan_plus_the_inpainting_change(torch_executor):

@@ -181,7 +181,7 @@ def test_the_in_server_loop_restricts_to_the_organ_unless_asked_not_to(triton_se
     left_out = client.segment_volume(volume, "lung nodule", "CT")
     np.testing.assert_array_equal(left_out.anomaly, restricted.anomaly)
     # the same client believing the server predates the input says that it could not restrict
-    assert left_out.notices[-1].startswith("this server's pipeline model was exported before the organ restriction")
+    assert left_out.notices[-1].startswith("caution: this server's pipeline model was exported before the organ restriction")
     client.close()
 
 
