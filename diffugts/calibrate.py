@@ -11,6 +11,7 @@ import numpy as np
 from .evaluate import load_manifest
 from .executors.base import preset_changes
 from .io import InputError, read_volume
+from .label_classes import lesion_mask
 from .metrics import dice
 from .pipeline import LoopOptions, segment_volume
 from .postprocess import probability_to_mask
@@ -25,7 +26,7 @@ def calibrate(executor, datasets, thetas, thresholds, min_components=None, on_ca
     cases = []
     for dataset_dir in dirs:
         for entry in load_manifest(dataset_dir):
-            label = read_volume(dataset_dir / entry["label"]).array > 0
+            label = lesion_mask(read_volume(dataset_dir / entry["label"]).array, entry["lesion_values"])
             if label.any():  # Dice of an empty truth says nothing about a threshold
                 cases.append((read_volume(dataset_dir / entry["image"]), label, entry))
     if not cases:

@@ -10,6 +10,7 @@ from pathlib import Path
 import numpy as np
 
 from .io import InputError, read_volume
+from .label_classes import lesion_mask, lesion_values
 from .metrics import auroc, dice, fpr_at_95_tpr, nanmean, normalized_surface_dice
 from .pipeline import LoopOptions, run_segmentation
 
@@ -33,12 +34,15 @@ def load_manifest(dataset_dir: Path, split: str = "test") -> list[dict]:
             raise InputError(manifest, f"{split} entry {i} needs 'image' and 'label'")
         if not entry.get("prompt"):
             raise InputError(manifest, f"{split} entry {i} has no 'prompt'")
-        cases.append(entry)
+        try:  # which label values are the prompt's lesion (`label_classes`)
+            values = lesion_values(data.get("labels"), entry["prompt"], entry.get("label_values"))
+        except ValueError as exc:
+            raise InputError(manifest, f"{split} entry {i}: {exc}") from None
+        cases.append({**entry, "lesion_values": values})
     return cases
 
 
-def case_metrics(seg, label: np.ndarray, spacing) -> dict:
-    truth = label > 0
+def case_metrics(seg, truth: np.ndarray, spacing) -> dict:
     return {
         "dice": dice(seg.mask, truth),
         "nsd": normalized_surface_dice(seg.mask, truth, spacing, 2.0),
@@ -73,8 +77,10 @@ def evaluate_dataset(executor, dataset_dir: str | Path, split: str = "test", lim
             start = time.perf_counter()
             seg = segment(executor, volume, entry["prompt"], entry.get("modality"), options)
             seconds = time.perf_counter() - start
-            cases.append({"case": name, "prompt": entry["prompt"], **case_metrics(seg, label.array, volume.spacing),
-                          "seconds": seconds, "notices": list(seg.notices)})
+            truth = lesion_mask(label.array, entry["lesion_values"])
+            cases.append({"case": name, "prompt": entry["prompt"], **case_metrics(seg, truth, volume.spacing),
+                          "seconds": seconds, "notices": list(seg.notices),
+                          "label_values": "all" if entry["lesion_values"] is None else list(entry["lesion_values"])})
         except InputError as exc:
             errors.append(str(exc))
         if on_case:

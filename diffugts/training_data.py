@@ -158,6 +158,7 @@ def dataset_cases(dataset_dir: str | Path, preset, need_labels: bool, rng: np.ra
     patches; a volume larger than the patch gives the patch around its lesion (or its centre)."""
     from .augment import Anatomy, random_crop
     from .evaluate import load_manifest
+    from .label_classes import lesion_mask
 
     root = Path(dataset_dir)
     entries = load_manifest(root, "training") if need_labels else _image_entries(root)
@@ -171,6 +172,7 @@ def dataset_cases(dataset_dir: str | Path, preset, need_labels: bool, rng: np.ra
             label = labels_to_model_grid(read_volume(root / entry["label"]), preset.spacing, preset.patch)
             if label.shape != image.shape:
                 raise ValueError(f"{entry['label']}: label grid {label.shape} does not match its image {image.shape}")
+            label = lesion_mask(label, entry.get("lesion_values")).astype(np.int16)  # the organ class is not the lesion
         anatomy = Anatomy(image, label, (label > 0).astype(np.uint8), {1: "lesion"}, modality)
         anatomy = random_crop(anatomy, preset.patch, rng, organ_fraction=1.0)
         cases.append(Case(anatomy.image, (anatomy.labels > 0).astype(np.float32), entry.get("prompt", "tumor"),
