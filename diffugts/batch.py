@@ -112,11 +112,13 @@ _plot_lock = threading.Lock()  # pyplot keeps global state: one figure at a time
 @dataclass(frozen=True)
 class OutputSpec:
     """What each volume writes: `format` nifti | dicom-seg | both (outputs.py), the series to read
-    from a DICOM folder holding several, and whether the anomaly map also goes out as DICOM."""
+    from a DICOM folder holding several, the channel of a 4D image (None: the first), and whether
+    the anomaly map also goes out as DICOM."""
 
     format: str = "nifti"
     series_uid: str | None = None
     anomaly_map_dicom: bool = False
+    channel: int | None = None
 
 
 def algorithm_of(model: dict):
@@ -171,7 +173,7 @@ class BatchResult:
 def _request(item: BatchItem, options: LoopOptions, spec: OutputSpec) -> dict:
     return {"prompt": item.prompt, "modality": item.modality, "seed": options.seed, "crop": options.crop,
             "organ": options.organ, "steps": options.steps, "format": spec.format, "series_uid": spec.series_uid,
-            "anomaly_map_dicom": spec.anomaly_map_dicom}
+            "anomaly_map_dicom": spec.anomaly_map_dicom, "channel": spec.channel}
 
 
 def run_batch(items: list[BatchItem], out: str | Path, pool: EndpointPool, model: dict,
@@ -227,9 +229,11 @@ def run_batch(items: list[BatchItem], out: str | Path, pool: EndpointPool, model
             say(f"{item.input}: unchanged since the last run, skipped", False)
             return entry
         try:
-            volume = read_volume(item.input, spec.series_uid)
+            volume = read_volume(item.input, spec.series_uid, spec.channel)
             if volume.dicom is not None:
                 say(f"{item.input}: {volume.dicom.choice}", False)
+            if volume.channels > 1:
+                say(f"{item.input}: channel {volume.channel} of {volume.channels} (--channel picks another)", False)
             check_format(volume, spec.format)  # before any server time is spent on it
         except InputError as exc:
             return finish(item, "failed", start, checksum=checksum, error=str(exc))
@@ -350,7 +354,7 @@ def segment_command(args, options: LoopOptions) -> int:
                 f"{n} {s}" for s, n in counts.items() if n) + ")")
 
         try:
-            spec = OutputSpec(args.format, args.series_uid, args.anomaly_map_dicom)
+            spec = OutputSpec(args.format, args.series_uid, args.anomaly_map_dicom, args.channel)
             result = run_batch(items, args.out, pool, model, options, args.workers, args.resume, args.retries,
                                say, on_done, spec=spec)
         finally:

@@ -28,7 +28,7 @@ def calibrate(executor, datasets, thetas, thresholds, min_components=None, on_ca
         for entry in load_manifest(dataset_dir):
             label = lesion_mask(read_volume(dataset_dir / entry["label"]).array, entry["lesion_values"])
             if label.any():  # Dice of an empty truth says nothing about a threshold
-                cases.append((read_volume(dataset_dir / entry["image"]), label, entry))
+                cases.append((read_volume(dataset_dir / entry["image"], channel=entry.get("channel")), label, entry))
     if not cases:
         raise InputError(", ".join(map(str, dirs)), "no case with a lesion to calibrate on")
     base, grid = executor.preset, {}

@@ -440,6 +440,8 @@ def build_parser() -> argparse.ArgumentParser:
                    "(default: the largest)")
     p.add_argument("--anomaly-map-dicom", action="store_true",
                    help="with dicom-seg: also the anomaly map as a DICOM Parametric Map")
+    p.add_argument("--channel", type=int, default=None,
+                   help="4D images (the Decathlon's multi-sequence MR): the channel to segment (default: the first)")
     _executor_args(p)
     p.add_argument("--workers", type=int, default=1, help="volumes in flight")
     p.add_argument("--resume", action="store_true", help="skip volumes OUT/run.json shows finished and unchanged")

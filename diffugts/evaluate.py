@@ -38,6 +38,9 @@ def load_manifest(dataset_dir: Path, split: str = "test") -> list[dict]:
             values = lesion_values(data.get("labels"), entry["prompt"], entry.get("label_values"))
         except ValueError as exc:
             raise InputError(manifest, f"{split} entry {i}: {exc}") from None
+        channel = entry.get("channel")  # of a 4D image; None: the first
+        if channel is not None and (not isinstance(channel, int) or isinstance(channel, bool) or channel < 0):
+            raise InputError(manifest, f"{split} entry {i}: 'channel' must be a channel index (0, 1, ...), not {channel!r}")
         cases.append({**entry, "lesion_values": values})
     return cases
 
@@ -70,7 +73,7 @@ def evaluate_dataset(executor, dataset_dir: str | Path, split: str = "test", lim
         image_path = (dataset_dir / entry["image"]).resolve()
         name = Path(entry["image"]).name
         try:
-            volume = read_volume(image_path)
+            volume = read_volume(image_path, channel=entry.get("channel"))
             label = read_volume((dataset_dir / entry["label"]).resolve())
             if label.array.shape != volume.array.shape:
                 raise InputError(entry["label"], f"label shape {label.array.shape} != image {volume.array.shape}")
@@ -80,7 +83,8 @@ def evaluate_dataset(executor, dataset_dir: str | Path, split: str = "test", lim
             truth = lesion_mask(label.array, entry["lesion_values"])
             cases.append({"case": name, "prompt": entry["prompt"], **case_metrics(seg, truth, volume.spacing),
                           "seconds": seconds, "notices": list(seg.notices),
-                          "label_values": "all" if entry["lesion_values"] is None else list(entry["lesion_values"])})
+                          "label_values": "all" if entry["lesion_values"] is None else list(entry["lesion_values"]),
+                          **({"channel": f"{volume.channel} of {volume.channels}"} if volume.channels > 1 else {})})
         except InputError as exc:
             errors.append(str(exc))
         if on_case:

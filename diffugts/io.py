@@ -45,6 +45,8 @@ class Volume:
     affine: np.ndarray  # (4, 4) voxel -> RAS mm
     path: str = ""
     dicom: object = None  # dicom_series.DicomSeries when read from a DICOM series (slice k = header k)
+    channels: int = 1  # a 4D image's channel count (the Decathlon's multi-sequence MR); `array` is one of them
+    channel: int = 0
 
     @property
     def spacing(self) -> np.ndarray:
@@ -87,8 +89,9 @@ def _read_itk(path: Path) -> tuple[np.ndarray, np.ndarray]:
     return _itk_to_array(sitk.ReadImage(str(path)))
 
 
-def read_volume(path: str | Path, series_uid: str | None = None) -> Volume:
-    """Read a scan; for a DICOM folder `series_uid` picks the series (default: the largest)."""
+def read_volume(path: str | Path, series_uid: str | None = None, channel: int | None = None) -> Volume:
+    """Read a scan; for a DICOM folder `series_uid` picks the series (default: the largest); for a
+    4D image `channel` picks the channel (default: the first, the Decathlon's primary sequence)."""
     path = Path(path)
     name = path.name.lower()
     if not path.exists():
@@ -113,12 +116,24 @@ def read_volume(path: str | Path, series_uid: str | None = None) -> Volume:
     except Exception as exc:  # every reader fails differently; the user needs one line
         problem = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
         raise InputError(path, f"cannot read: {problem}") from None
-    return Volume(validate_array(path, array), validate_affine(path, affine), str(path), dicom)
+    array, channels, channel = one_channel(path, array, channel)
+    return Volume(validate_array(path, array), validate_affine(path, affine), str(path), dicom, channels, channel)
+
+
+def one_channel(path, array: np.ndarray, channel: int | None) -> tuple[np.ndarray, int, int]:
+    """`array`'s channel `channel` (None: the first) when it is 4D, channels on the last axis as the
+    Decathlon stores FLAIR, T1w, T1gd, T2w; with the channel count and the channel taken."""
+    while array.ndim > 3 and array.shape[-1] == 1:
+        array = array[..., 0]
+    channels = array.shape[-1] if array.ndim == 4 else 1
+    taken = 0 if channel is None else channel
+    if not 0 <= taken < channels:
+        raise InputError(path, f"channel {channel} asked for, but the image has "
+                               + (f"{channels} channels (0-{channels - 1})" if channels > 1 else "one channel (0)"))
+    return (array[..., taken] if array.ndim == 4 else array), channels, taken
 
 
 def validate_array(path, array: np.ndarray) -> np.ndarray:
-    while array.ndim > 3 and array.shape[-1] == 1:
-        array = array[..., 0]
     if array.ndim != 3:
         raise InputError(path, f"expected a 3D volume, got shape {tuple(array.shape)}")
     if min(array.shape) < 2:

@@ -164,7 +164,7 @@ def dataset_cases(dataset_dir: str | Path, preset, need_labels: bool, rng: np.ra
     entries = load_manifest(root, "training") if need_labels else _image_entries(root)
     cases = []
     for entry in entries:
-        volume = read_volume(root / entry["image"])
+        volume = read_volume(root / entry["image"], channel=entry.get("channel"))
         modality = entry.get("modality") or _guess(volume)
         image, _ = to_model_grid(volume, modality, preset.spacing, preset.patch)
         label = np.zeros(image.shape, np.int16)

@@ -71,6 +71,31 @@ def test_bad_inputs_fail_alone_with_one_line(phantom_dir, tmp_path, capsys):
     assert statuses == {"truncated": "failed", "case_001": "done", "nan": "failed", "flat": "failed"}
 
 
+def test_a_4d_image_segments_one_channel(phantom_dir, tmp_path, capsys):
+    """The Decathlon's multi-sequence MR is one 4D NIfTI: the first channel by default, --channel
+    another, an index it lacks a one-line error."""
+    image = phantom_dir / "imagesTs" / "case_000.nii.gz"
+    source = nib.load(image)
+    scan = source.get_fdata().astype(np.float32)
+    four = tmp_path / "four.nii.gz"
+    nib.save(nib.Nifti1Image(np.stack([scan, scan[::-1]], axis=-1), source.affine), four)
+    code, _, _ = run(capsys, "segment", image, "--prompt", "kidney tumor", "--out", tmp_path / "3d", "--preset", "tiny")
+    assert code == 0
+    masks = {}
+    for name, extra, channel in (("first", [], 0), ("second", ["--channel", "1"], 1)):
+        code, out, err = run(capsys, "segment", four, "--prompt", "kidney tumor", "--out", tmp_path / name,
+                             "--preset", "tiny", *extra)
+        assert code == 0, err
+        assert f"four.nii.gz: channel {channel} of 2 (--channel picks another)" in (out + err).replace("\n", "")
+        masks[name] = nib.load(tmp_path / name / "four_mask.nii.gz").get_fdata()
+        assert masks[name].shape == scan.shape
+    np.testing.assert_array_equal(masks["first"], nib.load(tmp_path / "3d" / "case_000_mask.nii.gz").get_fdata())
+    assert not np.array_equal(masks["first"], masks["second"])
+    code, _, err = run(capsys, "segment", four, "--prompt", "kidney tumor", "--out", tmp_path / "bad",
+                       "--preset", "tiny", "--channel", "2")
+    assert code == 1 and "channel 2 asked for, but the image has 2 channels (0-1)" in err.replace("\n", "")
+
+
 @pytest.mark.parametrize("argv,message", [
     (["--prompt", "  "], "prompt is empty"),
     (["--prompt", "liver tumor", "--weights", "nowhere.safetensors"], "nowhere.safetensors: weights file not found"),

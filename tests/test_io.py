@@ -67,7 +67,7 @@ def test_dicom_series_folder(tmp_path):
 
 @pytest.mark.parametrize("case,message", [
     ("truncated", "cannot read"), ("nan", "NaN or Inf"), ("two_d", "expected a 3D volume"),
-    ("four_d", "expected a 3D volume"), ("text", "cannot read"), ("unknown", "unknown format"),
+    ("five_d", "expected a 3D volume"), ("text", "cannot read"), ("unknown", "unknown format"),
     ("missing", "no such file"),
 ])
 def test_bad_inputs_get_one_line_errors(tmp_path, case, message):
@@ -82,8 +82,8 @@ def test_bad_inputs_get_one_line_errors(tmp_path, case, message):
         nib.save(nib.Nifti1Image(array, np.eye(4)), path)
     elif case == "two_d":
         nib.save(nib.Nifti1Image(array[..., 0], np.eye(4)), path)
-    elif case == "four_d":
-        nib.save(nib.Nifti1Image(np.stack([array, array], -1), np.eye(4)), path)
+    elif case == "five_d":  # a 4D image is a stack of channels (test_a_4d_image_is_read_one_channel_at_a_time)
+        nib.save(nib.Nifti1Image(np.stack([np.stack([array, array], -1)] * 2, -1), np.eye(4)), path)
     elif case == "text":
         path.write_bytes(gzip.compress(b"not an image"))
     elif case == "unknown":
@@ -132,3 +132,26 @@ def test_real_mr_lesion_case_from_pydicom_data():
     np.testing.assert_allclose(center, [63.0, 255.5], atol=1.5)  # the circled liver lesion, not the box
     assert truth[..., 0].sum() == 920
     np.testing.assert_allclose(volume.spacing, [0.7231405, 0.7231405, 4.0], atol=1e-5)
+
+
+def test_a_4d_image_is_read_one_channel_at_a_time(tmp_path):
+    rng = np.random.default_rng(0)
+    channels = [rng.normal(size=(6, 5, 4)).astype(np.float32) for _ in range(3)]
+    affine = np.diag([2.0, 2.0, 3.0, 1.0])
+    path = tmp_path / "four.nii.gz"
+    nib.save(nib.Nifti1Image(np.stack(channels, -1), affine), path)
+    first = read_volume(path)
+    np.testing.assert_array_equal(first.array, channels[0])
+    assert (first.channels, first.channel) == (3, 0)
+    np.testing.assert_allclose(first.affine, affine)
+    third = read_volume(path, channel=2)
+    np.testing.assert_array_equal(third.array, channels[2])
+    assert (third.channels, third.channel) == (3, 2)
+    for bad in (3, -1):
+        with pytest.raises(InputError, match=rf"channel {bad} asked for, but the image has 3 channels \(0-2\)"):
+            read_volume(path, channel=bad)
+    single = tmp_path / "three.nii.gz"
+    nib.save(nib.Nifti1Image(channels[0], affine), single)
+    assert read_volume(single).channels == 1 and read_volume(single, channel=0).channel == 0
+    with pytest.raises(InputError, match=r"channel 1 asked for, but the image has one channel \(0\)"):
+        read_volume(single, channel=1)

@@ -1,5 +1,6 @@
-"""Multi-class label maps (MSD Liver, Pancreas, Brain; KiTS): the truth is the prompt's lesion
-classes, in `evaluate`, `calibrate` and `train heads --dataset`."""
+"""Decathlon datasets as published: multi-class label maps (Liver, Pancreas, Brain; KiTS), where the
+truth is the prompt's lesion classes in `evaluate`, `calibrate` and `train heads --dataset`; and
+multi-channel (4D) images, of which an entry's `channel` is read."""
 
 import json
 from types import SimpleNamespace
@@ -117,3 +118,37 @@ def test_heads_train_on_the_tumour_classes_of_a_users_dataset(tmp_path):
     (case,) = dataset_cases(root, get_preset("tiny"), need_labels=True, rng=np.random.default_rng(0))
     # the tiny preset's 4 mm grid is the label's own: the tumour's 8^3 voxels, not the liver's 24^3
     assert case.label.sum() == (label == 2).sum() == 8**3
+
+
+def test_evaluate_reads_an_entrys_channel_of_a_4d_image(tmp_path):
+    from diffugts.evaluate import evaluate_dataset, load_manifest
+    from diffugts.io import InputError
+
+    root, label = _liver_dataset(tmp_path / "four", entry_fields={"channel": 1})
+    path = root / "imagesTs" / "c0.nii.gz"
+    scan = nib.load(path)
+    # channel 0 is blank; channel 1 shows the tumour
+    nib.save(nib.Nifti1Image(np.stack([np.zeros(scan.shape, np.float32), scan.get_fdata(dtype=np.float32)], -1),
+                             scan.affine), str(path))
+
+    def bright(executor, volume, target, modality, options):
+        mask = (volume.array > 150).astype(np.uint8)
+        return SimpleNamespace(mask=mask, anomaly=volume.array, notices=())
+
+    executor = SimpleNamespace(preset=SimpleNamespace(name="stub"))
+    (case,) = evaluate_dataset(executor, root, segment=bright)["cases"]
+    assert case["channel"] == "1 of 2" and case["dice"] == 1.0
+    manifest = json.loads((root / "dataset.json").read_text())
+    for bad, error in ((None, None), (5, "channel 5 asked for, but the image has 2 channels (0-1)"),
+                       ("1", "'channel' must be a channel index")):
+        manifest["test"][0]["channel"] = bad
+        (root / "dataset.json").write_text(json.dumps(manifest))
+        if bad is None:  # the first channel: blank, so nothing is found
+            (case,) = evaluate_dataset(executor, root, segment=bright)["cases"]
+            assert case["channel"] == "0 of 2" and case["dice"] == 0.0
+        elif isinstance(bad, int):  # the case fails alone, with the reason
+            result = evaluate_dataset(executor, root, segment=bright)
+            assert result["cases"] == [] and error in result["errors"][0]
+        else:
+            with pytest.raises(InputError, match=error):
+                load_manifest(root)
