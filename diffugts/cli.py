@@ -91,7 +91,7 @@ def cmd_evaluate(args) -> int:
     from .pipeline import ABLATIONS, LoopOptions
     from .report import write_json
 
-    total = len(load_manifest(Path(args.dataset), args.split)[: args.limit])
+    total = len(load_manifest(Path(args.dataset), args.split, args.prompt)[: args.limit])
     ablations = ABLATIONS if args.ablation == "all" else (args.ablation,)
     executor = _make_executor(args)
     results = {}
@@ -100,7 +100,7 @@ def cmd_evaluate(args) -> int:
             task = progress.add_task(f"cases ({ablation})", total=total)
             options = replace(_options(args), ablation=ablation)
             results[ablation] = evaluate_dataset(executor, args.dataset, args.split, args.limit, options,
-                                                 on_case=lambda _, t=task: progress.advance(t))
+                                                 on_case=lambda _, t=task: progress.advance(t), prompt=args.prompt)
             results[ablation]["backend"], results[ablation]["ablation"] = args.backend, ablation
     if len(results) == 1:
         result = next(iter(results.values()))
@@ -471,7 +471,8 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("evaluate", help="Dice, NSD, AUROC, FPR95 on an MSD-layout dataset")
     p.add_argument("dataset")
     p.add_argument("--out", required=True, help="results JSON")
-    p.add_argument("--split", default="test")
+    p.add_argument("--split", default="test", help="`training` for a Decathlon task as published (its test has no labels)")
+    p.add_argument("--prompt", default=None, help="the target of every entry without its own 'prompt', e.g. 'liver tumor'")
     p.add_argument("--limit", type=int, default=None)
     p.add_argument("--ablation", choices=("full", "aova+attention", "aova", "baseline", "all"), default="full",
                    help="where masks come from; `all` runs the four and writes the README's table")

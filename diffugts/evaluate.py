@@ -17,7 +17,9 @@ from .pipeline import LoopOptions, run_segmentation
 METRICS = ("dice", "nsd", "auroc", "fpr95")
 
 
-def load_manifest(dataset_dir: Path, split: str = "test") -> list[dict]:
+def load_manifest(dataset_dir: Path, split: str = "test", prompt: str | None = None) -> list[dict]:
+    """The `split` entries of an MSD `dataset.json`, each with its prompt (its own, else `prompt`:
+    a Decathlon task as published has none) and the label values of its lesion (`label_classes`)."""
     manifest = dataset_dir / "dataset.json"
     if not manifest.is_file():
         raise InputError(manifest, "no dataset.json (expected the Medical Segmentation Decathlon layout)")
@@ -32,8 +34,9 @@ def load_manifest(dataset_dir: Path, split: str = "test") -> list[dict]:
     for i, entry in enumerate(entries):
         if not isinstance(entry, dict) or "image" not in entry or "label" not in entry:
             raise InputError(manifest, f"{split} entry {i} needs 'image' and 'label'")
-        if not entry.get("prompt"):
-            raise InputError(manifest, f"{split} entry {i} has no 'prompt'")
+        entry = {**entry, "prompt": entry.get("prompt") or prompt}
+        if not entry["prompt"]:
+            raise InputError(manifest, f"{split} entry {i} has no 'prompt' (--prompt gives one to every entry without)")
         try:  # which label values are the prompt's lesion (`label_classes`)
             values = lesion_values(data.get("labels"), entry["prompt"], entry.get("label_values"))
         except ValueError as exc:
@@ -65,9 +68,10 @@ def summarize(cases: list[dict]) -> tuple[dict, dict]:
 
 
 def evaluate_dataset(executor, dataset_dir: str | Path, split: str = "test", limit: int | None = None,
-                     options: LoopOptions | None = None, on_case=None, segment=run_segmentation) -> dict:
+                     options: LoopOptions | None = None, on_case=None, segment=run_segmentation,
+                     prompt: str | None = None) -> dict:
     dataset_dir = Path(dataset_dir)
-    entries = load_manifest(dataset_dir, split)[:limit]
+    entries = load_manifest(dataset_dir, split, prompt)[:limit]
     cases, errors = [], []
     for entry in entries:
         image_path = (dataset_dir / entry["image"]).resolve()

@@ -152,3 +152,23 @@ def test_evaluate_reads_an_entrys_channel_of_a_4d_image(tmp_path):
         else:
             with pytest.raises(InputError, match=error):
                 load_manifest(root)
+
+
+def test_evaluate_runs_on_a_decathlon_task_as_published(tmp_path, capsys):
+    """Task03 Liver's own dataset.json: no prompts, string test entries without labels, classes
+    liver and cancer. `--split training --prompt` evaluates it as it is."""
+    from diffugts.cli import main
+
+    root, _ = _liver_dataset(tmp_path / "Task03_Liver")
+    manifest = json.loads((root / "dataset.json").read_text())
+    entry = {k: manifest["training"][0][k] for k in ("image", "label")}
+    (root / "dataset.json").write_text(json.dumps({
+        "name": "Liver", "modality": {"0": "CT"}, "labels": LIVER, "numTraining": 1, "numTest": 1,
+        "training": [entry], "test": ["./imagesTs/c0.nii.gz"]}))
+    out = tmp_path / "liver.json"
+    assert main(["evaluate", str(root), "--split", "training", "--out", str(out), "--preset", "tiny"]) != 0
+    assert "training entry 0 has no 'prompt' (--prompt gives one to every entry without)" in capsys.readouterr().err
+    assert main(["evaluate", str(root), "--split", "training", "--prompt", "liver tumor", "--out", str(out),
+                 "--preset", "tiny"]) == 0
+    (case,) = json.loads(out.read_text())["cases"]
+    assert case["prompt"] == "liver tumor" and case["label_values"] == [2]
