@@ -261,7 +261,7 @@ def cmd_train(args) -> int:
     work = Path(args.work)
     sources = train.Sources(Path(args.corpus) if args.corpus else None, Path(args.dataset) if args.dataset else None,
                             args.anatomy_volumes, args.device, args.amp, args.anatomy_modalities,
-                            _anatomy_kinds(args.anatomy_kinds))
+                            _anatomy_kinds(args.anatomy_kinds), args.prompt)
     try:
         if args.phase == "snapshot":
             report = train.weights_from_checkpoints(args.preset, work, Path(args.backbone) if args.backbone else None,
@@ -561,6 +561,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--corpus", default=None, help="real-anatomy corpus (`diffugts corpus`): randomized, with lesions")
     p.add_argument("--dataset", default=None,
                    help="your MSD dataset: healthy images (backbone); images + labels + prompt (heads)")
+    p.add_argument("--prompt", default=None,
+                   help="heads: the target of --dataset entries without their own 'prompt' (a Decathlon task as published)")
     p.add_argument("--anatomy-volumes", type=int, default=96, help="randomized corpus patches / lesion cases")
     p.add_argument("--anatomy-modalities", choices=("corpus", "balanced"), default="corpus",
                    help="heads: lesion cases drawn from the corpus's volumes alike (its mix: one head CT, six "

@@ -128,6 +128,7 @@ class Sources:
     amp: bool = False  # bfloat16 autocast on the device
     modalities: str = "corpus"  # heads: anatomy volumes drawn as the corpus holds them, or per modality
     kinds: tuple[str, ...] | None = None  # heads: lesion kinds drawn into the anatomy (default: the seen brain kinds)
+    dataset_prompt: str | None = None  # heads: the target of `dataset` entries without their own (a Decathlon task)
 
     @property
     def autocast(self) -> str | None:
@@ -479,7 +480,8 @@ def head_cases(preset, n_phantoms: int, seed: int, sources: Sources, contrast=(0
                                    healthy_fraction=0.1, progress=lambda: progress.update(task, advance=1),
                                    synth_labels=synth_labels, modalities=sources.modalities)
     if sources.dataset:
-        cases += dataset_cases(sources.dataset, preset, need_labels=True, rng=np.random.default_rng(seed + 3))
+        cases += dataset_cases(sources.dataset, preset, need_labels=True, rng=np.random.default_rng(seed + 3),
+                               prompt=sources.dataset_prompt)
     if not cases:
         raise ValueError("no training cases: give phantoms (--cases), --corpus or --dataset")
     return cases

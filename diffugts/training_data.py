@@ -153,15 +153,17 @@ def write_cases(cases: list[Case], out: str | Path, spacing: float, description:
     return out
 
 
-def dataset_cases(dataset_dir: str | Path, preset, need_labels: bool, rng: np.random.Generator) -> list[Case]:
-    """A user's MSD dataset (`training` entries: image, optional label, modality, prompt) as model-grid
-    patches; a volume larger than the patch gives the patch around its lesion (or its centre)."""
+def dataset_cases(dataset_dir: str | Path, preset, need_labels: bool, rng: np.random.Generator,
+                  prompt: str | None = None) -> list[Case]:
+    """A user's MSD dataset (`training` entries: image, optional label, modality, prompt; `prompt`
+    for entries without one) as model-grid patches; a volume larger than the patch gives the patch
+    around its lesion (or its centre)."""
     from .augment import Anatomy, random_crop
     from .evaluate import load_manifest
     from .label_classes import lesion_mask
 
     root = Path(dataset_dir)
-    entries = load_manifest(root, "training") if need_labels else _image_entries(root)
+    entries = load_manifest(root, "training", prompt) if need_labels else _image_entries(root)
     cases = []
     for entry in entries:
         volume = read_volume(root / entry["image"], channel=entry.get("channel"))

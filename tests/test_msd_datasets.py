@@ -118,6 +118,13 @@ def test_heads_train_on_the_tumour_classes_of_a_users_dataset(tmp_path):
     (case,) = dataset_cases(root, get_preset("tiny"), need_labels=True, rng=np.random.default_rng(0))
     # the tiny preset's 4 mm grid is the label's own: the tumour's 8^3 voxels, not the liver's 24^3
     assert case.label.sum() == (label == 2).sum() == 8**3
+    # a Decathlon task as published has no prompts: `train heads --prompt` gives them
+    manifest = json.loads((root / "dataset.json").read_text())
+    del manifest["training"][0]["prompt"]
+    (root / "dataset.json").write_text(json.dumps(manifest))
+    (case,) = dataset_cases(root, get_preset("tiny"), need_labels=True, rng=np.random.default_rng(0),
+                            prompt="hepatocellular carcinoma")
+    assert case.prompt == "hepatocellular carcinoma" and case.label.sum() == 8**3
 
 
 def test_evaluate_reads_an_entrys_channel_of_a_4d_image(tmp_path):
