@@ -1,4 +1,5 @@
-"""`diffugts evaluate`: per-case and per-prompt Dice, NSD (2 mm), AUROC and FPR95 of the anomaly map."""
+"""`diffugts evaluate`: per-case and per-prompt Dice, NSD (2 mm), whether the mask found the lesion at all,
+and AUROC and FPR95 of the anomaly map."""
 
 from __future__ import annotations
 
@@ -11,10 +12,10 @@ import numpy as np
 
 from .io import InputError, read_volume
 from .label_classes import lesion_mask, lesion_values
-from .metrics import auroc, dice, fpr_at_95_tpr, nanmean, normalized_surface_dice
+from .metrics import auroc, dice, found, fpr_at_95_tpr, nanmean, normalized_surface_dice
 from .pipeline import LoopOptions, run_segmentation
 
-METRICS = ("dice", "nsd", "auroc", "fpr95")
+METRICS = ("dice", "nsd", "found", "auroc", "fpr95")
 
 
 def load_manifest(dataset_dir: Path, split: str = "test", prompt: str | None = None) -> list[dict]:
@@ -52,6 +53,7 @@ def case_metrics(seg, truth: np.ndarray, spacing) -> dict:
     return {
         "dice": dice(seg.mask, truth),
         "nsd": normalized_surface_dice(seg.mask, truth, spacing, 2.0),
+        "found": found(seg.mask, truth),
         "auroc": auroc(seg.anomaly, truth),
         "fpr95": fpr_at_95_tpr(seg.anomaly, truth),
     }
@@ -117,11 +119,13 @@ def result_table(result: dict):
 def ablation_markdown(results: dict[str, dict]) -> str:
     """Per category Dice / NSD / AUROC of each ablation, and the mean over cases."""
     prompts = sorted({p for r in results.values() for p in r["per_prompt"]})
-    head = "| ablation | " + " | ".join(f"{p} Dice / NSD / AUROC" for p in prompts) + " | mean Dice | mean NSD | mean AUROC |"
-    lines = [head, "|" + "---|" * (len(prompts) + 4)]
+    head = ("| ablation | " + " | ".join(f"{p} Dice / NSD / AUROC" for p in prompts)
+            + " | mean Dice | mean NSD | lesions found | mean AUROC |")
+    lines = [head, "|" + "---|" * (len(prompts) + 5)]
     for name, r in results.items():
         cells = [" / ".join(f"{r['per_prompt'][p][m]:.3f}" for m in ("dice", "nsd", "auroc")) if p in r["per_prompt"]
                  else "-" for p in prompts]
         mean = r["mean"]
-        lines.append(f"| {name} | " + " | ".join(cells) + f" | {mean['dice']:.3f} | {mean['nsd']:.3f} | {mean['auroc']:.3f} |")
+        lines.append(f"| {name} | " + " | ".join(cells)
+                     + f" | {mean['dice']:.3f} | {mean['nsd']:.3f} | {mean['found']:.2f} | {mean['auroc']:.3f} |")
     return "\n".join(lines) + "\n"

@@ -13,6 +13,13 @@ def dice(pred: np.ndarray, truth: np.ndarray) -> float:
     return 1.0 if total == 0 else float(2.0 * (pred & truth).sum() / total)
 
 
+def found(pred: np.ndarray, truth: np.ndarray) -> float:
+    """1.0 when the mask touches the lesion at all, 0.0 when it misses it; NaN without a lesion.
+    Its mean is the share of lesions found: whether a low Dice is a miss or a poor outline."""
+    truth = truth.astype(bool)
+    return float("nan") if not truth.any() else float((pred.astype(bool) & truth).any())
+
+
 def _surface(mask: np.ndarray) -> np.ndarray:
     return mask & ~ndimage.binary_erosion(mask)  # 6-connected erosion, as MONAI's get_mask_edges
 

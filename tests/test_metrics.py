@@ -6,7 +6,7 @@ import torch
 from monai.metrics import compute_surface_dice
 from sklearn.metrics import roc_auc_score, roc_curve
 
-from diffugts.metrics import auroc, dice, fpr_at_95_tpr, normalized_surface_dice
+from diffugts.metrics import auroc, dice, found, fpr_at_95_tpr, nanmean, normalized_surface_dice
 
 
 def sphere(shape, center, radius):
@@ -23,6 +23,19 @@ def test_dice_known_values():
     assert dice(a, a) == 1.0
     assert dice(np.zeros_like(a), np.zeros_like(a)) == 1.0
     assert dice(a, np.zeros_like(a)) == 0.0
+
+
+def test_found_is_a_touch_of_the_lesion_and_undefined_without_one():
+    lesion = np.zeros((6, 6, 6), bool)
+    lesion[2:4, 2:4, 2:4] = True
+    touching = np.zeros_like(lesion)
+    touching[3, 3, 3:6] = True  # one voxel in, the rest beside it: a poor Dice, but found
+    beside = np.zeros_like(lesion)
+    beside[5, 5, 5] = True
+    assert found(touching, lesion) == 1.0 and dice(touching, lesion) < 0.25
+    assert found(beside, lesion) == 0.0 and found(np.zeros_like(lesion), lesion) == 0.0
+    assert np.isnan(found(beside, np.zeros_like(lesion)))  # a healthy case says nothing of finding
+    assert nanmean([1.0, 0.0, float("nan"), 1.0]) == pytest.approx(2 / 3)  # the share of lesions found
 
 
 @pytest.mark.parametrize("shift,tol", [(1, 2.0), (2, 2.0), (3, 4.0)])

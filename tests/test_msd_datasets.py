@@ -90,7 +90,7 @@ def test_evaluate_scores_the_tumour_not_the_liver(tmp_path):
     executor = SimpleNamespace(preset=SimpleNamespace(name="stub"))
     named, _ = _liver_dataset(tmp_path / "named")
     (case,) = evaluate_dataset(executor, named, segment=tumour_mask)["cases"]
-    assert case["dice"] == 1.0 and case["auroc"] == 1.0 and case["label_values"] == [2]
+    assert case["dice"] == 1.0 and case["auroc"] == 1.0 and case["found"] == 1.0 and case["label_values"] == [2]
     # without `labels` every non-zero voxel is the truth: the liver too (8^3 of 24^3 voxels)
     unnamed, _ = _liver_dataset(tmp_path / "unnamed", labels=None)
     (case,) = evaluate_dataset(executor, unnamed, segment=tumour_mask)["cases"]
@@ -152,7 +152,7 @@ def test_evaluate_reads_an_entrys_channel_of_a_4d_image(tmp_path):
         (root / "dataset.json").write_text(json.dumps(manifest))
         if bad is None:  # the first channel: blank, so nothing is found
             (case,) = evaluate_dataset(executor, root, segment=bright)["cases"]
-            assert case["channel"] == "0 of 2" and case["dice"] == 0.0
+            assert case["channel"] == "0 of 2" and case["dice"] == 0.0 and case["found"] == 0.0
         elif isinstance(bad, int):  # the case fails alone, with the reason
             result = evaluate_dataset(executor, root, segment=bright)
             assert result["cases"] == [] and error in result["errors"][0]
