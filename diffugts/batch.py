@@ -171,8 +171,9 @@ class BatchResult:
 
 
 def _request(item: BatchItem, options: LoopOptions, spec: OutputSpec) -> dict:
-    return {"prompt": item.prompt, "modality": item.modality, "seed": options.seed, "crop": options.crop,
-            "organ": options.organ, "steps": options.steps, "format": spec.format, "series_uid": spec.series_uid,
+    return {"prompt": item.prompt, "modality": item.modality, "channel": item.channel, "seed": options.seed,
+            "crop": options.crop, "organ": options.organ, "steps": options.steps, "format": spec.format,
+            "series_uid": spec.series_uid,
             "anomaly_map_dicom": spec.anomaly_map_dicom, "channel": spec.channel}
 
 
@@ -229,7 +230,7 @@ def run_batch(items: list[BatchItem], out: str | Path, pool: EndpointPool, model
             say(f"{item.input}: unchanged since the last run, skipped", False)
             return entry
         try:
-            volume = read_volume(item.input, spec.series_uid, spec.channel)
+            volume = read_volume(item.input, spec.series_uid, spec.channel if item.channel is None else item.channel)
             if volume.dicom is not None:
                 say(f"{item.input}: {volume.dicom.choice}", False)
             if volume.channels > 1:

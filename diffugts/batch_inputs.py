@@ -29,6 +29,7 @@ class BatchItem:
     origin: str = ""  # where the item came from, for errors: "cases.csv line 3"
     error: str | None = None  # a bad row: reported as failed, never run
     key: str = ""  # output stem, unique within the batch
+    channel: int | None = None  # of a 4D image (an MSD entry's own); None: the batch's --channel, else the first
 
 
 def _is_dicom(path: Path) -> bool:
@@ -100,7 +101,8 @@ def read_csv_manifest(path: Path) -> list[BatchItem]:
 
 def read_msd_dataset(path: Path, split: str = "test") -> list[BatchItem]:
     """An MSD `dataset.json`: `split` entries are image paths or objects with `image` (and our
-    `prompt`, `modality`); the top-level single-channel `modality` is used where an entry has none."""
+    `prompt`, `modality`, `channel`); the top-level `modality` is used where an entry has none,
+    when its channels are all CT or all MR (the Decathlon's Brain: FLAIR, T1w, T1gd, T2w)."""
     try:
         data = json.loads(path.read_text())
     except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
@@ -110,9 +112,9 @@ def read_msd_dataset(path: Path, split: str = "test") -> list[BatchItem]:
         return [BatchItem(str(path), origin=str(path), error=f"{path}: no {split!r} entries")]
     channels = data.get("modality")
     default = None
-    if isinstance(channels, dict) and len(channels) == 1:
-        name = str(next(iter(channels.values()))).strip().upper()
-        default = "CT" if name == "CT" else "MR" if name in MR_CHANNELS else None
+    if isinstance(channels, dict) and channels:
+        names = {str(name).strip().upper() for name in channels.values()}
+        default = "CT" if names == {"CT"} else "MR" if names <= MR_CHANNELS else None
     items = []
     for i, entry in enumerate(entries):
         origin = f"{path} {split}[{i}]"
@@ -122,8 +124,12 @@ def read_msd_dataset(path: Path, split: str = "test") -> list[BatchItem]:
             continue
         fields = entry if isinstance(entry, dict) else {}
         modality, error = _modality(fields.get("modality"), origin)
+        channel = fields.get("channel")
+        if channel is not None and (not isinstance(channel, int) or isinstance(channel, bool) or channel < 0):
+            error = error or f"{origin}: 'channel' must be a channel index (0, 1, ...), not {channel!r}"
+            channel = None
         items.append(BatchItem(str(path.parent / image), fields.get("prompt") or None, modality or default,
-                               origin, error))
+                               origin, error, channel=channel))
     return items
 
 
@@ -165,7 +171,7 @@ def collect_inputs(specs: list[str], prompt: str | None = None, modality: str | 
                     item.prompt = normalize_target(item.prompt)
                 except ValueError as exc:
                     item.error = f"{item.origin or item.input}: {exc}"
-        identity = (os.path.abspath(item.input), item.prompt, item.modality, item.error)
+        identity = (os.path.abspath(item.input), item.prompt, item.modality, item.channel, item.error)
         if identity in seen:  # the same volume named twice (a file and a glob): run it once
             continue
         seen.add(identity)

@@ -283,6 +283,16 @@ def test_inputs_from_folders_globs_and_manifests(dataset, tmp_path):
     assert entries[0].modality == "MR" and entries[0].input.endswith("imagesTs/a.nii.gz")
     assert [e.error for e in entries[1:]] == [f"{msd} test[1]: entry has no 'image' path",
                                              f"{msd} test[2]: entry has no 'image' path"]
+    # the Decathlon's Brain: four MR channels; an entry may name its channel, the same image twice
+    # with two channels runs twice
+    msd.write_text(json.dumps({"modality": {"0": "FLAIR", "1": "T1w", "2": "t1gd", "3": "T2w"},
+                               "test": ["./imagesTs/b.nii.gz", {"image": "./imagesTs/b.nii.gz", "channel": 2},
+                                        {"image": "./imagesTs/c.nii.gz", "channel": "T2w"}]}))
+    entries = collect_inputs([str(msd)], prompt="brain tumor")
+    assert [(e.modality, e.channel, e.key) for e in entries] == [("MR", None, "b"), ("MR", 2, "b_2"), ("MR", None, "c")]
+    assert entries[2].error == f"{msd} test[2]: 'channel' must be a channel index (0, 1, ...), not 'T2w'"
+    msd.write_text(json.dumps({"modality": {"0": "CT", "1": "PET"}, "test": ["./imagesTs/d.nii.gz"]}))
+    assert collect_inputs([str(msd)], prompt="lung tumor")[0].modality is None  # mixed channels: guessed per scan
 
 
 def test_pool_prefers_least_outstanding_and_gives_up_when_all_are_down():

@@ -91,6 +91,12 @@ def test_a_4d_image_segments_one_channel(phantom_dir, tmp_path, capsys):
         assert masks[name].shape == scan.shape
     np.testing.assert_array_equal(masks["first"], nib.load(tmp_path / "3d" / "case_000_mask.nii.gz").get_fdata())
     assert not np.array_equal(masks["first"], masks["second"])
+    # an MSD entry's own channel is read as --channel is
+    (tmp_path / "dataset.json").write_text(json.dumps({"test": [{"image": "four.nii.gz", "channel": 1,
+                                                                 "prompt": "kidney tumor"}]}))
+    code, _, err = run(capsys, "segment", tmp_path / "dataset.json", "--out", tmp_path / "entry", "--preset", "tiny")
+    assert code == 0, err
+    np.testing.assert_array_equal(nib.load(tmp_path / "entry" / "four_mask.nii.gz").get_fdata(), masks["second"])
     code, _, err = run(capsys, "segment", four, "--prompt", "kidney tumor", "--out", tmp_path / "bad",
                        "--preset", "tiny", "--channel", "2")
     assert code == 1 and "channel 2 asked for, but the image has 2 channels (0-1)" in err.replace("\n", "")
