@@ -1,9 +1,10 @@
 """Which components of its thresholded map a target's mask keeps, read from the target's words.
 
 - One lesion, one component: ZePT keeps the top-k components per tumour inside its organ. A
-  target that names one lesion keeps the preset's top-k (`organ_top_k` where the maps were
-  restricted to its organ, `top_k_components` elsewhere); one that names several (a plural,
-  metastases, "multiple") keeps every component.
+  target that names one lesion keeps the preset's top-k (`organ_top_k`, the largest, where the
+  maps were restricted to its organ; `top_k_components` elsewhere, ranked by `top_k_rank`: in an
+  unrestricted abdomen the largest component is most often a false positive, the most probable
+  one less often); one that names several (a plural, metastases, "multiple") keeps every component.
 - No tumour is aerated lung or air: on CT a component whose median in the scan is below the
   preset's `min_component_hu` (demo: -700 HU, the upper end of aerated lung) is dropped, unless the
   target names an air-containing finding (a cavity, emphysema, ground glass, a cyst in the lungs, ...).
@@ -34,6 +35,7 @@ AIR_WORDS = frozenset({
     "subsolid", "ggo", "ggn",  # ground glass: lighter than soft tissue, near aerated lung
 })
 CYST_WORDS = frozenset({"cyst", "cysts", "cystic"})  # air in the lungs; fluid (far above the floor) elsewhere
+RANKS = ("size", "mean probability")  # how a top-k orders the components
 
 
 def _words(target: str) -> list[str]:
@@ -57,9 +59,10 @@ def top_k_for(target: str, top_k: int) -> int:
 
 @dataclass(frozen=True)
 class ComponentRule:
-    top_k: int = 0  # keep the largest k (0: all)
+    top_k: int = 0  # keep the k first by `rank` (0: all)
     min_median: float | None = None  # drop a component whose median in the scan is below this (None: none)
     target: str = "the target"  # for the notices
+    rank: str = "size"  # or "mean probability" (`RANKS`)
 
     def notices(self, counts: ComponentCounts) -> tuple[str, ...]:
         """What a reader of the mask should know about the components it dropped."""
@@ -69,7 +72,8 @@ class ComponentRule:
                     f"{self.min_median:g} HU): a tumour rarely is that light; a target naming a cavity, "
                     "ground glass or air keeps them",)
         if 0 < self.top_k < counts.found:
-            kept = "the largest component" if self.top_k == 1 else f"the {self.top_k} largest components"
+            first = {"size": "largest", "mean probability": "most probable"}[self.rank]
+            kept = f"the {first} component" if self.top_k == 1 else f"the {self.top_k} {first} components"
             out += (f"kept {kept} of {counts.found} found (one lesion per target); ask for 'multiple "
                     f"{self.target}' to keep them all",)
         return out
@@ -78,6 +82,9 @@ class ComponentRule:
 def component_rule(target: str, modality: str, preset: Preset, restricted: bool) -> ComponentRule:
     """The rule for a target (abbreviations spelt out), the scan's modality, and whether the maps
     were restricted to the target's organ."""
-    top_k = top_k_for(target, (preset.organ_top_k if restricted else 0) or preset.top_k_components)
+    if preset.top_k_rank not in RANKS:
+        raise ValueError(f"preset {preset.name!r}: top_k_rank {preset.top_k_rank!r} is not one of {', '.join(RANKS)}")
+    in_organ = restricted and preset.organ_top_k > 0
+    top_k = top_k_for(target, preset.organ_top_k if in_organ else preset.top_k_components)
     light = preset.min_component_hu if modality == "CT" and not names_air_finding(target) else None
-    return ComponentRule(top_k, light, target)
+    return ComponentRule(top_k, light, target, "size" if in_organ else preset.top_k_rank)

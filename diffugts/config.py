@@ -65,6 +65,8 @@ class Preset:
     map_threshold: float = 0.5  # on the AOVA map, when an ablation takes the mask from it
     min_component_mm3: float = 50.0
     top_k_components: int = 0  # 0: keep all; a target naming several lesions always keeps all
+    # how top_k_components ranks: "size" or "mean probability" (the head's, over the component)
+    top_k_rank: str = "size"
     # top-k where the maps were restricted to the target's organ (`organ_regions`), the components
     # then competing inside the right organ, as ZePT pairs the two; 0: top_k_components there too
     organ_top_k: int = 0
@@ -141,6 +143,9 @@ PRESETS: dict[str, Preset] = {
         # all (`component_rules.top_k_for`). Everywhere (top_k_components=1) it lost on unseen body kinds
         # (benchmarks/prereg/one_component_unseen3045.txt); inside the organ: ..._in_organ_unseen3046.txt
         organ_top_k=1,
+        # outside a restricted organ (the body), the one component of highest mean probability: the
+        # largest there is most often a false positive (benchmarks/prereg/most_probable_component_body_3049.txt)
+        top_k_components=1, top_k_rank="mean probability",
         # -700 HU: the upper end of aerated lung (benchmarks/prereg/no_aerated_lung_components_3047.txt)
         min_component_hu=-700.0,
         weights="demo.safetensors",

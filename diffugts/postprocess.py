@@ -16,13 +16,22 @@ class ComponentCounts(NamedTuple):
 
 
 def kept_components(sizes: np.ndarray, min_voxels: int = 0, top_k: int = 0,
-                    eligible: np.ndarray | None = None) -> np.ndarray:
+                    eligible: np.ndarray | None = None, scores: np.ndarray | None = None) -> np.ndarray:
     """Indices into `sizes` (voxels per component) of the components kept: at least `min_voxels`
-    and `eligible`, then the `top_k` largest when `top_k` > 0."""
+    and `eligible`, then the `top_k` highest `scores` (default: the largest) when `top_k` > 0."""
     keep = np.flatnonzero((sizes >= max(min_voxels, 1)) & (True if eligible is None else eligible))
     if top_k > 0:
-        keep = keep[np.argsort(sizes[keep])[::-1][:top_k]]
+        rank = sizes if scores is None else scores
+        keep = keep[np.argsort(rank[keep])[::-1][:top_k]]
     return keep
+
+
+def mean_probability(prob: np.ndarray, labels: np.ndarray, n: int) -> np.ndarray:
+    """Per component 1..n of `labels`: the mean of `prob` over its voxels (a ranking for top-k)."""
+    if n == 0:
+        return np.zeros(0)
+    inside = labels > 0
+    return np.asarray(ndimage.mean(prob[inside], labels[inside], np.arange(1, n + 1)), np.float64)
 
 
 def dense_enough(image: np.ndarray | None, labels: np.ndarray, n: int, min_median: float | None) -> np.ndarray | None:
@@ -36,12 +45,14 @@ def dense_enough(image: np.ndarray | None, labels: np.ndarray, n: int, min_media
 
 
 def components_filter(mask: np.ndarray, min_voxels: int = 0, top_k: int = 0, image: np.ndarray | None = None,
-                      min_median: float | None = None) -> np.ndarray:
+                      min_median: float | None = None, prob: np.ndarray | None = None) -> np.ndarray:
+    """`mask`'s components kept by `kept_components`; with `prob`, top-k ranks by mean probability."""
     labels, n = cc3d.connected_components(mask.astype(np.uint8), connectivity=26, return_N=True)
     if n == 0:
         return np.zeros(mask.shape, np.uint8)
+    scores = None if prob is None else mean_probability(prob, labels, n)
     keep = kept_components(np.bincount(labels.ravel())[1:], min_voxels, top_k,
-                           dense_enough(image, labels, n, min_median)) + 1
+                           dense_enough(image, labels, n, min_median), scores) + 1
     return np.isin(labels, keep).astype(np.uint8)
 
 
@@ -51,16 +62,18 @@ def min_component_voxels(spacing, min_component_mm3: float) -> int:
 
 
 def probability_to_mask(prob: np.ndarray, spacing, threshold: float = 0.5, min_component_mm3: float = 0.0,
-                        top_k: int = 0, image: np.ndarray | None = None, min_median: float | None = None) -> np.ndarray:
+                        top_k: int = 0, image: np.ndarray | None = None, min_median: float | None = None,
+                        rank: str = "size") -> np.ndarray:
     """The mask: `prob` above `threshold`, components of at least `min_component_mm3` whose median in
-    `image` (the scan, on the same grid) is at least `min_median`, then the `top_k` largest."""
+    `image` (the scan, on the same grid) is at least `min_median`, then the `top_k` largest (`rank`
+    "size") or the `top_k` of highest mean probability ("mean probability")."""
     return components_filter(prob > threshold, min_component_voxels(spacing, min_component_mm3), top_k,
-                             image, min_median)
+                             image, min_median, prob if rank == "mean probability" else None)
 
 
 def mask_on_input_grid(grid, prob: np.ndarray, threshold: float, spacing, min_component_mm3: float = 0.0,
                        top_k: int = 0, image: np.ndarray | None = None,
-                       min_median: float | None = None) -> tuple[np.ndarray, ComponentCounts]:
+                       min_median: float | None = None, rank: str = "size") -> tuple[np.ndarray, ComponentCounts]:
     """`probability_to_mask(grid.to_input_grid(prob), ...)` without resampling the whole map (`image`
     is the scan on the input grid), and how many components each floor let through or dropped.
 
@@ -78,9 +91,12 @@ def mask_on_input_grid(grid, prob: np.ndarray, threshold: float, spacing, min_co
     clusters = cc3d.connected_components(above.view(np.uint8), connectivity=26)
     boxes = _apart([_canonical_box(above[box], box, model.shape, grid.canonical_shape)
                     for box in ndimage.find_objects(clusters)])
-    labels = [cc3d.connected_components((grid.box_to_input_grid(prob, box) > threshold).view(np.uint8),
-                                        connectivity=26) for box in boxes]
+    resampled = [grid.box_to_input_grid(prob, box) for box in boxes]
+    labels = [cc3d.connected_components((p > threshold).view(np.uint8), connectivity=26) for p in resampled]
     sizes = [np.bincount(found.ravel(), minlength=1)[1:] for found in labels]  # per box, labels 1..n
+    scores = None
+    if rank == "mean probability":
+        scores = np.concatenate([mean_probability(p, found, len(n)) for p, found, n in zip(resampled, labels, sizes)])
     owner = np.repeat(np.arange(len(boxes)), [len(s) for s in sizes])
     label = np.concatenate([np.arange(1, len(s) + 1) for s in sizes])
     eligible = None
@@ -88,7 +104,7 @@ def mask_on_input_grid(grid, prob: np.ndarray, threshold: float, spacing, min_co
         eligible = np.concatenate([dense_enough(image[grid.input_box(box)], found, len(n), min_median)
                                    for box, found, n in zip(boxes, labels, sizes)])
     sizes, floor = np.concatenate(sizes), min_component_voxels(spacing, min_component_mm3)
-    kept = kept_components(sizes, floor, top_k, eligible)
+    kept = kept_components(sizes, floor, top_k, eligible, scores)
     for i, box in enumerate(boxes):
         keep = label[kept[owner[kept] == i]]
         if keep.size:

@@ -144,6 +144,14 @@ def test_one_lesion_keeps_the_largest_component_and_several_keep_all(torch_execu
     assert any(f"kept the largest component of {found} found" in n for n in one.notices)
     np.testing.assert_array_equal(several.mask, probability_to_mask(several.probability, volume.spacing, threshold, 0.0, 0))
     assert not any("largest component" in n for n in several.notices)
+    # ranked by mean probability, the loop keeps what the full-resample path keeps
+    with preset_changes(torch_executor, top_k_components=1, top_k_rank="mean probability", min_component_mm3=0.0,
+                        mask_threshold=threshold):
+        probable = segment_volume(torch_executor, volume, "kidney tumor", "CT")
+    np.testing.assert_array_equal(probable.mask, probability_to_mask(probable.probability, volume.spacing, threshold,
+                                                                     0.0, 1, rank="mean probability"))
+    assert probable.components.rank == "mean probability"
+    assert any(f"kept the most probable component of {found} found" in n for n in probable.notices)
 
 
 @pytest.mark.parametrize("target,several", [
@@ -171,24 +179,56 @@ def test_component_notices_only_when_something_was_dropped():
     assert ComponentRule(1, None, "lung nodule").notices(ComponentCounts(3, 0))[0].endswith(
         "ask for 'multiple lung nodule' to keep them all")
     assert "the 2 largest components of 4" in two.notices(ComponentCounts(4, 0))[0]
+    assert ComponentRule(1, None, "kidney tumor", "mean probability").notices(ComponentCounts(3, 0))[0].startswith(
+        "kept the most probable component of 3 found")
     assert floor.notices(ComponentCounts(2, 0)) == ()
     assert floor.notices(ComponentCounts(2, 6))[0].startswith("dropped 6 component(s) of aerated lung or air "
                                                               "(median below -700 HU)")
 
 
 @pytest.mark.parametrize("target,modality,restricted,rule", [
-    ("lung nodule", "CT", True, (1, -700.0)), ("lung nodule", "CT", False, (0, -700.0)),
-    ("lung nodules", "CT", True, (0, -700.0)), ("brain tumor", "MR", True, (1, None)),
-    ("lung cyst", "CT", True, (1, None)), ("cavitary lung lesion", "CT", True, (1, None)),
-    ("ground-glass nodule", "CT", True, (1, None)), ("kidney tumor", "CT", False, (0, -700.0)),
-    ("kidney cyst", "CT", False, (0, -700.0)),  # a cyst outside the lungs is fluid: far above the floor
+    ("lung nodule", "CT", True, (1, -700.0, "size")), ("lung nodule", "CT", False, (1, -700.0, "mean probability")),
+    ("lung nodules", "CT", True, (0, -700.0, "size")), ("brain tumor", "MR", True, (1, None, "size")),
+    ("lung cyst", "CT", True, (1, None, "size")), ("cavitary lung lesion", "CT", True, (1, None, "size")),
+    ("ground-glass nodule", "CT", True, (1, None, "size")),
+    ("kidney tumor", "CT", False, (1, -700.0, "mean probability")),
+    ("kidney tumors", "CT", False, (0, -700.0, "mean probability")),
+    ("kidney cyst", "CT", False, (1, -700.0, "mean probability")),  # a cyst outside the lungs is fluid
 ])
 def test_the_demo_rule_for_a_target(target, modality, restricted, rule):
     from diffugts.component_rules import component_rule
     from diffugts.config import get_preset
 
     got = component_rule(target, modality, get_preset("demo"), restricted)
-    assert (got.top_k, got.min_median) == rule
+    assert (got.top_k, got.min_median, got.rank) == rule
+
+
+def test_an_unknown_rank_is_refused():
+    from diffugts.component_rules import component_rule
+    from diffugts.config import get_preset
+
+    with pytest.raises(ValueError, match="top_k_rank 'peak' is not one of size, mean probability"):
+        component_rule("kidney tumor", "CT", get_preset("demo").with_(top_k_rank="peak"), False)
+
+
+def test_the_most_probable_component_is_kept_the_same_on_both_paths(ct):
+    """Ranked by mean probability, the top-1 is the component whose input-grid probability is
+    highest on average, not the largest; both paths pick it."""
+    volume, _ = ct
+    _, grid = to_model_grid(volume, "CT", (3.0, 3.0, 3.0), 32)
+    padded = tuple(lo + n + hi for (lo, hi), n in zip(grid.pad, grid.resampled_shape))
+    prob = model_probability(padded, np.random.default_rng(5), blobs=8)
+    full = grid.to_input_grid(prob)
+    labels, n = cc3d.connected_components(full > 0.3, connectivity=26, return_N=True)
+    sizes = np.bincount(labels.ravel())[1:]
+    means = np.asarray(ndimage.mean(full, labels, np.arange(1, n + 1)))
+    assert n > 3 and np.argmax(means) != np.argmax(sizes)  # a ranking that matters
+    old = probability_to_mask(full, volume.spacing, 0.3, 0.0, 1, rank="mean probability")
+    new, counts = mask_on_input_grid(grid, prob, 0.3, volume.spacing, 0.0, 1, rank="mean probability")
+    np.testing.assert_array_equal(new, old)
+    assert set(np.unique(labels[new.astype(bool)])) == {int(np.argmax(means)) + 1} and counts == (n, 0)
+    largest = probability_to_mask(full, volume.spacing, 0.3, 0.0, 1)
+    assert set(np.unique(labels[largest.astype(bool)])) == {int(np.argmax(sizes)) + 1}
 
 
 def test_the_loop_drops_light_components_on_ct_only_and_not_for_an_air_finding(torch_executor):
