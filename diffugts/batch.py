@@ -170,11 +170,15 @@ class BatchResult:
         return 1 if self.count("failed") else 0
 
 
+def read_channel(item: BatchItem, spec: OutputSpec) -> int | None:
+    """The channel of a 4D image this item reads: its own (an MSD entry's), else the batch's."""
+    return spec.channel if item.channel is None else item.channel
+
+
 def _request(item: BatchItem, options: LoopOptions, spec: OutputSpec) -> dict:
-    return {"prompt": item.prompt, "modality": item.modality, "channel": item.channel, "seed": options.seed,
-            "crop": options.crop, "organ": options.organ, "steps": options.steps, "format": spec.format,
-            "series_uid": spec.series_uid,
-            "anomaly_map_dicom": spec.anomaly_map_dicom, "channel": spec.channel}
+    return {"prompt": item.prompt, "modality": item.modality, "channel": read_channel(item, spec),
+            "seed": options.seed, "crop": options.crop, "organ": options.organ, "steps": options.steps,
+            "format": spec.format, "series_uid": spec.series_uid, "anomaly_map_dicom": spec.anomaly_map_dicom}
 
 
 def run_batch(items: list[BatchItem], out: str | Path, pool: EndpointPool, model: dict,
@@ -230,11 +234,12 @@ def run_batch(items: list[BatchItem], out: str | Path, pool: EndpointPool, model
             say(f"{item.input}: unchanged since the last run, skipped", False)
             return entry
         try:
-            volume = read_volume(item.input, spec.series_uid, spec.channel if item.channel is None else item.channel)
+            volume = read_volume(item.input, spec.series_uid, read_channel(item, spec))
             if volume.dicom is not None:
                 say(f"{item.input}: {volume.dicom.choice}", False)
             if volume.channels > 1:
-                say(f"{item.input}: channel {volume.channel} of {volume.channels} (--channel picks another)", False)
+                how = "the entry's channel" if item.channel is not None else "--channel picks another"
+                say(f"{item.input}: channel {volume.channel} of {volume.channels} ({how})", False)
             check_format(volume, spec.format)  # before any server time is spent on it
         except InputError as exc:
             return finish(item, "failed", start, checksum=checksum, error=str(exc))

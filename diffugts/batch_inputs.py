@@ -13,7 +13,7 @@ import os
 from dataclasses import dataclass
 from pathlib import Path
 
-from .io import ITK_SUFFIXES, NIFTI_SUFFIXES, sha256_file, stem_of
+from .io import ITK_SUFFIXES, NIFTI_SUFFIXES, channel_index, sha256_file, stem_of
 from .prompts import normalize_target
 
 MODALITIES = ("CT", "MR")
@@ -99,6 +99,15 @@ def read_csv_manifest(path: Path) -> list[BatchItem]:
     return items
 
 
+def manifest_modality(channels) -> str | None:
+    """An MSD `dataset.json`'s top-level `modality` ({"0": "FLAIR", "1": "T1w", ...}) as CT or MR
+    when its channels are all one of them; None (guessed per scan) otherwise."""
+    if not isinstance(channels, dict) or not channels:
+        return None
+    names = {str(name).strip().upper() for name in channels.values()}
+    return "CT" if names == {"CT"} else "MR" if names <= MR_CHANNELS else None
+
+
 def read_msd_dataset(path: Path, split: str = "test") -> list[BatchItem]:
     """An MSD `dataset.json`: `split` entries are image paths or objects with `image` (and our
     `prompt`, `modality`, `channel`); the top-level `modality` is used where an entry has none,
@@ -110,11 +119,7 @@ def read_msd_dataset(path: Path, split: str = "test") -> list[BatchItem]:
     entries = data.get(split) if isinstance(data, dict) else None
     if not isinstance(entries, list) or not entries:
         return [BatchItem(str(path), origin=str(path), error=f"{path}: no {split!r} entries")]
-    channels = data.get("modality")
-    default = None
-    if isinstance(channels, dict) and channels:
-        names = {str(name).strip().upper() for name in channels.values()}
-        default = "CT" if names == {"CT"} else "MR" if names <= MR_CHANNELS else None
+    default = manifest_modality(data.get("modality"))
     items = []
     for i, entry in enumerate(entries):
         origin = f"{path} {split}[{i}]"
@@ -124,10 +129,10 @@ def read_msd_dataset(path: Path, split: str = "test") -> list[BatchItem]:
             continue
         fields = entry if isinstance(entry, dict) else {}
         modality, error = _modality(fields.get("modality"), origin)
-        channel = fields.get("channel")
-        if channel is not None and (not isinstance(channel, int) or isinstance(channel, bool) or channel < 0):
-            error = error or f"{origin}: 'channel' must be a channel index (0, 1, ...), not {channel!r}"
-            channel = None
+        try:
+            channel = channel_index(fields.get("channel"))
+        except ValueError as exc:
+            error, channel = error or f"{origin}: {exc}", None
         items.append(BatchItem(str(path.parent / image), fields.get("prompt") or None, modality or default,
                                origin, error, channel=channel))
     return items

@@ -17,15 +17,17 @@ from .pipeline import LoopOptions, segment_volume
 from .postprocess import probability_to_mask
 
 
-def calibrate(executor, datasets, thetas, thresholds, min_components=None, on_case=None) -> dict:
+def calibrate(executor, datasets, thetas, thresholds, min_components=None, on_case=None, split: str = "test",
+              prompt: str | None = None) -> dict:
     """Mean Dice for every (theta, threshold, min component mm^3) over the cases of one or more
     datasets; needs an in-process executor (its preset is swapped). The loop runs once per theta;
     the threshold and component size only change the postprocessing of its probability.
-    `min_components`: None keeps the preset's. The result's `dice` nests theta -> threshold -> mm^3."""
+    `min_components`: None keeps the preset's; `split` and `prompt` as `evaluate` reads them. The
+    result's `dice` nests theta -> threshold -> mm^3."""
     dirs = [Path(d) for d in ([datasets] if isinstance(datasets, (str, Path)) else datasets)]
     cases = []
     for dataset_dir in dirs:
-        for entry in load_manifest(dataset_dir):
+        for entry in load_manifest(dataset_dir, split, prompt):
             label = lesion_mask(read_volume(dataset_dir / entry["label"]).array, entry["lesion_values"])
             if label.any():  # Dice of an empty truth says nothing about a threshold
                 cases.append((read_volume(dataset_dir / entry["image"], channel=entry.get("channel")), label, entry))

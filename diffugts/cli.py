@@ -232,12 +232,12 @@ def cmd_calibrate(args) -> int:
     from .executors.torch_executor import TorchExecutor
     from .report import write_json
 
-    total = sum(len(load_manifest(Path(d))) for d in args.dataset) * len(args.thetas)
+    total = sum(len(load_manifest(Path(d), args.split, args.prompt)) for d in args.dataset) * len(args.thetas)
     executor = TorchExecutor.from_preset(args.preset, args.weights)
     with Progress(console=_console(True)) as progress:
         task = progress.add_task("calibration runs", total=total)
         result = calibrate(executor, args.dataset, args.thetas, args.thresholds, args.min_components,
-                           lambda: progress.advance(task))
+                           lambda: progress.advance(task), args.split, args.prompt)
     write_json(Path(args.out), result)
     for theta, row in result["dice"].items():
         for size in args.min_components:
@@ -496,6 +496,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", required=True, help="results JSON")
     p.add_argument("--preset", default="demo")
     p.add_argument("--weights", default=None)
+    p.add_argument("--split", default="test", help="`training` for a Decathlon task as published")
+    p.add_argument("--prompt", default=None, help="the target of every entry without its own 'prompt'")
     p.add_argument("--thetas", type=_floats, default=[0.03, 0.05, 0.08, 0.15, 0.25, 0.4])
     p.add_argument("--thresholds", type=_floats, default=[0.15, 0.25, 0.3, 0.5, 0.7, 0.9, 0.95])
     p.add_argument("--min-components", type=_floats, default=[0, 50, 100, 200, 400], dest="min_components",

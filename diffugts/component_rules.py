@@ -17,7 +17,7 @@ from dataclasses import dataclass
 
 from .config import Preset
 from .organ_regions import target_organ
-from .postprocess import ComponentCounts
+from .postprocess import ComponentCounts, check_rank
 
 SEVERAL_WORDS = frozenset({
     "multiple", "multifocal", "multicentric", "several", "bilateral", "both", "numerous", "innumerable",
@@ -35,7 +35,6 @@ AIR_WORDS = frozenset({
     "subsolid", "ggo", "ggn",  # ground glass: lighter than soft tissue, near aerated lung
 })
 CYST_WORDS = frozenset({"cyst", "cysts", "cystic"})  # air in the lungs; fluid (far above the floor) elsewhere
-RANKS = ("size", "mean probability")  # how a top-k orders the components
 
 
 def _words(target: str) -> list[str]:
@@ -62,7 +61,10 @@ class ComponentRule:
     top_k: int = 0  # keep the k first by `rank` (0: all)
     min_median: float | None = None  # drop a component whose median in the scan is below this (None: none)
     target: str = "the target"  # for the notices
-    rank: str = "size"  # or "mean probability" (`RANKS`)
+    rank: str = "size"  # or "mean probability" (`postprocess.RANKS`)
+
+    def __post_init__(self):
+        check_rank(self.rank)
 
     def notices(self, counts: ComponentCounts) -> tuple[str, ...]:
         """What a reader of the mask should know about the components it dropped."""
@@ -82,8 +84,6 @@ class ComponentRule:
 def component_rule(target: str, modality: str, preset: Preset, restricted: bool) -> ComponentRule:
     """The rule for a target (abbreviations spelt out), the scan's modality, and whether the maps
     were restricted to the target's organ."""
-    if preset.top_k_rank not in RANKS:
-        raise ValueError(f"preset {preset.name!r}: top_k_rank {preset.top_k_rank!r} is not one of {', '.join(RANKS)}")
     in_organ = restricted and preset.organ_top_k > 0
     top_k = top_k_for(target, preset.organ_top_k if in_organ else preset.top_k_components)
     light = preset.min_component_hu if modality == "CT" and not names_air_finding(target) else None

@@ -10,7 +10,8 @@ from pathlib import Path
 
 import numpy as np
 
-from .io import InputError, read_volume
+from .batch_inputs import manifest_modality
+from .io import InputError, channel_index, read_volume
 from .label_classes import lesion_mask, lesion_values
 from .metrics import auroc, dice, found, fpr_at_95_tpr, nanmean, normalized_surface_dice
 from .pipeline import LoopOptions, run_segmentation
@@ -42,10 +43,13 @@ def load_manifest(dataset_dir: Path, split: str = "test", prompt: str | None = N
             values = lesion_values(data.get("labels"), entry["prompt"], entry.get("label_values"))
         except ValueError as exc:
             raise InputError(manifest, f"{split} entry {i}: {exc}") from None
-        channel = entry.get("channel")  # of a 4D image; None: the first
-        if channel is not None and (not isinstance(channel, int) or isinstance(channel, bool) or channel < 0):
-            raise InputError(manifest, f"{split} entry {i}: 'channel' must be a channel index (0, 1, ...), not {channel!r}")
-        cases.append({**entry, "lesion_values": values})
+        try:  # of a 4D image; None: the first
+            channel_index(entry.get("channel"))
+        except ValueError as exc:
+            raise InputError(manifest, f"{split} entry {i}: {exc}") from None
+        # a Decathlon task as published names its channels once, at the top
+        cases.append({**entry, "lesion_values": values,
+                      "modality": entry.get("modality") or manifest_modality(data.get("modality"))})
     return cases
 
 
@@ -117,7 +121,8 @@ def result_table(result: dict):
 
 
 def ablation_markdown(results: dict[str, dict]) -> str:
-    """Per category Dice / NSD / AUROC of each ablation, and the mean over cases."""
+    """Per category Dice / NSD / AUROC of each ablation, and the means over cases (with the share
+    of lesions found)."""
     prompts = sorted({p for r in results.values() for p in r["per_prompt"]})
     head = ("| ablation | " + " | ".join(f"{p} Dice / NSD / AUROC" for p in prompts)
             + " | mean Dice | mean NSD | lesions found | mean AUROC |")

@@ -120,11 +120,25 @@ def read_volume(path: str | Path, series_uid: str | None = None, channel: int | 
     return Volume(validate_array(path, array), validate_affine(path, affine), str(path), dicom, channels, channel)
 
 
+def channel_index(value) -> int | None:
+    """A channel as a manifest or a caller gives it: None, or a non-negative integer; ValueError else."""
+    if value is not None and (not isinstance(value, (int, np.integer)) or isinstance(value, bool) or value < 0):
+        raise ValueError(f"'channel' must be a channel index (0, 1, ...), not {value!r}")
+    return None if value is None else int(value)
+
+
 def one_channel(path, array: np.ndarray, channel: int | None) -> tuple[np.ndarray, int, int]:
     """`array`'s channel `channel` (None: the first) when it is 4D, channels on the last axis as the
-    Decathlon stores FLAIR, T1w, T1gd, T2w; with the channel count and the channel taken."""
+    Decathlon stores FLAIR, T1w, T1gd, T2w; with the channel count and the channel taken. Other
+    shapes pass through (`validate_array` says what is wrong with them)."""
+    try:
+        channel = channel_index(channel)
+    except ValueError as exc:
+        raise InputError(path, str(exc)) from None
     while array.ndim > 3 and array.shape[-1] == 1:
         array = array[..., 0]
+    if array.ndim > 4:
+        return array, 1, 0
     channels = array.shape[-1] if array.ndim == 4 else 1
     taken = 0 if channel is None else channel
     if not 0 <= taken < channels:
@@ -134,6 +148,8 @@ def one_channel(path, array: np.ndarray, channel: int | None) -> tuple[np.ndarra
 
 
 def validate_array(path, array: np.ndarray) -> np.ndarray:
+    while array.ndim > 3 and array.shape[-1] == 1:  # the server reads arrays, not files
+        array = array[..., 0]
     if array.ndim != 3:
         raise InputError(path, f"expected a 3D volume, got shape {tuple(array.shape)}")
     if min(array.shape) < 2:

@@ -31,7 +31,7 @@ def loop_notices(target: str, flagged_shares: list[float], max_fraction: float) 
 def empty_mask_notice(target: str, peak: float, threshold: float, min_component_mm3: float) -> tuple[str, ...]:
     """Why a mask came back empty: nothing reached the threshold, or all that did was dropped
     (too small, air on CT, mostly outside the organ). Either way it is not proof of health."""
-    why = (f"nothing reached the mask threshold {threshold:g} (highest {peak:.2f})" if peak <= threshold else
-           f"what reached the mask threshold {threshold:g} was dropped (under {min_component_mm3:g} mm^3, air "
+    why = (f"nothing reached the threshold {threshold:g} (highest {peak:.2f})" if peak <= threshold else
+           f"what reached the threshold {threshold:g} was dropped (under {min_component_mm3:g} mm^3, air "
            "on CT, or mostly outside the organ)")
     return (f"{CAUTION}the mask for {target!r} is empty: {why}; an empty mask is not proof that no lesion is there",)

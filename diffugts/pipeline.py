@@ -98,7 +98,7 @@ class Segmentation:
     prompts: PromptSet
     timings: dict = field(default_factory=dict)
     inpainted_fraction: float = 0.0  # share of latent voxels the loop touched
-    notices: tuple[str, ...] = ()  # what a reader of the mask should know (see `loop_notices`)
+    notices: tuple[str, ...] = ()  # what a reader of the mask should know (`notices.py`)
     # which components the mask kept (`component_rules`); None from the BLS model, whose server
     # applied its own preset's rule
     components: ComponentRule | None = ComponentRule()
@@ -294,10 +294,10 @@ def segment_volume(executor: StageExecutor, volume: Volume, target: str, modalit
             envelope = with_margin(region, preset.spacing)
             organ_notices = restriction_notice(spelt, envelope, preset.spacing)
         threshold = {"full": preset.mask_threshold, "baseline": 0.5}.get(options.ablation, preset.map_threshold)
-        peak = float(blended["prob"].max())
+        peak = float(blended["prob"][grid.unpadded].max())  # the padding is never part of the mask
         if envelope is not None:
             prob = blended["prob"] * envelope
-            peak = float(prob.max())
+            peak = float(prob[grid.unpadded].max())
             prob *= mostly_inside(prob > threshold, region)
             blended = {**blended, "prob": prob, "anomaly": blended["anomaly"] * envelope}
         rule = component_rule(spelt, modality, preset, restricted=envelope is not None)

@@ -15,14 +15,24 @@ class ComponentCounts(NamedTuple):
     too_light: int  # components over the size floor whose median intensity is below the floor
 
 
+RANKS = ("size", "mean probability")  # how a top-k orders the components
+
+
+def check_rank(rank: str) -> str:
+    if rank not in RANKS:
+        raise ValueError(f"component rank {rank!r} is not one of {', '.join(RANKS)}")
+    return rank
+
+
 def kept_components(sizes: np.ndarray, min_voxels: int = 0, top_k: int = 0,
                     eligible: np.ndarray | None = None, scores: np.ndarray | None = None) -> np.ndarray:
     """Indices into `sizes` (voxels per component) of the components kept: at least `min_voxels`
-    and `eligible`, then the `top_k` highest `scores` (default: the largest) when `top_k` > 0."""
+    and `eligible`, then the `top_k` largest when `top_k` > 0, or with `scores` the `top_k`
+    highest scores (ties to the larger, so that both paths to the mask agree)."""
     keep = np.flatnonzero((sizes >= max(min_voxels, 1)) & (True if eligible is None else eligible))
     if top_k > 0:
-        rank = sizes if scores is None else scores
-        keep = keep[np.argsort(rank[keep])[::-1][:top_k]]
+        order = np.argsort(sizes[keep])[::-1] if scores is None else np.lexsort((-sizes[keep], -scores[keep]))
+        keep = keep[order[:top_k]]
     return keep
 
 
@@ -68,7 +78,7 @@ def probability_to_mask(prob: np.ndarray, spacing, threshold: float = 0.5, min_c
     `image` (the scan, on the same grid) is at least `min_median`, then the `top_k` largest (`rank`
     "size") or the `top_k` of highest mean probability ("mean probability")."""
     return components_filter(prob > threshold, min_component_voxels(spacing, min_component_mm3), top_k,
-                             image, min_median, prob if rank == "mean probability" else None)
+                             image, min_median, prob if check_rank(rank) == "mean probability" else None)
 
 
 def mask_on_input_grid(grid, prob: np.ndarray, threshold: float, spacing, min_component_mm3: float = 0.0,
@@ -82,7 +92,9 @@ def mask_on_input_grid(grid, prob: np.ndarray, threshold: float, spacing, min_co
     threshold (grown by one) are resampled, one box per cluster of them (a scattered map's one
     bounding box spans most of a CT-sized volume), and boxes that touch are merged: then no
     component crosses from one box to another, and each box's components are its own. The mask is
-    the same, voxel for voxel (with `top_k`, components of equal size may break the tie differently)."""
+    the same, voxel for voxel (with a `top_k` by size, components of equal size may break the tie
+    differently)."""
+    check_rank(rank)
     model = prob[grid.unpadded]
     above = model > threshold
     mask = np.zeros(grid.input_shape, np.uint8)

@@ -97,6 +97,16 @@ def test_a_4d_image_segments_one_channel(phantom_dir, tmp_path, capsys):
     code, _, err = run(capsys, "segment", tmp_path / "dataset.json", "--out", tmp_path / "entry", "--preset", "tiny")
     assert code == 0, err
     np.testing.assert_array_equal(nib.load(tmp_path / "entry" / "four_mask.nii.gz").get_fdata(), masks["second"])
+    # --resume reruns a volume whose entry now names another channel, and skips it otherwise
+    statuses = {}
+    for channel in (1, 0):
+        (tmp_path / "dataset.json").write_text(json.dumps({"test": [{"image": "four.nii.gz", "channel": channel,
+                                                                     "prompt": "kidney tumor"}]}))
+        assert run(capsys, "segment", tmp_path / "dataset.json", "--out", tmp_path / "entry", "--preset", "tiny",
+                   "--resume")[0] == 0
+        statuses[channel] = json.loads((tmp_path / "entry" / "run.json").read_text())["volumes"][0]["status"]
+    assert statuses == {1: "skipped", 0: "done"}
+    np.testing.assert_array_equal(nib.load(tmp_path / "entry" / "four_mask.nii.gz").get_fdata(), masks["first"])
     code, _, err = run(capsys, "segment", four, "--prompt", "kidney tumor", "--out", tmp_path / "bad",
                        "--preset", "tiny", "--channel", "2")
     assert code == 1 and "channel 2 asked for, but the image has 2 channels (0-1)" in err.replace("\n", "")

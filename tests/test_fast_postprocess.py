@@ -203,12 +203,32 @@ def test_the_demo_rule_for_a_target(target, modality, restricted, rule):
     assert (got.top_k, got.min_median, got.rank) == rule
 
 
-def test_an_unknown_rank_is_refused():
-    from diffugts.component_rules import component_rule
+def test_an_unknown_rank_is_refused_on_every_path(ct):
+    from diffugts.component_rules import ComponentRule, component_rule
     from diffugts.config import get_preset
 
-    with pytest.raises(ValueError, match="top_k_rank 'peak' is not one of size, mean probability"):
+    message = "component rank 'peak' is not one of size, mean probability"
+    with pytest.raises(ValueError, match=message):
         component_rule("kidney tumor", "CT", get_preset("demo").with_(top_k_rank="peak"), False)
+    with pytest.raises(ValueError, match=message):
+        ComponentRule(1, None, "kidney tumor", "peak")
+    volume, _ = ct
+    _, grid = to_model_grid(volume, "CT", (3.0, 3.0, 3.0), 32)
+    padded = tuple(lo + n + hi for (lo, hi), n in zip(grid.pad, grid.resampled_shape))
+    prob = model_probability(padded, np.random.default_rng(5))
+    with pytest.raises(ValueError, match=message):
+        mask_on_input_grid(grid, prob, 0.3, volume.spacing, 0.0, 1, rank="peak")
+    with pytest.raises(ValueError, match=message):
+        probability_to_mask(grid.to_input_grid(prob), volume.spacing, 0.3, 0.0, 1, rank="peak")
+
+
+def test_equal_mean_probabilities_go_to_the_larger_component():
+    from diffugts.postprocess import kept_components
+
+    sizes, scores = np.array([5, 9, 7, 9]), np.array([1.0, 1.0, 0.5, 1.0])
+    assert list(kept_components(sizes, 0, 2, None, scores)) in ([1, 3], [3, 1])  # the two of 9, then size
+    assert list(kept_components(sizes, 0, 3, None, scores))[2] == 0  # score before size
+    assert list(kept_components(sizes, 6, 1, None, scores)) in ([1], [3])  # the floor first
 
 
 def test_the_most_probable_component_is_kept_the_same_on_both_paths(ct):

@@ -147,11 +147,14 @@ def test_a_4d_image_is_read_one_channel_at_a_time(tmp_path):
     third = read_volume(path, channel=2)
     np.testing.assert_array_equal(third.array, channels[2])
     assert (third.channels, third.channel) == (3, 2)
-    for bad in (3, -1):
-        with pytest.raises(InputError, match=rf"channel {bad} asked for, but the image has 3 channels \(0-2\)"):
-            read_volume(path, channel=bad)
+    with pytest.raises(InputError, match=r"channel 3 asked for, but the image has 3 channels \(0-2\)"):
+        read_volume(path, channel=3)
+    with pytest.raises(InputError, match=r"'channel' must be a channel index \(0, 1, ...\), not -1"):
+        read_volume(path, channel=-1)
     single = tmp_path / "three.nii.gz"
     nib.save(nib.Nifti1Image(channels[0], affine), single)
     assert read_volume(single).channels == 1 and read_volume(single, channel=0).channel == 0
     with pytest.raises(InputError, match=r"channel 1 asked for, but the image has one channel \(0\)"):
         read_volume(single, channel=1)
+    with pytest.raises(InputError, match=r"'channel' must be a channel index \(0, 1, ...\), not 'T2w'"):
+        read_volume(path, channel="T2w")

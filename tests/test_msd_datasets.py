@@ -147,13 +147,13 @@ def test_evaluate_reads_an_entrys_channel_of_a_4d_image(tmp_path):
     assert case["channel"] == "1 of 2" and case["dice"] == 1.0
     manifest = json.loads((root / "dataset.json").read_text())
     for bad, error in ((None, None), (5, "channel 5 asked for, but the image has 2 channels (0-1)"),
-                       ("1", "'channel' must be a channel index")):
+                       ("1", "'channel' must be a channel index"), (-1, "'channel' must be a channel index")):
         manifest["test"][0]["channel"] = bad
         (root / "dataset.json").write_text(json.dumps(manifest))
         if bad is None:  # the first channel: blank, so nothing is found
             (case,) = evaluate_dataset(executor, root, segment=bright)["cases"]
             assert case["channel"] == "0 of 2" and case["dice"] == 0.0 and case["found"] == 0.0
-        elif isinstance(bad, int):  # the case fails alone, with the reason
+        elif isinstance(bad, int) and bad >= 0:  # the case fails alone, with the reason
             result = evaluate_dataset(executor, root, segment=bright)
             assert result["cases"] == [] and error in result["errors"][0]
         else:
@@ -179,3 +179,18 @@ def test_evaluate_runs_on_a_decathlon_task_as_published(tmp_path, capsys):
                  "--preset", "tiny"]) == 0
     (case,) = json.loads(out.read_text())["cases"]
     assert case["prompt"] == "liver tumor" and case["label_values"] == [2]
+    from diffugts.evaluate import load_manifest
+
+    (entry,) = load_manifest(root, "training", "liver tumor")
+    assert entry["modality"] == "CT"  # the top-level channel names, where the entry has none
+
+
+def test_calibrate_reads_a_decathlon_task_as_published(tmp_path, torch_executor):
+    from diffugts.calibrate import calibrate
+
+    root, _ = _liver_dataset(tmp_path / "Task03_Liver")
+    manifest = json.loads((root / "dataset.json").read_text())
+    entry = {k: manifest["training"][0][k] for k in ("image", "label")}
+    (root / "dataset.json").write_text(json.dumps({"modality": {"0": "CT"}, "labels": LIVER, "training": [entry]}))
+    result = calibrate(torch_executor, [root], [0.5], [0.5], [0.0], split="training", prompt="liver tumor")
+    assert result["cases"] == 1 and 0.0 <= result["best"]["dice"] <= 1.0

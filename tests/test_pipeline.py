@@ -215,10 +215,10 @@ def test_an_empty_mask_says_why_and_a_mask_does_not(torch_executor, phantom_dir)
     assert not segs["under"].mask.any() and not segs["dropped"].mask.any() and segs["everything"].mask.all()
     empty = [n for n in segs["under"].notices if "is empty" in n]
     assert len(empty) == 1 and is_caution(empty[0])
-    peak = float(re.search(r"nothing reached the mask threshold 2 \(highest ([0-9.]+)\)", empty[0]).group(1))
+    peak = float(re.search(r"nothing reached the threshold 2 \(highest ([0-9.]+)\)", empty[0]).group(1))
     assert 0.0 < peak <= 1.0 and empty[0].endswith("an empty mask is not proof that no lesion is there")
     assert [n for n in segs["dropped"].notices if "is empty" in n] == [
-        "caution: the mask for 'liver tumor' is empty: what reached the mask threshold -1 was dropped (under 1e+12 "
+        "caution: the mask for 'liver tumor' is empty: what reached the threshold -1 was dropped (under 1e+12 "
         "mm^3, air on CT, or mostly outside the organ); an empty mask is not proof that no lesion is there"]
     assert not any("is empty" in n for n in segs["everything"].notices)
 
