@@ -25,12 +25,17 @@ def model_probability(shape, rng, blobs=4):
     return np.clip(ndimage.gaussian_filter(field, 1.5) * 4, 0, 1).astype(np.float32)
 
 
+def grid_and_probability(volume, rng, blobs=4):
+    """The model grid of a CT volume (3 mm, 32^3 windows) and a blob map on it, padding included."""
+    _, grid = to_model_grid(volume, "CT", (3.0, 3.0, 3.0), 32)
+    padded = tuple(lo + n + hi for (lo, hi), n in zip(grid.pad, grid.resampled_shape))
+    return grid, model_probability(padded, rng, blobs)
+
+
 @pytest.mark.parametrize("threshold,min_mm3,top_k", [(0.5, 0.0, 0), (0.9, 200.0, 0), (0.3, 50.0, 1), (0.99, 0.0, 0)])
 def test_box_mask_equals_the_full_resample_mask(ct, threshold, min_mm3, top_k):
     volume, _ = ct
-    _, grid = to_model_grid(volume, "CT", (3.0, 3.0, 3.0), 32)
-    padded = tuple(lo + n + hi for (lo, hi), n in zip(grid.pad, grid.resampled_shape))
-    prob = model_probability(padded, np.random.default_rng(int(threshold * 100)))
+    grid, prob = grid_and_probability(volume, np.random.default_rng(int(threshold * 100)))
     old = probability_to_mask(grid.to_input_grid(prob), volume.spacing, threshold, min_mm3, top_k)
     new, counts = mask_on_input_grid(grid, prob, threshold, volume.spacing, min_mm3, top_k)
     # every component over the floor is counted, kept or not
@@ -45,9 +50,7 @@ def test_box_mask_equals_the_full_resample_mask(ct, threshold, min_mm3, top_k):
 def test_an_intensity_floor_drops_light_components_the_same_on_both_paths(ct):
     """Components whose median in the scan is below the floor go, before the top-k; both paths agree."""
     volume, _ = ct
-    _, grid = to_model_grid(volume, "CT", (3.0, 3.0, 3.0), 32)
-    padded = tuple(lo + n + hi for (lo, hi), n in zip(grid.pad, grid.resampled_shape))
-    prob = model_probability(padded, np.random.default_rng(11), blobs=8)
+    grid, prob = grid_and_probability(volume, np.random.default_rng(11), blobs=8)
     full = grid.to_input_grid(prob)
     labels, n = cc3d.connected_components(full > 0.3, connectivity=26, return_N=True)
     sizes = np.bincount(labels.ravel())[1:]
@@ -73,11 +76,9 @@ def test_an_intensity_floor_drops_light_components_the_same_on_both_paths(ct):
 def test_scattered_map_with_many_boxes_gives_the_full_resample_mask(ct):
     """Speckle above the threshold all over the model grid: many clusters, boxes that touch and merge."""
     volume, _ = ct
-    _, grid = to_model_grid(volume, "CT", (3.0, 3.0, 3.0), 32)
-    padded = tuple(lo + n + hi for (lo, hi), n in zip(grid.pad, grid.resampled_shape))
     rng = np.random.default_rng(7)
-    prob = model_probability(padded, rng, blobs=6)
-    prob[rng.random(padded) > 0.997] = 0.95  # isolated voxels, some next to each other
+    grid, prob = grid_and_probability(volume, rng, blobs=6)
+    prob[rng.random(prob.shape) > 0.997] = 0.95  # isolated voxels, some next to each other
     for top_k in (0, 3):
         old = probability_to_mask(grid.to_input_grid(prob), volume.spacing, 0.5, 0.0, top_k)
         np.testing.assert_array_equal(mask_on_input_grid(grid, prob, 0.5, volume.spacing, 0.0, top_k)[0], old)
@@ -213,9 +214,7 @@ def test_an_unknown_rank_is_refused_on_every_path(ct):
     with pytest.raises(ValueError, match=message):
         ComponentRule(1, None, "kidney tumor", "peak")
     volume, _ = ct
-    _, grid = to_model_grid(volume, "CT", (3.0, 3.0, 3.0), 32)
-    padded = tuple(lo + n + hi for (lo, hi), n in zip(grid.pad, grid.resampled_shape))
-    prob = model_probability(padded, np.random.default_rng(5))
+    grid, prob = grid_and_probability(volume, np.random.default_rng(5))
     with pytest.raises(ValueError, match=message):
         mask_on_input_grid(grid, prob, 0.3, volume.spacing, 0.0, 1, rank="peak")
     with pytest.raises(ValueError, match=message):
@@ -235,9 +234,7 @@ def test_the_most_probable_component_is_kept_the_same_on_both_paths(ct):
     """Ranked by mean probability, the top-1 is the component whose input-grid probability is
     highest on average, not the largest; both paths pick it."""
     volume, _ = ct
-    _, grid = to_model_grid(volume, "CT", (3.0, 3.0, 3.0), 32)
-    padded = tuple(lo + n + hi for (lo, hi), n in zip(grid.pad, grid.resampled_shape))
-    prob = model_probability(padded, np.random.default_rng(5), blobs=8)
+    grid, prob = grid_and_probability(volume, np.random.default_rng(5), blobs=8)
     full = grid.to_input_grid(prob)
     labels, n = cc3d.connected_components(full > 0.3, connectivity=26, return_N=True)
     sizes = np.bincount(labels.ravel())[1:]
