@@ -15,9 +15,9 @@ from __future__ import annotations
 import re
 from dataclasses import dataclass
 
-from .config import Preset
+from .config import Preset, check_rank
 from .organ_regions import target_organ
-from .postprocess import ComponentCounts, check_rank
+from .postprocess import ComponentCounts
 
 SEVERAL_WORDS = frozenset({
     "multiple", "multifocal", "multicentric", "several", "bilateral", "both", "numerous", "innumerable",
@@ -61,7 +61,7 @@ class ComponentRule:
     top_k: int = 0  # keep the k first by `rank` (0: all)
     min_median: float | None = None  # drop a component whose median in the scan is below this (None: none)
     target: str = "the target"  # for the notices
-    rank: str = "size"  # or "mean probability" (`postprocess.RANKS`)
+    rank: str = "size"  # or "mean probability" (`config.RANKS`)
 
     def __post_init__(self):
         check_rank(self.rank)

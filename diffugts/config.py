@@ -5,6 +5,14 @@ from __future__ import annotations
 from dataclasses import asdict, dataclass, field, fields, replace
 from pathlib import Path
 
+RANKS = ("size", "mean probability")  # how a top-k orders the components (`postprocess.kept_components`)
+
+
+def check_rank(rank: str) -> str:
+    if rank not in RANKS:
+        raise ValueError(f"component rank {rank!r} is not one of {', '.join(RANKS)}")
+    return rank
+
 WEIGHTS_DIR = Path(__file__).parent / "weights"
 
 
@@ -75,6 +83,10 @@ class Preset:
     min_component_hu: float | None = None
     window_overlap: float = 0.25
     weights: str | None = None  # safetensors file shipped with the package (relative to WEIGHTS_DIR)
+
+    def __post_init__(self):
+        # a deployed config with an unknown rank fails when the model loads, not on each request
+        check_rank(self.top_k_rank)
 
     @property
     def latent_factor(self) -> int:

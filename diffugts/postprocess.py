@@ -9,19 +9,12 @@ import cc3d
 import numpy as np
 from scipy import ndimage
 
+from .config import check_rank
+
 
 class ComponentCounts(NamedTuple):
     found: int  # components over the size floor and the intensity floor (before the top-k)
     too_light: int  # components over the size floor whose median intensity is below the floor
-
-
-RANKS = ("size", "mean probability")  # how a top-k orders the components
-
-
-def check_rank(rank: str) -> str:
-    if rank not in RANKS:
-        raise ValueError(f"component rank {rank!r} is not one of {', '.join(RANKS)}")
-    return rank
 
 
 def kept_components(sizes: np.ndarray, min_voxels: int = 0, top_k: int = 0,

@@ -208,9 +208,14 @@ def test_an_unknown_rank_is_refused_on_every_path(ct):
     from diffugts.component_rules import ComponentRule, component_rule
     from diffugts.config import get_preset
 
+    from diffugts.config import Preset
+
     message = "component rank 'peak' is not one of size, mean probability"
+    with pytest.raises(ValueError, match=message):  # a preset, as a deployed config is read at load
+        get_preset("demo").with_(top_k_rank="peak")
     with pytest.raises(ValueError, match=message):
-        component_rule("kidney tumor", "CT", get_preset("demo").with_(top_k_rank="peak"), False)
+        Preset.from_dict({**get_preset("demo").to_dict(), "top_k_rank": "peak"})
+    assert component_rule("kidney tumor", "CT", get_preset("demo"), False).rank == "mean probability"
     with pytest.raises(ValueError, match=message):
         ComponentRule(1, None, "kidney tumor", "peak")
     volume, _ = ct
