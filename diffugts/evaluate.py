@@ -32,7 +32,7 @@ def load_manifest(dataset_dir: Path, split: str = "test", prompt: str | None = N
     entries = data.get(split)
     if not isinstance(entries, list) or not entries:
         raise InputError(manifest, f"no {split!r} entries")
-    cases = []
+    cases, modality = [], manifest_modality(data.get("modality"))  # a Decathlon task names its channels once
     for i, entry in enumerate(entries):
         if not isinstance(entry, dict) or "image" not in entry or "label" not in entry:
             raise InputError(manifest, f"{split} entry {i} needs 'image' and 'label'")
@@ -47,9 +47,7 @@ def load_manifest(dataset_dir: Path, split: str = "test", prompt: str | None = N
             channel_index(entry.get("channel"))
         except ValueError as exc:
             raise InputError(manifest, f"{split} entry {i}: {exc}") from None
-        # a Decathlon task as published names its channels once, at the top
-        cases.append({**entry, "lesion_values": values,
-                      "modality": entry.get("modality") or manifest_modality(data.get("modality"))})
+        cases.append({**entry, "lesion_values": values, "modality": entry.get("modality") or modality})
     return cases
 
 

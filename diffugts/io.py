@@ -135,8 +135,7 @@ def one_channel(path, array: np.ndarray, channel: int | None) -> tuple[np.ndarra
         channel = channel_index(channel)
     except ValueError as exc:
         raise InputError(path, str(exc)) from None
-    while array.ndim > 3 and array.shape[-1] == 1:
-        array = array[..., 0]
+    array = without_trailing_unit_axes(array)
     if array.ndim > 4:
         return array, 1, 0
     channels = array.shape[-1] if array.ndim == 4 else 1
@@ -147,9 +146,15 @@ def one_channel(path, array: np.ndarray, channel: int | None) -> tuple[np.ndarra
     return (array[..., taken] if array.ndim == 4 else array), channels, taken
 
 
-def validate_array(path, array: np.ndarray) -> np.ndarray:
-    while array.ndim > 3 and array.shape[-1] == 1:  # the server reads arrays, not files
+def without_trailing_unit_axes(array: np.ndarray) -> np.ndarray:
+    """(X, Y, Z, 1, ...) -> (X, Y, Z): a 3D volume stored with unit axes after it."""
+    while array.ndim > 3 and array.shape[-1] == 1:
         array = array[..., 0]
+    return array
+
+
+def validate_array(path, array: np.ndarray) -> np.ndarray:
+    array = without_trailing_unit_axes(array)  # the server reads arrays, not files
     if array.ndim != 3:
         raise InputError(path, f"expected a 3D volume, got shape {tuple(array.shape)}")
     if min(array.shape) < 2:

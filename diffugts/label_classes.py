@@ -56,8 +56,9 @@ def lesion_values(class_names, target: str, override=None) -> tuple[int, ...] | 
             number = int(value)
         except ValueError:
             raise ValueError(f"'labels' has a key {value!r} that is not an integer") from None
-        if number > 0 and findings(str(name)):
-            named[number] = findings(str(name))
+        words = findings(str(name))
+        if number > 0 and words:
+            named[number] = words
     if not named:
         return None
     asked = findings(target)

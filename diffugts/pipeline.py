@@ -294,10 +294,9 @@ def segment_volume(executor: StageExecutor, volume: Volume, target: str, modalit
             envelope = with_margin(region, preset.spacing)
             organ_notices = restriction_notice(spelt, envelope, preset.spacing)
         threshold = {"full": preset.mask_threshold, "baseline": 0.5}.get(options.ablation, preset.map_threshold)
-        peak = float(blended["prob"][grid.unpadded].max())  # the padding is never part of the mask
+        prob = blended["prob"] if envelope is None else blended["prob"] * envelope
+        peak = float(prob[grid.unpadded].max())  # for an empty mask's notice; the padding is never in the mask
         if envelope is not None:
-            prob = blended["prob"] * envelope
-            peak = float(prob[grid.unpadded].max())
             prob *= mostly_inside(prob > threshold, region)
             blended = {**blended, "prob": prob, "anomaly": blended["anomaly"] * envelope}
         rule = component_rule(spelt, modality, preset, restricted=envelope is not None)

@@ -96,12 +96,14 @@ def mask_on_input_grid(grid, prob: np.ndarray, threshold: float, spacing, min_co
     clusters = cc3d.connected_components(above.view(np.uint8), connectivity=26)
     boxes = _apart([_canonical_box(above[box], box, model.shape, grid.canonical_shape)
                     for box in ndimage.find_objects(clusters)])
-    resampled = [grid.box_to_input_grid(prob, box) for box in boxes]
-    labels = [cc3d.connected_components((p > threshold).view(np.uint8), connectivity=26) for p in resampled]
+    labels, scores = [], []
+    for box in boxes:  # one box's resampled probability at a time: a scattered map's box spans most of a CT
+        box_prob = grid.box_to_input_grid(prob, box)
+        labels.append(cc3d.connected_components((box_prob > threshold).view(np.uint8), connectivity=26))
+        if rank == "mean probability":
+            scores.append(mean_probability(box_prob, labels[-1], int(labels[-1].max())))
     sizes = [np.bincount(found.ravel(), minlength=1)[1:] for found in labels]  # per box, labels 1..n
-    scores = None
-    if rank == "mean probability":
-        scores = np.concatenate([mean_probability(p, found, len(n)) for p, found, n in zip(resampled, labels, sizes)])
+    scores = np.concatenate(scores) if scores else None
     owner = np.repeat(np.arange(len(boxes)), [len(s) for s in sizes])
     label = np.concatenate([np.arange(1, len(s) + 1) for s in sizes])
     eligible = None
