@@ -46,8 +46,8 @@ def calibrate(executor, datasets, thetas, thresholds, min_components=None, on_ca
                 if on_case:
                     on_case()
         grid[float(theta)] = {float(t): {m: float(np.mean([
-            dice(probability_to_mask(p, volume.spacing, t, m, rule.top_k, volume.array, rule.min_median, rule.rank),
-                 label)
+            dice(probability_to_mask(p, volume.spacing, t, m, rule.top_k, volume.array, rule.min_median, rule.rank,
+                                     rule.near_best), label)
             for p, label, volume, rule in probabilities])) for m in sizes} for t in thresholds}
     cells = [(a, b, m) for a in grid for b in grid[a] for m in grid[a][b]]
     theta, threshold, size = max(cells, key=lambda k: grid[k[0]][k[1]][k[2]])

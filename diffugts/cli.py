@@ -323,7 +323,8 @@ def cmd_lesions(args) -> int:
         with Progress(console=_console(True)) as progress:
             task = progress.add_task("lesions", total=args.n)
             out = write_anatomy_lesions(args.corpus, args.out, get_preset(args.preset), args.n, args.seed, kinds,
-                                        progress=lambda: progress.update(task, advance=1))
+                                        progress=lambda: progress.update(task, advance=1),
+                                        lesions_per_case=args.lesions_per_case)
     except (ValueError, InputError, OSError) as exc:
         fail(str(exc))
         return 2
@@ -610,6 +611,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--n", type=int, default=16)
     p.add_argument("--seed", type=int, default=2026)
     p.add_argument("--kinds", default=None, help="comma-separated lesion kinds (default: the unseen ones)")
+    p.add_argument("--lesions-per-case", type=int, default=1,
+                   help="N > 1: each case holds 1 to N lesions of its kind, prompted in the plural ('liver metastases')")
     p.add_argument("--preset", default="demo")
     p.set_defaults(func=cmd_lesions)
 

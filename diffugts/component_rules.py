@@ -4,7 +4,9 @@
   target that names one lesion keeps the preset's top-k (`organ_top_k`, the largest, where the
   maps were restricted to its organ; `top_k_components` elsewhere, ranked by `top_k_rank`: in an
   unrestricted abdomen the largest component is most often a false positive, the most probable
-  one less often); one that names several (a plural, metastases, "multiple") keeps every component.
+  one less often); one that names several (a plural, metastases, "multiple") keeps every component,
+  or outside a restricted organ those whose mean probability is near the most probable one's
+  (`several_near_best`): there most components are false positives of lower probability.
 - No tumour is aerated lung or air: on CT a component whose median in the scan is below the
   preset's `min_component_hu` (demo: -700 HU, the upper end of aerated lung) is dropped, unless the
   target names an air-containing finding (a cavity, emphysema, ground glass, a cyst in the lungs, ...).
@@ -62,6 +64,7 @@ class ComponentRule:
     min_median: float | None = None  # drop a component whose median in the scan is below this (None: none)
     target: str = "the target"  # for the notices
     rank: str = "size"  # or "mean probability" (`config.RANKS`)
+    near_best: float = 0.0  # keep those whose mean probability is at least this share of the best one's
 
     def __post_init__(self):
         check_rank(self.rank)
@@ -78,6 +81,9 @@ class ComponentRule:
             kept = f"the {first} component" if self.top_k == 1 else f"the {self.top_k} {first} components"
             out += (f"kept {kept} of {counts.found} found (one lesion per target); ask for 'multiple "
                     f"{self.target}' to keep them all",)
+        if self.near_best > 0 and counts.kept < counts.found:
+            out += (f"kept {counts.kept} of {counts.found} components found: those whose mean probability is at "
+                    f"least {self.near_best:.0%} of the most probable one's",)
         return out
 
 
@@ -87,4 +93,5 @@ def component_rule(target: str, modality: str, preset: Preset, restricted: bool)
     in_organ = restricted and preset.organ_top_k > 0
     top_k = top_k_for(target, preset.organ_top_k if in_organ else preset.top_k_components)
     light = preset.min_component_hu if modality == "CT" and not names_air_finding(target) else None
-    return ComponentRule(top_k, light, target, "size" if in_organ else preset.top_k_rank)
+    near_best = preset.several_near_best if names_several_lesions(target) and not restricted else 0.0
+    return ComponentRule(top_k, light, target, "size" if in_organ else preset.top_k_rank, near_best)

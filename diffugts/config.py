@@ -78,6 +78,10 @@ class Preset:
     # top-k where the maps were restricted to the target's organ (`organ_regions`), the components
     # then competing inside the right organ, as ZePT pairs the two; 0: top_k_components there too
     organ_top_k: int = 0
+    # where top_k_components is not used (a target naming several lesions, outside a restricted
+    # organ): keep the components whose mean probability is at least this share of the most
+    # probable one's; 0: every component
+    several_near_best: float = 0.0
     # on CT, a component whose median in the scan is below this many HU is dropped (no tumour is
     # aerated lung or air), unless the target names an air-containing finding; None: never
     min_component_hu: float | None = None
@@ -87,6 +91,9 @@ class Preset:
     def __post_init__(self):
         # a deployed config with an unknown rank fails when the model loads, not on each request
         check_rank(self.top_k_rank)
+        if not 0.0 <= self.several_near_best <= 1.0:
+            raise ValueError(f"several_near_best is a share of the best component's mean probability, "
+                             f"0 to 1, not {self.several_near_best}")
 
     @property
     def latent_factor(self) -> int:

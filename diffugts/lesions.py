@@ -64,6 +64,34 @@ BODY_SEEN_KINDS = ("kidney tumor", "liver tumor", "lung nodule")
 BODY_UNSEEN_KINDS = ("pancreas tumor", "spleen lesion", "liver metastasis")
 
 
+# the plural a user types for a set of several lesions of a kind ("liver tumors"); a metastasis is
+# already read as several (`component_rules.names_several_lesions`)
+IRREGULAR_PLURALS = {"metastasis": "metastases", "hemorrhage": "hemorrhages", "abscess": "abscesses"}
+SEPARATION_MM = 5.0  # tissue kept between two lesions of one case, so each stays a lesion of its own
+
+
+def plural_prompt(prompt: str) -> str:
+    """'liver tumor' -> 'liver tumors', 'liver metastasis' -> 'liver metastases'."""
+    *head, last = prompt.split()
+    return " ".join(head + [IRREGULAR_PLURALS.get(last, last if last.endswith("s") else last + "s")])
+
+
+def draw_lesions(image: np.ndarray, organ: np.ndarray, kind: LesionKind, spacing: float, rng: np.random.Generator,
+                 count: int, top: float | None = 1.0) -> tuple[np.ndarray, np.ndarray]:
+    """`count` lesions of `kind` inside `organ`, apart from each other by `SEPARATION_MM` (as many as
+    fit): the new image and their joint label. Each later lesion's mass effect moves the earlier labels."""
+    label = np.zeros(image.shape, np.uint8)
+    for _ in range(count):
+        # a lesion may reach 2 voxels past its organ (`draw_lesion`): the gap is kept beyond that
+        apart = SEPARATION_MM + 2 * spacing
+        room = organ & ~(ndimage.distance_transform_edt(label == 0) * spacing <= apart) if label.any() else organ
+        if room.sum() < 8:
+            break
+        image, lesion, moved = draw_lesion(image, room, kind, spacing, rng, extra=[label], top=top)
+        label = np.maximum(moved[0], lesion)
+    return image, label
+
+
 def _smooth_noise(rng, shape, sigma) -> np.ndarray:
     field = ndimage.gaussian_filter(rng.standard_normal(shape).astype(np.float32), sigma)
     return field / (field.std() + 1e-6)

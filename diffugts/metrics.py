@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import cc3d
 import numpy as np
 from scipy import ndimage
 
@@ -14,10 +15,14 @@ def dice(pred: np.ndarray, truth: np.ndarray) -> float:
 
 
 def found(pred: np.ndarray, truth: np.ndarray) -> float:
-    """1.0 when the mask touches the lesion at all, 0.0 when it misses it; NaN without a lesion.
-    Its mean is the share of lesions found: whether a low Dice is a miss or a poor outline."""
+    """The share of the case's lesions (the truth's 26-connected components) that the mask touches
+    at all: 1.0 or 0.0 for one lesion; NaN without a lesion. Whether a low Dice is a miss or a poor
+    outline, and with several lesions, how many a mask that keeps few components drops."""
     truth = truth.astype(bool)
-    return float("nan") if not truth.any() else float((pred.astype(bool) & truth).any())
+    if not truth.any():
+        return float("nan")
+    lesions, n = cc3d.connected_components(truth.astype(np.uint8), connectivity=26, return_N=True)
+    return float(np.count_nonzero(np.unique(lesions[pred.astype(bool) & truth])) / n)
 
 
 def _surface(mask: np.ndarray) -> np.ndarray:

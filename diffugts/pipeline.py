@@ -302,7 +302,7 @@ def segment_volume(executor: StageExecutor, volume: Volume, target: str, modalit
         rule = component_rule(spelt, modality, preset, restricted=envelope is not None)
         mask, counts = mask_on_input_grid(grid, blended["prob"], threshold, volume.spacing,
                                           preset.min_component_mm3, rule.top_k, volume.array, rule.min_median,
-                                          rule.rank)
+                                          rule.rank, rule.near_best)
     timings["total"] = sum(timings.values())
     fraction = stats.get("inpainted_voxels", 0) / max(stats.get("latent_voxels", 1), 1)
 

@@ -15,14 +15,19 @@ from .config import check_rank
 class ComponentCounts(NamedTuple):
     found: int  # components over the size floor and the intensity floor (before the top-k)
     too_light: int  # components over the size floor whose median intensity is below the floor
+    kept: int = 0  # components in the mask
 
 
 def kept_components(sizes: np.ndarray, min_voxels: int = 0, top_k: int = 0,
-                    eligible: np.ndarray | None = None, scores: np.ndarray | None = None) -> np.ndarray:
+                    eligible: np.ndarray | None = None, scores: np.ndarray | None = None,
+                    near_best: float = 0.0) -> np.ndarray:
     """Indices into `sizes` (voxels per component) of the components kept: at least `min_voxels`
-    and `eligible`, then the `top_k` largest when `top_k` > 0, or with `scores` the `top_k`
-    highest scores (ties to the larger, so that both paths to the mask agree)."""
+    and `eligible`; with `near_best` > 0 those whose score is at least that share of the best
+    one's; then the `top_k` largest when `top_k` > 0, or with `scores` the `top_k` highest scores
+    (ties to the larger, so that both paths to the mask agree)."""
     keep = np.flatnonzero((sizes >= max(min_voxels, 1)) & (True if eligible is None else eligible))
+    if near_best > 0 and keep.size:
+        keep = keep[scores[keep] >= near_best * scores[keep].max()]
     if top_k > 0:
         order = np.argsort(sizes[keep])[::-1] if scores is None else np.lexsort((-sizes[keep], -scores[keep]))
         keep = keep[order[:top_k]]
@@ -48,14 +53,16 @@ def dense_enough(image: np.ndarray | None, labels: np.ndarray, n: int, min_media
 
 
 def components_filter(mask: np.ndarray, min_voxels: int = 0, top_k: int = 0, image: np.ndarray | None = None,
-                      min_median: float | None = None, prob: np.ndarray | None = None) -> np.ndarray:
-    """`mask`'s components kept by `kept_components`; with `prob`, top-k ranks by mean probability."""
+                      min_median: float | None = None, prob: np.ndarray | None = None,
+                      near_best: float = 0.0) -> np.ndarray:
+    """`mask`'s components kept by `kept_components`; with `prob`, top-k ranks by mean probability
+    (and `near_best` compares it)."""
     labels, n = cc3d.connected_components(mask.astype(np.uint8), connectivity=26, return_N=True)
     if n == 0:
         return np.zeros(mask.shape, np.uint8)
     scores = None if prob is None else mean_probability(prob, labels, n)
     keep = kept_components(np.bincount(labels.ravel())[1:], min_voxels, top_k,
-                           dense_enough(image, labels, n, min_median), scores) + 1
+                           dense_enough(image, labels, n, min_median), scores, near_best) + 1
     return np.isin(labels, keep).astype(np.uint8)
 
 
@@ -66,17 +73,19 @@ def min_component_voxels(spacing, min_component_mm3: float) -> int:
 
 def probability_to_mask(prob: np.ndarray, spacing, threshold: float = 0.5, min_component_mm3: float = 0.0,
                         top_k: int = 0, image: np.ndarray | None = None, min_median: float | None = None,
-                        rank: str = "size") -> np.ndarray:
+                        rank: str = "size", near_best: float = 0.0) -> np.ndarray:
     """The mask: `prob` above `threshold`, components of at least `min_component_mm3` whose median in
-    `image` (the scan, on the same grid) is at least `min_median`, then the `top_k` largest (`rank`
-    "size") or the `top_k` of highest mean probability ("mean probability")."""
+    `image` (the scan, on the same grid) is at least `min_median`, with `near_best` > 0 those whose
+    mean probability is at least that share of the most probable one's, then the `top_k` largest
+    (`rank` "size") or the `top_k` of highest mean probability ("mean probability")."""
+    scored = check_rank(rank) == "mean probability" or near_best > 0
     return components_filter(prob > threshold, min_component_voxels(spacing, min_component_mm3), top_k,
-                             image, min_median, prob if check_rank(rank) == "mean probability" else None)
+                             image, min_median, prob if scored else None, near_best)
 
 
 def mask_on_input_grid(grid, prob: np.ndarray, threshold: float, spacing, min_component_mm3: float = 0.0,
-                       top_k: int = 0, image: np.ndarray | None = None,
-                       min_median: float | None = None, rank: str = "size") -> tuple[np.ndarray, ComponentCounts]:
+                       top_k: int = 0, image: np.ndarray | None = None, min_median: float | None = None,
+                       rank: str = "size", near_best: float = 0.0) -> tuple[np.ndarray, ComponentCounts]:
     """`probability_to_mask(grid.to_input_grid(prob), ...)` without resampling the whole map (`image`
     is the scan on the input grid), and how many components each floor let through or dropped.
 
@@ -87,7 +96,7 @@ def mask_on_input_grid(grid, prob: np.ndarray, threshold: float, spacing, min_co
     component crosses from one box to another, and each box's components are its own. The mask is
     the same, voxel for voxel (with a `top_k` by size, components of equal size may break the tie
     differently)."""
-    check_rank(rank)
+    scored = check_rank(rank) == "mean probability" or near_best > 0
     model = prob[grid.unpadded]
     above = model > threshold
     mask = np.zeros(grid.input_shape, np.uint8)
@@ -100,7 +109,7 @@ def mask_on_input_grid(grid, prob: np.ndarray, threshold: float, spacing, min_co
     for box in boxes:  # one box's resampled probability at a time: a scattered map's box spans most of a CT
         box_prob = grid.box_to_input_grid(prob, box)
         labels.append(cc3d.connected_components((box_prob > threshold).view(np.uint8), connectivity=26))
-        if rank == "mean probability":
+        if scored:
             scores.append(mean_probability(box_prob, labels[-1], int(labels[-1].max())))
     sizes = [np.bincount(found.ravel(), minlength=1)[1:] for found in labels]  # per box, labels 1..n
     scores = np.concatenate(scores) if scores else None
@@ -111,13 +120,13 @@ def mask_on_input_grid(grid, prob: np.ndarray, threshold: float, spacing, min_co
         eligible = np.concatenate([dense_enough(image[grid.input_box(box)], found, len(n), min_median)
                                    for box, found, n in zip(boxes, labels, sizes)])
     sizes, floor = np.concatenate(sizes), min_component_voxels(spacing, min_component_mm3)
-    kept = kept_components(sizes, floor, top_k, eligible, scores)
+    kept = kept_components(sizes, floor, top_k, eligible, scores, near_best)
     for i, box in enumerate(boxes):
         keep = label[kept[owner[kept] == i]]
         if keep.size:
             mask[grid.input_box(box)] = np.isin(labels[i], keep)
     found = len(kept_components(sizes, floor, 0, eligible))
-    return mask, ComponentCounts(found, len(kept_components(sizes, floor)) - found)
+    return mask, ComponentCounts(found, len(kept_components(sizes, floor)) - found, len(kept))
 
 
 def _apart(boxes: list[tuple[slice, ...]]) -> list[tuple[slice, ...]]:

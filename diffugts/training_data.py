@@ -17,7 +17,7 @@ from typing import TYPE_CHECKING
 import numpy as np
 
 from .io import Volume, read_volume
-from .lesions import KINDS, draw_lesion
+from .lesions import KINDS, draw_lesion, draw_lesions, plural_prompt
 from .phantom import CATEGORIES, make_case
 from .preprocess import labels_to_model_grid, scale_intensity, to_model_grid
 
@@ -87,9 +87,10 @@ def _organ_id(anatomy: Anatomy, organ: str) -> int | None:
 
 def anatomy_cases(anatomies: list[Anatomy], preset, n: int, seed: int, kinds=None, healthy_fraction: float = 0.0,
                   synth_probability: float = 0.5, randomize: bool = True, realistic: bool = False,
-                  progress=None, synth_labels: str = "parcels", modalities: str = "corpus") -> list[Case]:
+                  progress=None, synth_labels: str = "parcels", modalities: str = "corpus",
+                  lesions_per_case: int = 1) -> list[Case]:
     """`n` patches of real anatomy, randomized, each with one lesion of `kinds` (round robin) unless
-    healthy. Anatomies without the kind's organ are passed over for that case. `realistic`: only
+    healthy; with `lesions_per_case` N > 1, 1 to N of them (uniformly), prompted in the plural. Anatomies without the kind's organ are passed over for that case. `realistic`: only
     the scanner effects the modality has (no bias field or gamma on CT), for evaluation.
     `modalities`: "corpus" draws among the usable volumes alike (the corpus's mix: one head CT
     against six brains on MR); "balanced" draws a modality first, then one of its volumes."""
@@ -97,6 +98,8 @@ def anatomy_cases(anatomies: list[Anatomy], preset, n: int, seed: int, kinds=Non
 
     if modalities not in MODALITY_DRAWS:
         raise ValueError(f"unknown modality draw {modalities!r}: {', '.join(MODALITY_DRAWS)}")
+    if lesions_per_case < 1:
+        raise ValueError(f"lesions per case must be at least 1, not {lesions_per_case}")
     rng = np.random.default_rng(seed)
     spacing = preset.spacing[0]
     cases = []
@@ -118,12 +121,18 @@ def anatomy_cases(anatomies: list[Anatomy], preset, n: int, seed: int, kinds=Non
         # CT keeps the MAISI window's ceiling (1000 HU); MR has none until it is rescaled below
         top = None if anatomy.modality == "MR" else 1.0
         if kind is not None and (anatomy.organs == organ).sum() >= 8:
-            image, label, _ = draw_lesion(image, anatomy.organs == organ, kind, spacing, rng, top=top)
+            if lesions_per_case == 1:  # one draw, the random stream of every set before several lesions
+                image, label, _ = draw_lesion(image, anatomy.organs == organ, kind, spacing, rng, top=top)
+            else:
+                count = int(rng.integers(1, lesions_per_case + 1))
+                image, label = draw_lesions(image, anatomy.organs == organ, kind, spacing, rng, count, top=top)
         if randomize:
             image = scanner_effects(image, rng, spacing, ct=realistic and anatomy.modality == "CT", top=top)
         if anatomy.modality == "MR":  # as inference sees it: MR rescaled to its own 99.5th percentile
             image = scale_intensity(image, "MR")
         prompt = kind.prompt if kind is not None and label.any() else "brain tumor"
+        if kind is not None and lesions_per_case > 1:
+            prompt = plural_prompt(prompt)
         cases.append(Case(image, label.astype(np.float32), prompt, anatomy.modality))
         if progress:
             progress()
@@ -207,18 +216,23 @@ def _extent_mm(mask: np.ndarray, spacing: float) -> np.ndarray:
     return (nonzero.max(0) - nonzero.min(0) + 1) * spacing if len(nonzero) else np.zeros(3)
 
 
-def write_anatomy_lesions(corpus_dir, out, preset, n: int, seed: int, kinds, progress=None) -> Path:
+def write_anatomy_lesions(corpus_dir, out, preset, n: int, seed: int, kinds, progress=None,
+                          lesions_per_case: int = 1) -> Path:
     """A deterministic evaluation set: real anatomy with scanner-like randomization (no synthesized
-    contrasts: evaluation images look like scans) and one lesion of `kinds` each."""
+    contrasts: evaluation images look like scans) and one lesion of `kinds` each (1 to
+    `lesions_per_case`, prompted in the plural, when that is above 1)."""
     unknown = [k for k in kinds if k not in KINDS]
     if unknown:
         raise ValueError(f"unknown lesion kinds {unknown}; known: {', '.join(KINDS)}")
     if n < 1:
         raise ValueError("--n must be at least 1")
+    if lesions_per_case < 1:
+        raise ValueError(f"--lesions-per-case must be at least 1, not {lesions_per_case}")
     # the phantoms in a corpus are for training, and so are patches (pydicom-data's 12 mm brain):
     # this set is real anatomy only
     anatomies = [a for a in anatomy_on_model_grid(corpus_dir, preset)
                  if a.source != "phantom" and _extent_mm(a.labels > 0, preset.spacing[0]).min() >= MIN_EXTENT_MM]
     cases = anatomy_cases(anatomies, preset, n, seed, list(kinds), synth_probability=0.0, realistic=True,
-                          progress=progress)
-    return write_cases(cases, out, preset.spacing[0], f"real anatomy, lesion kinds {', '.join(kinds)}, seed {seed}")
+                          progress=progress, lesions_per_case=lesions_per_case)
+    several = f", 1 to {lesions_per_case} lesions a case" if lesions_per_case > 1 else ""
+    return write_cases(cases, out, preset.spacing[0], f"real anatomy, lesion kinds {', '.join(kinds)}{several}, seed {seed}")

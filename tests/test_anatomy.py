@@ -417,3 +417,45 @@ def test_training_refuses_unseen_kinds():
         train.head_cases(get_preset("tiny"), 0, 0, sources)
     with pytest.raises(ValueError, match="spleen tumour unknown"):
         train.head_cases(get_preset("tiny"), 0, 0, train.Sources(kinds=("spleen tumour",)))
+
+
+@pytest.mark.parametrize("prompt, plural", [("liver tumor", "liver tumors"), ("liver metastasis", "liver metastases"),
+                                            ("intracranial hemorrhage", "intracranial hemorrhages"),
+                                            ("brain abscess", "brain abscesses"), ("lung nodules", "lung nodules")])
+def test_a_set_of_several_lesions_is_prompted_in_the_plural(prompt, plural):
+    from diffugts.component_rules import names_several_lesions
+    from diffugts.lesions import plural_prompt
+
+    assert plural_prompt(prompt) == plural
+    assert names_several_lesions(plural)  # the loop reads it as several: every kept rule sees a plural
+
+
+def test_several_lesions_a_case_are_apart_inside_the_organ_and_one_draw_keeps_the_old_stream():
+    """`lesions_per_case` N: 1 to N separate lesions (26-connected components of the label, at
+    least SEPARATION_MM apart), all inside the organ, prompted in the plural; N = 1 draws the very
+    cases it drew before (every evaluation set on record was drawn so)."""
+    import cc3d
+
+    from diffugts.lesions import SEPARATION_MM
+    from diffugts.training_data import anatomy_cases
+
+    preset, head = get_preset("tiny"), _head(32)  # the tiny preset's patch: the crop is the whole head
+    several = anatomy_cases([head], preset, 12, 7, ["brain cyst"], randomize=False, lesions_per_case=3)
+    counts = []
+    for case in several:
+        label = case.label > 0
+        lesions, n = cc3d.connected_components(label.astype(np.uint8), connectivity=26, return_N=True)
+        counts.append(n)
+        assert case.prompt == "brain cysts" and 1 <= n <= 3
+        assert (label & ~ndimage.binary_dilation(head.organs > 0, iterations=3)).sum() == 0
+        if n > 1:  # the gap between two lesions, in mm on the model grid
+            gap = ndimage.distance_transform_edt(lesions != 1)[lesions == 2].min() * preset.spacing[0]
+            assert gap > SEPARATION_MM - preset.spacing[0]
+    assert set(counts) >= {1, 2, 3}
+
+    one = anatomy_cases([head], preset, 4, 7, ["brain cyst"], randomize=False)
+    again = anatomy_cases([head], preset, 4, 7, ["brain cyst"], randomize=False, lesions_per_case=1)
+    assert all(np.array_equal(a.label, b.label) and np.array_equal(a.image, b.image) for a, b in zip(one, again))
+    assert [c.prompt for c in one] == ["brain cyst"] * 4
+    with pytest.raises(ValueError, match="lesions per case must be at least 1, not 0"):
+        anatomy_cases([head], preset, 1, 0, ["brain cyst"], lesions_per_case=0)

@@ -40,7 +40,9 @@ def test_box_mask_equals_the_full_resample_mask(ct, threshold, min_mm3, top_k):
     new, counts = mask_on_input_grid(grid, prob, threshold, volume.spacing, min_mm3, top_k)
     # every component over the floor is counted, kept or not
     every = probability_to_mask(grid.to_input_grid(prob), volume.spacing, threshold, min_mm3, 0)
-    assert counts == (cc3d.connected_components(every, connectivity=26, return_N=True)[1], 0)
+    found = cc3d.connected_components(every, connectivity=26, return_N=True)[1]
+    kept = cc3d.connected_components(new, connectivity=26, return_N=True)[1]
+    assert counts == (found, 0, kept) and kept == (min(found, top_k) if top_k else found)
     assert new.shape == volume.array.shape and new.dtype == old.dtype
     if threshold < 0.99:
         assert old.any()  # a non-trivial comparison
@@ -67,7 +69,7 @@ def test_an_intensity_floor_drops_light_components_the_same_on_both_paths(ct):
         old = probability_to_mask(full, volume.spacing, 0.3, 0.0, top_k, image, -700.0)
         new, counts = mask_on_input_grid(grid, prob, 0.3, volume.spacing, 0.0, top_k, image, -700.0)
         np.testing.assert_array_equal(new, old)
-        assert counts == (n - 2, 2)
+        assert counts == (n - 2, 2, 1 if top_k else n - 2)
         kept = set(np.unique(labels[new.astype(bool)]))
         dense = [i for i in range(1, n + 1) if i not in (largest, other)]
         assert kept == ({max(dense, key=lambda i: sizes[i - 1])} if top_k else set(dense))
@@ -204,6 +206,49 @@ def test_the_demo_rule_for_a_target(target, modality, restricted, rule):
     assert (got.top_k, got.min_median, got.rank) == rule
 
 
+@pytest.mark.parametrize("target,restricted,near_best", [
+    ("liver metastasis", False, 0.8), ("kidney tumors", False, 0.8), ("multiple liver lesions", False, 0.8),
+    ("kidney tumor", False, 0.0), ("lung nodules", True, 0.0), ("brain metastases", True, 0.0),
+    ("lung nodules", False, 0.8),  # the lungs not found: nothing restricted
+])
+def test_several_lesions_outside_a_restricted_organ_keep_those_near_the_best(target, restricted, near_best):
+    from diffugts.component_rules import component_rule
+    from diffugts.config import get_preset
+
+    preset = get_preset("demo").with_(several_near_best=0.8)
+    assert component_rule(target, "CT", preset, restricted).near_best == near_best
+    assert component_rule(target, "CT", preset.with_(several_near_best=0.0), restricted).near_best == 0.0
+
+
+def test_near_the_best_keeps_the_components_within_a_share_of_the_best_score_on_both_paths(ct):
+    from diffugts.component_rules import ComponentRule
+    from diffugts.config import get_preset
+    from diffugts.postprocess import ComponentCounts, kept_components
+
+    sizes, scores = np.array([50, 9, 7, 90]), np.array([0.95, 0.9, 0.5, 0.7])
+    assert list(kept_components(sizes, 0, 0, None, scores, 0.9)) == [0, 1]  # 0.9 >= 0.9 x 0.95
+    assert list(kept_components(sizes, 8, 0, None, scores, 0.9)) == [0, 1]
+    assert list(kept_components(sizes, 10, 0, None, scores, 0.9)) == [0]  # the floor first: 0.7 < 0.9 x 0.95
+    assert list(kept_components(sizes, 0, 0, np.array([False, True, True, True]), scores, 0.75)) == [1, 3]
+    volume, _ = ct
+    grid, prob = grid_and_probability(volume, np.random.default_rng(5), blobs=8)
+    full = grid.to_input_grid(prob)
+    labels, n = cc3d.connected_components(full > 0.3, connectivity=26, return_N=True)
+    means = np.asarray(ndimage.mean(full, labels, np.arange(1, n + 1)))
+    share = float(np.sort(means)[-3] / means.max()) - 1e-6  # keeps exactly the three most probable
+    old = probability_to_mask(full, volume.spacing, 0.3, near_best=share)
+    new, counts = mask_on_input_grid(grid, prob, 0.3, volume.spacing, near_best=share)
+    np.testing.assert_array_equal(new, old)
+    assert set(np.unique(labels[new.astype(bool)])) == set(np.argsort(means)[-3:] + 1) and counts == (n, 0, 3)
+    notice = ComponentRule(0, None, "liver metastasis", "mean probability", 0.9).notices(ComponentCounts(n, 0, 3))
+    assert notice == (f"kept 3 of {n} components found: those whose mean probability is at least 90% of the most "
+                      "probable one's",)
+    assert ComponentRule(0, None, "liver metastasis", "size", 0.9).notices(ComponentCounts(3, 0, 3)) == ()
+    with pytest.raises(ValueError, match="several_near_best is a share of the best component's mean probability, "
+                                         "0 to 1, not 1.5"):
+        get_preset("demo").with_(several_near_best=1.5)
+
+
 def test_an_unknown_rank_is_refused_on_every_path(ct):
     from diffugts.component_rules import ComponentRule, component_rule
     from diffugts.config import get_preset
@@ -248,7 +293,7 @@ def test_the_most_probable_component_is_kept_the_same_on_both_paths(ct):
     old = probability_to_mask(full, volume.spacing, 0.3, 0.0, 1, rank="mean probability")
     new, counts = mask_on_input_grid(grid, prob, 0.3, volume.spacing, 0.0, 1, rank="mean probability")
     np.testing.assert_array_equal(new, old)
-    assert set(np.unique(labels[new.astype(bool)])) == {int(np.argmax(means)) + 1} and counts == (n, 0)
+    assert set(np.unique(labels[new.astype(bool)])) == {int(np.argmax(means)) + 1} and counts == (n, 0, 1)
     largest = probability_to_mask(full, volume.spacing, 0.3, 0.0, 1)
     assert set(np.unique(labels[largest.astype(bool)])) == {int(np.argmax(sizes)) + 1}
 

@@ -35,6 +35,9 @@ def test_found_is_a_touch_of_the_lesion_and_undefined_without_one():
     assert found(touching, lesion) == 1.0 and dice(touching, lesion) < 0.25
     assert found(beside, lesion) == 0.0 and found(np.zeros_like(lesion), lesion) == 0.0
     assert np.isnan(found(beside, np.zeros_like(lesion)))  # a healthy case says nothing of finding
+    three = lesion.copy()
+    three[0, 0, 0] = three[0, 5, 5] = True  # two more lesions, apart from the first and each other
+    assert found(touching, three) == pytest.approx(1 / 3) and found(three, three) == 1.0
     assert nanmean([1.0, 0.0, float("nan"), 1.0]) == pytest.approx(2 / 3)  # the share of lesions found
 
 
