@@ -165,6 +165,9 @@ PRESETS: dict[str, Preset] = {
         # outside a restricted organ (the body), the one component of highest mean probability: the
         # largest there is most often a false positive (benchmarks/prereg/most_probable_component_body_3049.txt)
         top_k_components=1, top_k_rank="mean probability",
+        # a target naming several lesions there: the components whose mean probability is at least 0.9
+        # of the most probable one's (benchmarks/prereg/several_near_best_body_3050.txt)
+        several_near_best=0.9,
         # -700 HU: the upper end of aerated lung (benchmarks/prereg/no_aerated_lung_components_3047.txt)
         min_component_hu=-700.0,
         weights="demo.safetensors",

@@ -212,6 +212,30 @@ def test_real_anatomy_lesion_sets_are_deterministic_and_hold_real_anatomy_only(m
         write_anatomy_lesions(mni_corpus, tmp_path / "c", preset, 1, 0, ["not a kind"])
 
 
+def test_the_lesions_command_writes_a_set_of_several_lesions_a_case(mni_corpus, tmp_path, capsys):
+    """`diffugts lesions --lesions-per-case 3`: plural prompts, labels of 1 to 3 lesions, what
+    `evaluate` scores by lesion (`found`); a count under 1 is a one-line error and writes nothing."""
+    import cc3d
+
+    from diffugts.cli import main
+    from diffugts.evaluate import load_manifest
+    from diffugts.io import read_volume
+
+    out = tmp_path / "several"
+    args = ["lesions", "--corpus", str(mni_corpus), "--out", str(out), "--n", "4", "--seed", "5",
+            "--kinds", "brain cyst", "--preset", "tiny"]
+    assert main(args + ["--lesions-per-case", "3"]) == 0
+    entries = load_manifest(out)
+    assert {e["prompt"] for e in entries} == {"brain cysts"}
+    counts = [cc3d.connected_components((read_volume(out / e["label"]).array > 0).astype(np.uint8),
+                                        connectivity=26, return_N=True)[1] for e in entries]
+    assert all(1 <= n <= 3 for n in counts) and max(counts) > 1
+    assert "1 to 3 lesions a case" in json.loads((out / "dataset.json").read_text())["description"]
+    assert main(args[:4] + [str(tmp_path / "none")] + args[5:] + ["--lesions-per-case", "0"]) == 2
+    assert "--lesions-per-case must be at least 1, not 0" in capsys.readouterr().err
+    assert not (tmp_path / "none").exists()
+
+
 def test_training_cases_mix_randomized_anatomy_and_phantoms(mni_corpus):
     from diffugts.training_data import anatomy_cases, anatomy_on_model_grid
 
