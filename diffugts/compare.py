@@ -91,9 +91,11 @@ def paired_change(base: dict, new: dict, metric: str = "dice", resamples: int = 
         a = np.array([base[k][metric] for k in group], dtype=float)
         b = np.array([new[k][metric] for k in group], dtype=float)
         change, interval = mean_interval(b - a, resamples, seed)
-        return {"cases": len(group), "base": float(np.nanmean(a)), "new": float(np.nanmean(b)), "change": change,
+        # a case without a value (`found` on a healthy case, AUROC without a lesion) is no evidence
+        cases = int(np.isfinite(b - a).sum())
+        return {"cases": cases, "base": float(np.nanmean(a)), "new": float(np.nanmean(b)), "change": change,
                 "ci95": interval, "up": int((b - a > MIN_CHANGE).sum()), "down": int((a - b > MIN_CHANGE).sum()),
-                "verdict": verdict(interval, len(group))}
+                "verdict": verdict(interval, cases)}
 
     groups = defaultdict(lambda: defaultdict(list))
     for key in keys:

@@ -61,6 +61,17 @@ def test_paired_change_pairs_cases_across_files_and_judges_the_interval(tmp_path
     assert worse["verdict"] == "worse" and worse["down"] == 32
 
 
+def test_cases_without_a_value_are_not_counted_toward_a_verdict(tmp_path):
+    """`found` is NaN on a healthy case: 12 cases of which 4 healthy are 8 cases of evidence."""
+    base = pooled_cases([_write(tmp_path / "a.json", _result("seen77", np.full(12, 0.5)))])
+    keys = sorted(base)
+    found = {k: {**row, "found": float("nan") if i < 4 else 0.0} for i, (k, row) in enumerate(base.items())}
+    more = {k: {**row, "found": float("nan") if i < 4 else 1.0} for i, (k, row) in enumerate(base.items())}
+    pooled = paired_change(found, more, metric="found")["pooled"]
+    assert pooled["cases"] == 8 and pooled["up"] == 8 and pooled["change"] == 1.0
+    assert pooled["verdict"] == "too few cases (< 10)" and len(keys) == 12
+
+
 def test_unpaired_or_foreign_results_are_refused(tmp_path):
     base = pooled_cases([_write(tmp_path / "a.json", _result("seen77", [0.5, 0.6, 0.7]))])
     fewer = pooled_cases([_write(tmp_path / "b.json", _result("seen77", [0.5, 0.6]))])
