@@ -62,6 +62,7 @@ class BlsClient:
         self.outputs = ["mask", "anomaly", "timings"] + [o.name for o in config.output if o.name == "notices"]
         # nor an 'organ' input: such a server never restricts to the organ (as --whole-scan)
         self.takes_organ = any(i.name == "organ" for i in config.input)
+        self.takes_all_components = any(i.name == "all_components" for i in config.input)
 
     def segment_volume(self, volume: Volume, target: str, modality: str | None = None,
                        options: LoopOptions | None = None) -> Segmentation:
@@ -77,6 +78,11 @@ class BlsClient:
         }
         if self.takes_organ:
             inputs["organ"] = np.array([options.organ], bool)
+        if options.all_components:
+            if not self.takes_all_components:  # refused rather than a mask that silently keeps fewer
+                raise ValueError("this server's pipeline model was exported before all_components: it would keep "
+                                 "one component per lesion; re-export the repository to keep them all")
+            inputs["all_components"] = np.array([True], bool)
         out = self.transport.infer(PIPELINE_MODEL, inputs, self.outputs)
         timings = json.loads(out["timings"][0])
         notices = tuple(json.loads(out["notices"][0])) if "notices" in out else ()

@@ -177,7 +177,8 @@ def read_channel(item: BatchItem, spec: OutputSpec) -> int | None:
 
 def _request(item: BatchItem, options: LoopOptions, spec: OutputSpec) -> dict:
     return {"prompt": item.prompt, "modality": item.modality, "channel": read_channel(item, spec),
-            "seed": options.seed, "crop": options.crop, "organ": options.organ, "steps": options.steps,
+            "seed": options.seed, "crop": options.crop, "organ": options.organ,
+            "all_components": options.all_components, "steps": options.steps,
             "format": spec.format, "series_uid": spec.series_uid, "anomaly_map_dicom": spec.anomaly_map_dicom}
 
 

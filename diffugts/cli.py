@@ -35,6 +35,9 @@ def _executor_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--no-crop", action="store_true", help="inpaint the whole latent, not its bounding box")
     p.add_argument("--whole-scan", action="store_true",
                    help="do not restrict the maps and the mask to the organ the target names (brain, lung)")
+    p.add_argument("--all-components", action="store_true",
+                   help="keep every component of the mask past the size and air floors (no one per lesion, no "
+                        "near-the-best rule for several): every candidate, more false positives")
     p.add_argument("--steps", type=int, default=None, help="inference steps (default: the preset's)")
     p.add_argument("--shared-memory", action="store_true",
                    help="triton: pass tensors through system shared memory (client and server on one host)")
@@ -51,7 +54,8 @@ def _make_executor(args):
 def _options(args):
     from .pipeline import LoopOptions
 
-    return LoopOptions(crop=not args.no_crop, seed=args.seed, steps=args.steps, organ=not args.whole_scan)
+    return LoopOptions(crop=not args.no_crop, seed=args.seed, steps=args.steps, organ=not args.whole_scan,
+                       all_components=args.all_components)
 
 
 def cmd_phantom(args) -> int:

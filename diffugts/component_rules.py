@@ -80,18 +80,21 @@ class ComponentRule:
             first = {"size": "largest", "mean probability": "most probable"}[self.rank]
             kept = f"the {first} component" if self.top_k == 1 else f"the {self.top_k} {first} components"
             out += (f"kept {kept} of {counts.found} found (one lesion per target); ask for 'multiple "
-                    f"{self.target}' to keep them all",)
+                    f"{self.target}' or --all-components to keep them all",)
         if self.near_best > 0 and counts.kept < counts.found:
             out += (f"kept {counts.kept} of {counts.found} components found: those whose mean probability is at "
-                    f"least {self.near_best:.0%} of the most probable one's",)
+                    f"least {self.near_best:.0%} of the most probable one's; --all-components keeps them all",)
         return out
 
 
-def component_rule(target: str, modality: str, preset: Preset, restricted: bool) -> ComponentRule:
+def component_rule(target: str, modality: str, preset: Preset, restricted: bool,
+                   keep_all: bool = False) -> ComponentRule:
     """The rule for a target (abbreviations spelt out), the scan's modality, and whether the maps
-    were restricted to the target's organ."""
+    were restricted to the target's organ; `keep_all` (the loop's `all_components`) keeps every
+    component past the floors."""
     in_organ = restricted and preset.organ_top_k > 0
-    top_k = top_k_for(target, preset.organ_top_k if in_organ else preset.top_k_components)
+    top_k = 0 if keep_all else top_k_for(target, preset.organ_top_k if in_organ else preset.top_k_components)
     light = preset.min_component_hu if modality == "CT" and not names_air_finding(target) else None
-    near_best = preset.several_near_best if names_several_lesions(target) and not restricted else 0.0
+    several = names_several_lesions(target) and not restricted and not keep_all
+    near_best = preset.several_near_best if several else 0.0
     return ComponentRule(top_k, light, target, "size" if in_organ else preset.top_k_rank, near_best)

@@ -58,6 +58,9 @@ class LoopOptions:
     # restrict the maps (and so the mask) to the organ the target names, where one is found in the
     # scan (`organ_regions`): ZePT's tumours-in-their-organ rule
     organ: bool = True
+    # keep every component past the size and air floors: no one-per-lesion top-k, no near-the-best
+    # rule for several lesions (`component_rules`); every candidate, and more false positives
+    all_components: bool = False
     # training only: latent voxels inpainted whatever the map says (the ground truth, so that the
     # residual head learns what an inpainted lesion looks like)
     inpaint_also: np.ndarray | None = None
@@ -299,7 +302,8 @@ def segment_volume(executor: StageExecutor, volume: Volume, target: str, modalit
         if envelope is not None:
             prob *= mostly_inside(prob > threshold, region)
             blended = {**blended, "prob": prob, "anomaly": blended["anomaly"] * envelope}
-        rule = component_rule(spelt, modality, preset, restricted=envelope is not None)
+        rule = component_rule(spelt, modality, preset, restricted=envelope is not None,
+                              keep_all=options.all_components)
         mask, counts = mask_on_input_grid(grid, blended["prob"], threshold, volume.spacing,
                                           preset.min_component_mm3, rule.top_k, volume.array, rule.min_median,
                                           rule.rank, rule.near_best)

@@ -79,7 +79,8 @@ PIPELINE = StageSpec(
     "diffugts_pipeline",
     (Tensor("volume", "FP32", (-1, -1, -1)), Tensor("affine", "FP64", (4, 4)), Tensor("prompt", "BYTES", (1,)),
      Tensor("modality", "BYTES", (1,)), Tensor("seed", "INT64", (1,)), Tensor("crop", "BOOL", (1,)),
-     Tensor("organ", "BOOL", (1,), optional=True)),  # restrict the maps to the target's organ (LoopOptions.organ)
+     Tensor("organ", "BOOL", (1,), optional=True),  # restrict the maps to the target's organ (LoopOptions.organ)
+     Tensor("all_components", "BOOL", (1,), optional=True)),  # keep every component (LoopOptions.all_components)
     (Tensor("mask", "UINT8", (-1, -1, -1)), Tensor("anomaly", "FP32", (-1, -1, -1)),
      Tensor("timings", "BYTES", (1,)), Tensor("notices", "BYTES", (1,))),  # timings, notices: JSON
     max_batch_size=0,

@@ -131,7 +131,7 @@ def test_segmentation_maps_are_computed_when_read(torch_executor):
 
 def test_one_lesion_keeps_the_largest_component_and_several_keep_all(torch_executor):
     from diffugts.executors.base import preset_changes
-    from diffugts.pipeline import segment_volume
+    from diffugts.pipeline import LoopOptions, segment_volume
 
     volume, _ = ct_sized_volume(shape=(60, 56, 40), spacing=(1.5, 1.5, 2.0), seed=4)
     probability = segment_volume(torch_executor, volume, "kidney tumor", "CT").probability
@@ -155,6 +155,24 @@ def test_one_lesion_keeps_the_largest_component_and_several_keep_all(torch_execu
                                                                      0.0, 1, rank="mean probability"))
     assert probable.components.rank == "mean probability"
     assert any(f"kept the most probable component of {found} found" in n for n in probable.notices)
+    # several lesions outside an organ: those near the most probable one, unless every one is asked for
+    with preset_changes(torch_executor, top_k_components=1, top_k_rank="mean probability", min_component_mm3=0.0,
+                        mask_threshold=threshold, several_near_best=0.999):
+        near = segment_volume(torch_executor, volume, "kidney tumors", "CT")
+        every_one = segment_volume(torch_executor, volume, "kidney tumor", "CT", LoopOptions(all_components=True))
+        every_several = segment_volume(torch_executor, volume, "kidney tumors", "CT", LoopOptions(all_components=True))
+    # the plural is another prompt, so another map: its own components
+    every_plural = probability_to_mask(near.probability, volume.spacing, threshold, 0.0, 0)
+    found_plural = cc3d.connected_components(every_plural, connectivity=26, return_N=True)[1]
+    np.testing.assert_array_equal(near.mask, probability_to_mask(near.probability, volume.spacing, threshold, 0.0, 0,
+                                                                 near_best=0.999))
+    assert found_plural > 1 and near.mask.sum() < every_plural.sum() and near.components.near_best == 0.999
+    assert any(n.startswith(f"kept 1 of {found_plural} components found") and
+               n.endswith("--all-components keeps them all") for n in near.notices), near.notices
+    for kept, all_of_them in ((every_one, every), (every_several, every_plural)):  # past the floors, nothing dropped
+        np.testing.assert_array_equal(kept.mask, all_of_them)
+        assert (kept.components.top_k, kept.components.near_best) == (0, 0.0)
+        assert not any(n.startswith("kept") for n in kept.notices)
 
 
 @pytest.mark.parametrize("target,several", [
@@ -180,7 +198,7 @@ def test_component_notices_only_when_something_was_dropped():
     assert one.notices(ComponentCounts(1, 0)) == () and one.notices(ComponentCounts(0, 0)) == ()
     assert one.notices(ComponentCounts(3, 0))[0].startswith("kept the largest component of 3 found")
     assert ComponentRule(1, None, "lung nodule").notices(ComponentCounts(3, 0))[0].endswith(
-        "ask for 'multiple lung nodule' to keep them all")
+        "ask for 'multiple lung nodule' or --all-components to keep them all")
     assert "the 2 largest components of 4" in two.notices(ComponentCounts(4, 0))[0]
     assert ComponentRule(1, None, "kidney tumor", "mean probability").notices(ComponentCounts(3, 0))[0].startswith(
         "kept the most probable component of 3 found")
@@ -242,7 +260,7 @@ def test_near_the_best_keeps_the_components_within_a_share_of_the_best_score_on_
     assert set(np.unique(labels[new.astype(bool)])) == set(np.argsort(means)[-3:] + 1) and counts == (n, 0, 3)
     notice = ComponentRule(0, None, "liver metastasis", "mean probability", 0.9).notices(ComponentCounts(n, 0, 3))
     assert notice == (f"kept 3 of {n} components found: those whose mean probability is at least 90% of the most "
-                      "probable one's",)
+                      "probable one's; --all-components keeps them all",)
     assert ComponentRule(0, None, "liver metastasis", "size", 0.9).notices(ComponentCounts(3, 0, 3)) == ()
     with pytest.raises(ValueError, match="several_near_best is a share of the best component's mean probability, "
                                          "0 to 1, not 1.5"):

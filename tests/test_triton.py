@@ -185,6 +185,27 @@ def test_the_in_server_loop_restricts_to_the_organ_unless_asked_not_to(triton_se
     client.close()
 
 
+def test_the_in_server_loop_keeps_every_component_when_asked(triton_server, torch_executor):
+    """The BLS model's optional 'all_components' input reaches the loop (served == eager, both ways);
+    a client that finds no such input refuses the option rather than return a mask keeping fewer."""
+    from diffugts.corpus import _phantoms
+    from diffugts.io import Volume
+
+    (ct,) = _phantoms(n=1)
+    volume = Volume(ct.image, ct.affine, ct.id)
+    client = BlsClient(triton_server.grpc_url)
+    assert client.takes_all_components
+    options = LoopOptions(all_components=True)
+    eager = segment_volume(torch_executor, volume, "kidney tumor", "CT", options)
+    served = client.segment_volume(volume, "kidney tumor", "CT", options)
+    assert dice(served.mask, eager.mask) >= 0.99 or not (served.mask.any() or eager.mask.any())
+    assert not any(n.startswith("kept") for n in served.notices)
+    client.takes_all_components = False
+    with pytest.raises(ValueError, match="exported before all_components"):
+        client.segment_volume(volume, "kidney tumor", "CT", options)
+    client.close()
+
+
 def test_killed_server_gives_a_clear_error_not_a_hang(tiny_repository, unseen, tmp_path):
     from diffugts.serve import TritonServer
 

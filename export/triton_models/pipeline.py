@@ -30,6 +30,10 @@ def _scalar(request, name, default):
     return default if tensor is None else tensor.as_numpy().reshape(-1)[0].item()
 
 
+# a client may leave these out (one written before the input existed): the loop's defaults hold
+OPTIONAL_INPUTS = ("modality", "seed", "crop", "organ", "all_components")
+
+
 class TritonPythonModel:
     def initialize(self, args):
         config = json.loads(args["model_config"])
@@ -38,7 +42,7 @@ class TritonPythonModel:
         self.specs = input_specs(config)
 
     def _segment(self, request):
-        read_request(request, self.specs, pb_utils.get_input_tensor_by_name, optional=("modality", "seed", "crop", "organ"))
+        read_request(request, self.specs, pb_utils.get_input_tensor_by_name, optional=OPTIONAL_INPUTS)
         if _text(request, "modality").upper() not in ("", "CT", "MR"):
             raise ValueError("modality must be CT or MR")
         volume = pb_utils.get_input_tensor_by_name(request, "volume").as_numpy()
@@ -46,7 +50,8 @@ class TritonPythonModel:
         volume = Volume(validate_array("volume", volume), validate_affine("affine", affine), "request")
         modality = _text(request, "modality") or None
         options = LoopOptions(crop=bool(_scalar(request, "crop", True)), seed=int(_scalar(request, "seed", 0)),
-                              organ=bool(_scalar(request, "organ", True)))
+                              organ=bool(_scalar(request, "organ", True)),
+                              all_components=bool(_scalar(request, "all_components", False)))
         seg = segment_volume(self.executor, volume, _text(request, "prompt"), modality, options)
         return [pb_utils.Tensor("mask", seg.mask.astype(np.uint8)),
                 pb_utils.Tensor("anomaly", seg.anomaly.astype(np.float32)),
