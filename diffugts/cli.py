@@ -488,8 +488,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("base", nargs="+", help="`diffugts evaluate` results JSON of the base (several: pooled)")
     p.add_argument("--new", nargs="+", default=None,
                    help="results of the change on the same cases; without it, each set's mean and interval")
-    p.add_argument("--metric", choices=("dice", "nsd", "found", "auroc", "fpr95"), default="dice",
-                   help="found: the share of lesions the mask touches")
+    p.add_argument("--metric", choices=("dice", "nsd", "found", "false_positives", "auroc", "fpr95"), default="dice",
+                   help="found: the share of lesions the mask touches; false_positives: its components that touch none")
     p.add_argument("--ablation", default="full", help="which ablation of an `--ablation all` file (default full)")
     p.add_argument("--resamples", type=int, default=5000, help="bootstrap resamples (default 5000)")
     p.add_argument("--out", default=None, help="also write the comparison as JSON")

@@ -1,5 +1,5 @@
-"""`diffugts evaluate`: per-case and per-prompt Dice, NSD (2 mm), whether the mask found the lesion at all,
-and AUROC and FPR95 of the anomaly map."""
+"""`diffugts evaluate`: per-case and per-prompt Dice, NSD (2 mm), the share of lesions the mask found
+and its components that touch none (false positives), and AUROC and FPR95 of the anomaly map."""
 
 from __future__ import annotations
 
@@ -13,10 +13,10 @@ import numpy as np
 from .batch_inputs import manifest_modality
 from .io import InputError, channel_index, read_volume
 from .label_classes import lesion_mask, lesion_values
-from .metrics import auroc, dice, found, fpr_at_95_tpr, nanmean, normalized_surface_dice
+from .metrics import auroc, dice, false_positives, found, fpr_at_95_tpr, nanmean, normalized_surface_dice
 from .pipeline import LoopOptions, run_segmentation
 
-METRICS = ("dice", "nsd", "found", "auroc", "fpr95")
+METRICS = ("dice", "nsd", "found", "false_positives", "auroc", "fpr95")
 
 
 def load_manifest(dataset_dir: Path, split: str = "test", prompt: str | None = None) -> list[dict]:
@@ -56,6 +56,7 @@ def case_metrics(seg, truth: np.ndarray, spacing) -> dict:
         "dice": dice(seg.mask, truth),
         "nsd": normalized_surface_dice(seg.mask, truth, spacing, 2.0),
         "found": found(seg.mask, truth),
+        "false_positives": false_positives(seg.mask, truth),
         "auroc": auroc(seg.anomaly, truth),
         "fpr95": fpr_at_95_tpr(seg.anomaly, truth),
     }

@@ -25,6 +25,13 @@ def found(pred: np.ndarray, truth: np.ndarray) -> float:
     return float(np.count_nonzero(np.unique(lesions[pred.astype(bool) & truth])) / n)
 
 
+def false_positives(pred: np.ndarray, truth: np.ndarray) -> float:
+    """How many of the mask's 26-connected components touch no lesion (on a healthy case, every one):
+    a detection's false positives per scan, the other side of `found` when a rule keeps few components."""
+    components, n = cc3d.connected_components(pred.astype(np.uint8), connectivity=26, return_N=True)
+    return float(n - np.count_nonzero(np.unique(components[truth.astype(bool) & (components > 0)])))
+
+
 def _surface(mask: np.ndarray) -> np.ndarray:
     return mask & ~ndimage.binary_erosion(mask)  # 6-connected erosion, as MONAI's get_mask_edges
 

@@ -140,9 +140,10 @@ def test_evaluate_reports_cases_and_means(phantom_dir, tmp_path, capsys):
     result = json.loads(result_path.read_text())
     assert len(result["cases"]) == 2
     for case in result["cases"]:
-        assert {"case", "prompt", "dice", "nsd", "auroc", "fpr95", "seconds"} <= set(case)
+        assert {"case", "prompt", "dice", "nsd", "found", "false_positives", "auroc", "fpr95", "seconds"} <= set(case)
         assert 0 <= case["dice"] <= 1 and 0 <= case["auroc"] <= 1
-    assert set(result["mean"]) >= {"dice", "nsd", "auroc", "fpr95"}
+        assert case["false_positives"] >= 0 and float(case["false_positives"]).is_integer()
+    assert set(result["mean"]) >= {"dice", "nsd", "found", "false_positives", "auroc", "fpr95"}
     assert result["mean"]["dice"] == pytest.approx(np.mean([c["dice"] for c in result["cases"]]))
     assert "mean" in out
 

@@ -6,7 +6,7 @@ import torch
 from monai.metrics import compute_surface_dice
 from sklearn.metrics import roc_auc_score, roc_curve
 
-from diffugts.metrics import auroc, dice, found, fpr_at_95_tpr, nanmean, normalized_surface_dice
+from diffugts.metrics import auroc, dice, false_positives, found, fpr_at_95_tpr, nanmean, normalized_surface_dice
 
 
 def sphere(shape, center, radius):
@@ -38,6 +38,12 @@ def test_found_is_a_touch_of_the_lesion_and_undefined_without_one():
     three = lesion.copy()
     three[0, 0, 0] = three[0, 5, 5] = True  # two more lesions, apart from the first and each other
     assert found(touching, three) == pytest.approx(1 / 3) and found(three, three) == 1.0
+    # false positives: the mask's components that touch no lesion; on a healthy case every one
+    two_apart = touching.copy()
+    two_apart[0, 5, 0] = True  # a second component, away from every lesion of `lesion`
+    assert false_positives(touching, lesion) == 0.0 and false_positives(two_apart, lesion) == 1.0
+    assert false_positives(two_apart, np.zeros_like(lesion)) == 2.0 and false_positives(np.zeros_like(lesion), lesion) == 0.0
+    assert false_positives(three, three) == 0.0 and false_positives(three, lesion) == 2.0
     assert nanmean([1.0, 0.0, float("nan"), 1.0]) == pytest.approx(2 / 3)  # the share of lesions found
 
 
