@@ -15,7 +15,7 @@ from diffugts.pipeline import LoopOptions, Segmentation
 from diffugts.prompts import build_prompt_set, normalize_target, spelt_out
 
 from .executor import RepositoryExecutor
-from .transports import GrpcTransport
+from .transports import GrpcTransport, TritonError
 
 PIPELINE_MODEL = "diffugts_pipeline"
 
@@ -80,8 +80,8 @@ class BlsClient:
             inputs["organ"] = np.array([options.organ], bool)
         if options.all_components:
             if not self.takes_all_components:  # refused rather than a mask that silently keeps fewer
-                raise ValueError("this server's pipeline model was exported before all_components: it would keep "
-                                 "one component per lesion; re-export the repository to keep them all")
+                raise TritonError("this server's pipeline model was exported before all_components: it would keep "
+                                  "one component per lesion; re-export the repository to keep them all")
             inputs["all_components"] = np.array([True], bool)
         out = self.transport.infer(PIPELINE_MODEL, inputs, self.outputs)
         timings = json.loads(out["timings"][0])

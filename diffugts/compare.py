@@ -64,13 +64,17 @@ def mean_interval(values, resamples: int = 5000, seed: int = 0) -> tuple[float, 
     return float(values.mean()), [float(ci.low), float(ci.high)]
 
 
-def verdict(interval: list[float] | None, cases: int) -> str:
+# metrics where less is better: a rise is "worse"
+LOWER_IS_BETTER = frozenset({"false_positives", "fpr95"})
+
+
+def verdict(interval: list[float] | None, cases: int, lower_is_better: bool = False) -> str:
     if interval is None or cases < MIN_CASES_FOR_VERDICT:
         return f"too few cases (< {MIN_CASES_FOR_VERDICT})"
     if interval[0] > 0:
-        return "better"
+        return "worse" if lower_is_better else "better"
     if interval[1] < 0:
-        return "worse"
+        return "better" if lower_is_better else "worse"
     return "not distinguishable from no change"
 
 
@@ -95,7 +99,7 @@ def paired_change(base: dict, new: dict, metric: str = "dice", resamples: int = 
         cases = int(np.isfinite(b - a).sum())
         return {"cases": cases, "base": float(np.nanmean(a)), "new": float(np.nanmean(b)), "change": change,
                 "ci95": interval, "up": int((b - a > MIN_CHANGE).sum()), "down": int((a - b > MIN_CHANGE).sum()),
-                "verdict": verdict(interval, cases)}
+                "verdict": verdict(interval, cases, metric in LOWER_IS_BETTER)}
 
     groups = defaultdict(lambda: defaultdict(list))
     for key in keys:
@@ -113,7 +117,8 @@ def means(cases: dict, metric: str = "dice", resamples: int = 5000, seed: int = 
 
     def summary(values) -> dict:
         mean, interval = mean_interval(values, resamples, seed)
-        return {"cases": len(values), "mean": mean, "ci95": interval}
+        finite = sum(v is not None and bool(np.isfinite(v)) for v in values)  # as in paired_change
+        return {"cases": finite, "mean": mean, "ci95": interval}
 
     return {"metric": metric, "pooled": summary([r.get(metric) for r in cases.values()]),
             "per_dataset": {name: summary(v) for name, v in sorted(by_dataset.items())}}

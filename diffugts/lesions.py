@@ -66,7 +66,7 @@ BODY_UNSEEN_KINDS = ("pancreas tumor", "spleen lesion", "liver metastasis")
 
 # the plural a user types for a set of several lesions of a kind ("liver tumors"); a metastasis is
 # already read as several (`component_rules.names_several_lesions`)
-IRREGULAR_PLURALS = {"metastasis": "metastases", "hemorrhage": "hemorrhages", "abscess": "abscesses"}
+IRREGULAR_PLURALS = {"metastasis": "metastases", "abscess": "abscesses", "mass": "masses"}
 SEPARATION_MM = 5.0  # tissue kept between two lesions of one case, so each stays a lesion of its own
 
 

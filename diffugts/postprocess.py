@@ -15,21 +15,25 @@ from .config import check_rank
 class ComponentCounts(NamedTuple):
     found: int  # components over the size floor and the intensity floor (before the top-k)
     too_light: int  # components over the size floor whose median intensity is below the floor
-    kept: int = 0  # components in the mask
+    kept: int  # components in the mask
 
 
 def kept_components(sizes: np.ndarray, min_voxels: int = 0, top_k: int = 0,
                     eligible: np.ndarray | None = None, scores: np.ndarray | None = None,
-                    near_best: float = 0.0) -> np.ndarray:
+                    near_best: float = 0.0, rank: str | None = None) -> np.ndarray:
     """Indices into `sizes` (voxels per component) of the components kept: at least `min_voxels`
-    and `eligible`; with `near_best` > 0 those whose score is at least that share of the best
-    one's; then the `top_k` largest when `top_k` > 0, or with `scores` the `top_k` highest scores
-    (ties to the larger, so that both paths to the mask agree)."""
+    and `eligible`; with `near_best` > 0 those whose score (mean probability) is at least that
+    share of the best one's; then the `top_k` first by `rank`: "size" the largest, "mean
+    probability" the highest scores (ties to the larger, so that both paths to the mask agree);
+    None ranks by `scores` where given, else by size."""
+    if near_best > 0 and scores is None:
+        raise ValueError("near_best compares the components' scores: none were given")
+    by_score = scores is not None if rank is None else check_rank(rank) == "mean probability"
     keep = np.flatnonzero((sizes >= max(min_voxels, 1)) & (True if eligible is None else eligible))
     if near_best > 0 and keep.size:
         keep = keep[scores[keep] >= near_best * scores[keep].max()]
     if top_k > 0:
-        order = np.argsort(sizes[keep])[::-1] if scores is None else np.lexsort((-sizes[keep], -scores[keep]))
+        order = np.lexsort((-sizes[keep], -scores[keep])) if by_score else np.argsort(sizes[keep])[::-1]
         keep = keep[order[:top_k]]
     return keep
 
@@ -54,15 +58,14 @@ def dense_enough(image: np.ndarray | None, labels: np.ndarray, n: int, min_media
 
 def components_filter(mask: np.ndarray, min_voxels: int = 0, top_k: int = 0, image: np.ndarray | None = None,
                       min_median: float | None = None, prob: np.ndarray | None = None,
-                      near_best: float = 0.0) -> np.ndarray:
-    """`mask`'s components kept by `kept_components`; with `prob`, top-k ranks by mean probability
-    (and `near_best` compares it)."""
+                      near_best: float = 0.0, rank: str | None = None) -> np.ndarray:
+    """`mask`'s components kept by `kept_components`, their scores the mean of `prob` (where given)."""
     labels, n = cc3d.connected_components(mask.astype(np.uint8), connectivity=26, return_N=True)
     if n == 0:
         return np.zeros(mask.shape, np.uint8)
     scores = None if prob is None else mean_probability(prob, labels, n)
     keep = kept_components(np.bincount(labels.ravel())[1:], min_voxels, top_k,
-                           dense_enough(image, labels, n, min_median), scores, near_best) + 1
+                           dense_enough(image, labels, n, min_median), scores, near_best, rank) + 1
     return np.isin(labels, keep).astype(np.uint8)
 
 
@@ -80,7 +83,7 @@ def probability_to_mask(prob: np.ndarray, spacing, threshold: float = 0.5, min_c
     (`rank` "size") or the `top_k` of highest mean probability ("mean probability")."""
     scored = check_rank(rank) == "mean probability" or near_best > 0
     return components_filter(prob > threshold, min_component_voxels(spacing, min_component_mm3), top_k,
-                             image, min_median, prob if scored else None, near_best)
+                             image, min_median, prob if scored else None, near_best, rank)
 
 
 def mask_on_input_grid(grid, prob: np.ndarray, threshold: float, spacing, min_component_mm3: float = 0.0,
@@ -101,7 +104,7 @@ def mask_on_input_grid(grid, prob: np.ndarray, threshold: float, spacing, min_co
     above = model > threshold
     mask = np.zeros(grid.input_shape, np.uint8)
     if not above.any():
-        return mask, ComponentCounts(0, 0)
+        return mask, ComponentCounts(0, 0, 0)
     clusters = cc3d.connected_components(above.view(np.uint8), connectivity=26)
     boxes = _apart([_canonical_box(above[box], box, model.shape, grid.canonical_shape)
                     for box in ndimage.find_objects(clusters)])
@@ -120,7 +123,7 @@ def mask_on_input_grid(grid, prob: np.ndarray, threshold: float, spacing, min_co
         eligible = np.concatenate([dense_enough(image[grid.input_box(box)], found, len(n), min_median)
                                    for box, found, n in zip(boxes, labels, sizes)])
     sizes, floor = np.concatenate(sizes), min_component_voxels(spacing, min_component_mm3)
-    kept = kept_components(sizes, floor, top_k, eligible, scores, near_best)
+    kept = kept_components(sizes, floor, top_k, eligible, scores, near_best, rank)
     for i, box in enumerate(boxes):
         keep = label[kept[owner[kept] == i]]
         if keep.size:

@@ -131,7 +131,7 @@ def anatomy_cases(anatomies: list[Anatomy], preset, n: int, seed: int, kinds=Non
         if anatomy.modality == "MR":  # as inference sees it: MR rescaled to its own 99.5th percentile
             image = scale_intensity(image, "MR")
         prompt = kind.prompt if kind is not None and label.any() else "brain tumor"
-        if kind is not None and lesions_per_case > 1:
+        if kind is not None and label.any() and lesions_per_case > 1:
             prompt = plural_prompt(prompt)
         cases.append(Case(image, label.astype(np.float32), prompt, anatomy.modality))
         if progress:

@@ -214,3 +214,20 @@ def test_triton_overhead_splits_served_calls_into_server_phases_and_wire(triton_
     assert "wire_ms" not in report["models"]["text_encoder"]
     assert report["total_ms"]["triton"] == pytest.approx(
         sum(r["triton"]["ms"] for r in report["models"].values() if "wire_ms" in r))
+
+
+def test_the_component_rules_benchmark_runs_each_rule_on_the_same_networks(phantom_dir, tmp_path):
+    """Three rules on one executor: the tiny preset keeps every component already, so the rule
+    switched off and --all-components must read exactly what the preset reads (a preset change
+    that leaked, or an option that changed more than the components, would show here)."""
+    from diffugts.benchmarks.component_rules import main
+    from diffugts.config import get_preset
+
+    assert (get_preset("tiny").top_k_components, get_preset("tiny").several_near_best) == (0, 0.0)
+    out = tmp_path / "rules.json"
+    assert main([str(phantom_dir), "--preset", "tiny", "--out", str(out)]) == 0
+    runs = json.loads(out.read_text())["runs"]
+    name = phantom_dir.name
+    assert set(runs) == {f"{name} | {rule}" for rule in ("plurals keep all", "shipped", "--all-components")}
+    assert all(set(r) == {"dice", "found", "false_positives"} for r in runs.values())
+    assert runs[f"{name} | plurals keep all"] == runs[f"{name} | shipped"] == runs[f"{name} | --all-components"]

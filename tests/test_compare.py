@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 
 from diffugts.cli import main
-from diffugts.compare import mean_interval, paired_change, pooled_cases
+from diffugts.compare import mean_interval, means, paired_change, pooled_cases
 from diffugts.io import InputError
 
 
@@ -70,6 +70,16 @@ def test_cases_without_a_value_are_not_counted_toward_a_verdict(tmp_path):
     pooled = paired_change(found, more, metric="found")["pooled"]
     assert pooled["cases"] == 8 and pooled["up"] == 8 and pooled["change"] == 1.0
     assert pooled["verdict"] == "too few cases (< 10)" and len(keys) == 12
+    assert means(found, "found")["pooled"]["cases"] == 8  # the run alone counts the same way
+
+
+def test_more_false_positives_is_worse_and_fewer_is_better(tmp_path):
+    base = pooled_cases([_write(tmp_path / "a.json", _result("body", np.full(12, 0.5)))])
+    none = {k: {**row, "false_positives": 0.0} for k, row in base.items()}
+    three = {k: {**row, "false_positives": 3.0 + i % 2} for i, (k, row) in enumerate(base.items())}
+    assert paired_change(none, three, metric="false_positives")["pooled"]["verdict"] == "worse"
+    assert paired_change(three, none, metric="false_positives")["pooled"]["verdict"] == "better"
+    assert paired_change(three, none, metric="fpr95")["pooled"]["verdict"] == "not distinguishable from no change"
 
 
 def test_unpaired_or_foreign_results_are_refused(tmp_path):

@@ -194,16 +194,16 @@ def test_component_notices_only_when_something_was_dropped():
     from diffugts.postprocess import ComponentCounts
 
     one, two, floor = ComponentRule(top_k=1), ComponentRule(top_k=2), ComponentRule(min_median=-700.0)
-    assert ComponentRule().notices(ComponentCounts(5, 3)) == ()
-    assert one.notices(ComponentCounts(1, 0)) == () and one.notices(ComponentCounts(0, 0)) == ()
-    assert one.notices(ComponentCounts(3, 0))[0].startswith("kept the largest component of 3 found")
-    assert ComponentRule(1, None, "lung nodule").notices(ComponentCounts(3, 0))[0].endswith(
+    assert ComponentRule().notices(ComponentCounts(5, 3, 5)) == ()
+    assert one.notices(ComponentCounts(1, 0, 1)) == () and one.notices(ComponentCounts(0, 0, 0)) == ()
+    assert one.notices(ComponentCounts(3, 0, 1))[0].startswith("kept the largest component of 3 found")
+    assert ComponentRule(1, None, "lung nodule").notices(ComponentCounts(3, 0, 1))[0].endswith(
         "ask for 'multiple lung nodule' or --all-components to keep them all")
-    assert "the 2 largest components of 4" in two.notices(ComponentCounts(4, 0))[0]
-    assert ComponentRule(1, None, "kidney tumor", "mean probability").notices(ComponentCounts(3, 0))[0].startswith(
+    assert "the 2 largest components of 4" in two.notices(ComponentCounts(4, 0, 2))[0]
+    assert ComponentRule(1, None, "kidney tumor", "mean probability").notices(ComponentCounts(3, 0, 1))[0].startswith(
         "kept the most probable component of 3 found")
-    assert floor.notices(ComponentCounts(2, 0)) == ()
-    assert floor.notices(ComponentCounts(2, 6))[0].startswith("dropped 6 component(s) of aerated lung or air "
+    assert floor.notices(ComponentCounts(2, 0, 2)) == ()
+    assert floor.notices(ComponentCounts(2, 6, 2))[0].startswith("dropped 6 component(s) of aerated lung or air "
                                                               "(median below -700 HU)")
 
 
@@ -248,6 +248,10 @@ def test_near_the_best_keeps_the_components_within_a_share_of_the_best_score_on_
     assert list(kept_components(sizes, 8, 0, None, scores, 0.9)) == [0, 1]
     assert list(kept_components(sizes, 10, 0, None, scores, 0.9)) == [0]  # the floor first: 0.7 < 0.9 x 0.95
     assert list(kept_components(sizes, 0, 0, np.array([False, True, True, True]), scores, 0.75)) == [1, 3]
+    assert list(kept_components(sizes, 0, 1, None, scores, 0.5, rank="size")) == [3]  # near the best, then the largest
+    assert list(kept_components(sizes, 0, 1, None, scores, 0.5, rank="mean probability")) == [0]
+    with pytest.raises(ValueError, match="near_best compares the components' scores: none were given"):
+        kept_components(sizes, 0, 0, None, None, 0.9)
     volume, _ = ct
     grid, prob = grid_and_probability(volume, np.random.default_rng(5), blobs=8)
     full = grid.to_input_grid(prob)

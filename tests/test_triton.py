@@ -185,25 +185,42 @@ def test_the_in_server_loop_restricts_to_the_organ_unless_asked_not_to(triton_se
     client.close()
 
 
-def test_the_in_server_loop_keeps_every_component_when_asked(triton_server, torch_executor):
-    """The BLS model's optional 'all_components' input reaches the loop (served == eager, both ways);
-    a client that finds no such input refuses the option rather than return a mask keeping fewer."""
+def test_the_in_server_loop_keeps_every_component_when_asked(tiny_repository, torch_executor, tmp_path):
+    """The BLS model's optional 'all_components' input reaches the loop: served with a preset that
+    keeps one component, the default mask is the eager one-component mask and the option's is the
+    eager every-component mask, and they differ; a client that finds no such input refuses the
+    option rather than return a mask that keeps fewer."""
+    import copy
+    import shutil
+
     from diffugts.corpus import _phantoms
+    from diffugts.export.repository import pipeline_config
     from diffugts.io import Volume
+    from diffugts.serve import TritonServer
 
     (ct,) = _phantoms(n=1)
     volume = Volume(ct.image, ct.affine, ct.id)
-    client = BlsClient(triton_server.grpc_url)
-    assert client.takes_all_components
-    options = LoopOptions(all_components=True)
-    eager = segment_volume(torch_executor, volume, "kidney tumor", "CT", options)
-    served = client.segment_volume(volume, "kidney tumor", "CT", options)
-    assert dice(served.mask, eager.mask) >= 0.99 or not (served.mask.any() or eager.mask.any())
-    assert not any(n.startswith("kept") for n in served.notices)
-    client.takes_all_components = False
-    with pytest.raises(ValueError, match="exported before all_components"):
-        client.segment_volume(volume, "kidney tumor", "CT", options)
-    client.close()
+    probability = segment_volume(torch_executor, volume, "kidney tumor", "CT").probability
+    threshold = float(np.quantile(probability, 0.97))  # random weights: several blobs above it
+    one = torch_executor.preset.with_(top_k_components=1, min_component_mm3=0.0, mask_threshold=threshold)
+    repository = shutil.copytree(tiny_repository, tmp_path / "model_repository")
+    (repository / "diffugts_pipeline" / "config.pbtxt").write_text(pipeline_config(one))
+    eager_executor = copy.copy(torch_executor)  # the same networks, the loop settings of `one`
+    eager_executor.preset = one
+    every = LoopOptions(all_components=True)
+    eager = {keep_all: segment_volume(eager_executor, volume, "kidney tumor", "CT", LoopOptions(all_components=keep_all))
+             for keep_all in (False, True)}
+    assert eager[True].mask.sum() > eager[False].mask.sum() > 0  # a component was dropped, then kept
+    with TritonServer(repository, grpc_port=0, http_port=0, metrics_port=0, log_path=tmp_path / "all.log") as server:
+        client = BlsClient(server.grpc_url)
+        assert client.takes_all_components
+        for keep_all in (False, True):
+            served = client.segment_volume(volume, "kidney tumor", "CT", LoopOptions(all_components=keep_all))
+            assert dice(served.mask, eager[keep_all].mask) >= 0.99 and served.notices == eager[keep_all].notices
+        client.takes_all_components = False
+        with pytest.raises(TritonError, match="exported before all_components"):
+            client.segment_volume(volume, "kidney tumor", "CT", every)
+        client.close()
 
 
 def test_killed_server_gives_a_clear_error_not_a_hang(tiny_repository, unseen, tmp_path):
