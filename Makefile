@@ -68,8 +68,8 @@ checkov: $(CHECKOV_STAMP)
 
 # Zero-shot evaluation of the README's ablation tables: lesions the demo weights never saw, on the
 # phantoms and on real anatomy (the corpus's installed scans, lesion kinds kept out of training),
-# and pyradiomics' five real tumours with expert masks (evaluation only; overlays beside them). One body set
-# holds 1 to 3 liver metastases a case (prompted "liver metastases"): what the component rules cost there.
+# and pyradiomics' five real tumours with expert masks (evaluation only; overlays beside them). Two sets
+# hold 1 to 3 metastases a case (brain, liver; prompted in the plural): what the component rules cost there.
 UNSEEN := liver cyst,pancreas tumor,spleen lesion,liver metastasis
 UNSEEN_KINDS := brain metastasis,intracranial hemorrhage,brain abscess
 BODY_UNSEEN_KINDS := pancreas tumor,spleen lesion,liver metastasis
@@ -79,6 +79,8 @@ eval: $(STAMP) corpus-sources data-sources
 	$(VENV)/bin/diffugts corpus --out eval_data/corpus
 	$(VENV)/bin/diffugts lesions --corpus eval_data/corpus --out eval_data/anatomy_unseen --n 18 --seed 2026 --kinds "$(UNSEEN_KINDS)"
 	$(VENV)/bin/diffugts evaluate eval_data/anatomy_unseen --out eval_out/anatomy_unseen.json --preset demo --ablation all
+	$(VENV)/bin/diffugts lesions --corpus eval_data/corpus --out eval_data/anatomy_unseen_several --n 18 --seed 2026 --kinds "brain metastasis" --lesions-per-case 3
+	$(VENV)/bin/diffugts evaluate eval_data/anatomy_unseen_several --out eval_out/anatomy_unseen_several.json --preset demo --ablation all
 	$(VENV)/bin/diffugts lesions --corpus eval_data/corpus --out eval_data/body_unseen --n 18 --seed 2026 --kinds "$(BODY_UNSEEN_KINDS)"
 	$(VENV)/bin/diffugts evaluate eval_data/body_unseen --out eval_out/body_unseen.json --preset demo --ablation all
 	$(VENV)/bin/diffugts lesions --corpus eval_data/corpus --out eval_data/body_unseen_several --n 18 --seed 2026 --kinds "liver metastasis" --lesions-per-case 3
