@@ -13,10 +13,13 @@ import numpy as np
 from .batch_inputs import manifest_modality
 from .io import InputError, channel_index, read_volume
 from .label_classes import lesion_mask, lesion_values
-from .metrics import auroc, dice, false_positives, found, fpr_at_95_tpr, nanmean, normalized_surface_dice
+from .metrics import (auroc, dice, false_positives, found, fpr_at_95_tpr, lesions_found, nanmean,
+                      normalized_surface_dice)
 from .pipeline import LoopOptions, run_segmentation
 
 METRICS = ("dice", "nsd", "found", "false_positives", "auroc", "fpr95")
+# lesion volumes (ml) that `found_by_size` pools lesions by: small lesions are the usual misses
+SIZE_BINS_ML = (1.0, 4.0, 15.0, 60.0)
 
 
 def load_manifest(dataset_dir: Path, split: str = "test", prompt: str | None = None) -> list[dict]:
@@ -59,6 +62,7 @@ def case_metrics(seg, truth: np.ndarray, spacing) -> dict:
         "false_positives": false_positives(seg.mask, truth),
         "auroc": auroc(seg.anomaly, truth),
         "fpr95": fpr_at_95_tpr(seg.anomaly, truth),
+        "lesions": [[round(ml, 3), hit] for ml, hit in lesions_found(seg.mask, truth, spacing)],
     }
 
 
@@ -100,7 +104,27 @@ def evaluate_dataset(executor, dataset_dir: str | Path, split: str = "test", lim
             on_case(name)
     mean, per_prompt = summarize(cases)
     return {"dataset": dataset_dir.name, "split": split, "preset": executor.preset.name,
-            "cases": cases, "mean": mean, "per_prompt": per_prompt, "errors": errors}
+            "cases": cases, "mean": mean, "per_prompt": per_prompt, "found_by_size": found_by_size(cases),
+            "errors": errors}
+
+
+def _size_bin(ml: float) -> str:
+    edges = (0.0,) + SIZE_BINS_ML
+    for low, high in zip(edges, edges[1:]):
+        if ml < high:
+            return f"{low:g}-{high:g} ml"
+    return f"{SIZE_BINS_ML[-1]:g} ml and over"
+
+
+def found_by_size(cases: list[dict]) -> dict:
+    """Every case's lesions pooled by volume: how many, and the share the masks touched."""
+    bins = defaultdict(list)
+    for case in cases:
+        for ml, hit in case.get("lesions", []):
+            bins[_size_bin(ml)].append(hit)
+    order = [_size_bin(x) for x in (0.0,) + SIZE_BINS_ML]
+    return {name: {"lesions": len(bins[name]), "found": float(np.mean(bins[name]))}
+            for name in order if bins[name]}
 
 
 def result_table(result: dict):
@@ -116,6 +140,9 @@ def result_table(result: dict):
     for prompt, row in result["per_prompt"].items():
         table.add_row("[bold]per prompt[/bold]", prompt, *(f"{row[m]:.3f}" for m in METRICS), "")
     table.add_row("[bold]mean[/bold]", "", *(f"{result['mean'][m]:.3f}" for m in METRICS + ("seconds",)))
+    if result.get("found_by_size"):
+        table.caption = "lesions found by size: " + ", ".join(
+            f"{name} {row['found']:.2f} of {row['lesions']}" for name, row in result["found_by_size"].items())
     return table
 
 

@@ -25,6 +25,18 @@ def found(pred: np.ndarray, truth: np.ndarray) -> float:
     return float(np.count_nonzero(np.unique(lesions[pred.astype(bool) & truth])) / n)
 
 
+def lesions_found(pred: np.ndarray, truth: np.ndarray, spacing) -> list[tuple[float, bool]]:
+    """Each lesion (26-connected component of the truth): its volume in ml and whether the mask
+    touches it. Where detection fails by size, this says so (`evaluate`'s found by size)."""
+    lesions, n = cc3d.connected_components(truth.astype(bool).astype(np.uint8), connectivity=26, return_N=True)
+    if n == 0:
+        return []
+    ml = np.bincount(lesions.ravel(), minlength=n + 1)[1:] * float(np.prod(spacing)) / 1000.0
+    touched = np.zeros(n + 1, bool)
+    touched[np.unique(lesions[pred.astype(bool)])] = True
+    return [(float(v), bool(t)) for v, t in zip(ml, touched[1:])]
+
+
 def false_positives(pred: np.ndarray, truth: np.ndarray) -> float:
     """How many of the mask's 26-connected components touch no lesion (on a healthy case, every one):
     a detection's false positives per scan, the other side of `found` when a rule keeps few components."""

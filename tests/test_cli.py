@@ -144,6 +144,8 @@ def test_evaluate_reports_cases_and_means(phantom_dir, tmp_path, capsys):
         assert 0 <= case["dice"] <= 1 and 0 <= case["auroc"] <= 1
         assert case["false_positives"] >= 0 and float(case["false_positives"]).is_integer()
     assert set(result["mean"]) >= {"dice", "nsd", "found", "false_positives", "auroc", "fpr95"}
+    lesions = [ml for c in result["cases"] for ml, _ in c["lesions"]]
+    assert sum(row["lesions"] for row in result["found_by_size"].values()) == len(lesions) > 0
     assert result["mean"]["dice"] == pytest.approx(np.mean([c["dice"] for c in result["cases"]]))
     assert "mean" in out
 

@@ -6,7 +6,8 @@ import torch
 from monai.metrics import compute_surface_dice
 from sklearn.metrics import roc_auc_score, roc_curve
 
-from diffugts.metrics import auroc, dice, false_positives, found, fpr_at_95_tpr, nanmean, normalized_surface_dice
+from diffugts.metrics import (auroc, dice, false_positives, found, fpr_at_95_tpr, lesions_found, nanmean,
+                              normalized_surface_dice)
 
 
 def sphere(shape, center, radius):
@@ -44,6 +45,19 @@ def test_found_is_a_touch_of_the_lesion_and_undefined_without_one():
     assert false_positives(touching, lesion) == 0.0 and false_positives(two_apart, lesion) == 1.0
     assert false_positives(two_apart, np.zeros_like(lesion)) == 2.0 and false_positives(np.zeros_like(lesion), lesion) == 0.0
     assert false_positives(three, three) == 0.0 and false_positives(three, lesion) == 2.0
+    # each lesion's volume (8 voxels of 2 mm: 0.064 ml; 1 voxel: 0.008 ml) and whether it was touched
+    assert sorted(lesions_found(touching, three, (2.0, 2.0, 2.0))) == [(0.008, False), (0.008, False), (0.064, True)]
+    assert lesions_found(touching, np.zeros_like(lesion), (1.0, 1.0, 1.0)) == []
+
+
+def test_found_by_size_pools_every_cases_lesions_by_volume():
+    from diffugts.evaluate import found_by_size
+
+    cases = [{"lesions": [[0.5, True], [0.2, False], [30.0, True]]}, {"lesions": [[2.0, False], [80.0, True]]},
+             {"lesions": []}, {}]
+    assert found_by_size(cases) == {"0-1 ml": {"lesions": 2, "found": 0.5}, "1-4 ml": {"lesions": 1, "found": 0.0},
+                                    "15-60 ml": {"lesions": 1, "found": 1.0},
+                                    "60 ml and over": {"lesions": 1, "found": 1.0}}
     assert nanmean([1.0, 0.0, float("nan"), 1.0]) == pytest.approx(2 / 3)  # the share of lesions found
 
 
