@@ -30,9 +30,8 @@ def component_rules(sets, preset: str = "demo") -> dict:
         for name, (changes, options) in rules.items():
             with preset_changes(executor, **changes):
                 cases = evaluate_dataset(executor, dataset, options=options)["cases"]
-            runs[f"{Path(dataset).name} | {name}"] = {m: float(np.nanmean([c[m] for c in cases])) for m in METRICS}
-            print(Path(dataset).name, name, {m: round(v, 3) for m, v in runs[f"{Path(dataset).name} | {name}"].items()},
-                  flush=True)
+            row = runs[f"{Path(dataset).name} | {name}"] = {m: float(np.nanmean([c[m] for c in cases])) for m in METRICS}
+            print(Path(dataset).name, name, {m: round(v, 3) for m, v in row.items()}, flush=True)
     return {"preset": preset, "metrics": "means over cases: " + ", ".join(METRICS), "runs": runs}
 
 

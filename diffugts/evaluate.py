@@ -13,8 +13,8 @@ import numpy as np
 from .batch_inputs import manifest_modality
 from .io import InputError, channel_index, read_volume
 from .label_classes import lesion_mask, lesion_values
-from .metrics import (auroc, dice, false_positives, found, fpr_at_95_tpr, lesions_found, nanmean,
-                      normalized_surface_dice)
+from .metrics import (auroc, dice, false_positives, fpr_at_95_tpr, lesions_found, nanmean, normalized_surface_dice,
+                      share_found)
 from .pipeline import LoopOptions, run_segmentation
 
 METRICS = ("dice", "nsd", "found", "false_positives", "auroc", "fpr95")
@@ -55,14 +55,15 @@ def load_manifest(dataset_dir: Path, split: str = "test", prompt: str | None = N
 
 
 def case_metrics(seg, truth: np.ndarray, spacing) -> dict:
+    lesions = lesions_found(seg.mask, truth, spacing)  # the truth's components, labelled once
     return {
         "dice": dice(seg.mask, truth),
         "nsd": normalized_surface_dice(seg.mask, truth, spacing, 2.0),
-        "found": found(seg.mask, truth),
+        "found": share_found(lesions),
         "false_positives": false_positives(seg.mask, truth),
         "auroc": auroc(seg.anomaly, truth),
         "fpr95": fpr_at_95_tpr(seg.anomaly, truth),
-        "lesions": [[round(ml, 3), hit] for ml, hit in lesions_found(seg.mask, truth, spacing)],
+        "lesions": [[round(ml, 3), hit] for ml, hit in lesions],
     }
 
 

@@ -18,11 +18,12 @@ def found(pred: np.ndarray, truth: np.ndarray) -> float:
     """The share of the case's lesions (the truth's 26-connected components) that the mask touches
     at all: 1.0 or 0.0 for one lesion; NaN without a lesion. Whether a low Dice is a miss or a poor
     outline, and with several lesions, how many a mask that keeps few components drops."""
-    truth = truth.astype(bool)
-    if not truth.any():
-        return float("nan")
-    lesions, n = cc3d.connected_components(truth.astype(np.uint8), connectivity=26, return_N=True)
-    return float(np.count_nonzero(np.unique(lesions[pred.astype(bool) & truth])) / n)
+    return share_found(lesions_found(pred, truth, (1.0, 1.0, 1.0)))
+
+
+def share_found(lesions: list[tuple[float, bool]]) -> float:
+    """`found` of a case from its `lesions_found` (NaN without a lesion)."""
+    return float(np.mean([hit for _, hit in lesions])) if lesions else float("nan")
 
 
 def lesions_found(pred: np.ndarray, truth: np.ndarray, spacing) -> list[tuple[float, bool]]:

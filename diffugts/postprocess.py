@@ -38,6 +38,11 @@ def kept_components(sizes: np.ndarray, min_voxels: int = 0, top_k: int = 0,
     return keep
 
 
+def needs_scores(rank: str, near_best: float) -> bool:
+    """Whether the mask's components need their mean probability: to rank by it, or to compare it."""
+    return check_rank(rank) == "mean probability" or near_best > 0
+
+
 def mean_probability(prob: np.ndarray, labels: np.ndarray, n: int) -> np.ndarray:
     """Per component 1..n of `labels`: the mean of `prob` over its voxels (a ranking for top-k)."""
     if n == 0:
@@ -81,7 +86,7 @@ def probability_to_mask(prob: np.ndarray, spacing, threshold: float = 0.5, min_c
     `image` (the scan, on the same grid) is at least `min_median`, with `near_best` > 0 those whose
     mean probability is at least that share of the most probable one's, then the `top_k` largest
     (`rank` "size") or the `top_k` of highest mean probability ("mean probability")."""
-    scored = check_rank(rank) == "mean probability" or near_best > 0
+    scored = needs_scores(rank, near_best)
     return components_filter(prob > threshold, min_component_voxels(spacing, min_component_mm3), top_k,
                              image, min_median, prob if scored else None, near_best, rank)
 
@@ -99,7 +104,7 @@ def mask_on_input_grid(grid, prob: np.ndarray, threshold: float, spacing, min_co
     component crosses from one box to another, and each box's components are its own. The mask is
     the same, voxel for voxel (with a `top_k` by size, components of equal size may break the tie
     differently)."""
-    scored = check_rank(rank) == "mean probability" or near_best > 0
+    scored = needs_scores(rank, near_best)
     model = prob[grid.unpadded]
     above = model > threshold
     mask = np.zeros(grid.input_shape, np.uint8)

@@ -17,7 +17,7 @@ from typing import TYPE_CHECKING
 import numpy as np
 
 from .io import Volume, read_volume
-from .lesions import KINDS, draw_lesion, draw_lesions, plural_prompt
+from .lesions import KINDS, draw_lesions, plural_prompt
 from .phantom import CATEGORIES, make_case
 from .preprocess import labels_to_model_grid, scale_intensity, to_model_grid
 
@@ -121,11 +121,9 @@ def anatomy_cases(anatomies: list[Anatomy], preset, n: int, seed: int, kinds=Non
         # CT keeps the MAISI window's ceiling (1000 HU); MR has none until it is rescaled below
         top = None if anatomy.modality == "MR" else 1.0
         if kind is not None and (anatomy.organs == organ).sum() >= 8:
-            if lesions_per_case == 1:  # one draw, the random stream of every set before several lesions
-                image, label, _ = draw_lesion(image, anatomy.organs == organ, kind, spacing, rng, top=top)
-            else:
-                count = int(rng.integers(1, lesions_per_case + 1))
-                image, label = draw_lesions(image, anatomy.organs == organ, kind, spacing, rng, count, top=top)
+            # one lesion draws no count: the random stream of every set before several lesions
+            count = 1 if lesions_per_case == 1 else int(rng.integers(1, lesions_per_case + 1))
+            image, label = draw_lesions(image, anatomy.organs == organ, kind, spacing, rng, count, top=top)
         if randomize:
             image = scanner_effects(image, rng, spacing, ct=realistic and anatomy.modality == "CT", top=top)
         if anatomy.modality == "MR":  # as inference sees it: MR rescaled to its own 99.5th percentile
