@@ -37,6 +37,11 @@ KINDS: dict[str, LesionKind] = {k.prompt: k for k in (
     LesionKind("glioma", "brain", (12, 50), (0.04, 0.2), irregularity=0.6, oedema=0.4, mass_effect_mm=(0, 3),
                texture=0.4),
     LesionKind("brain cyst", "brain", (8, 30), (0.08, 0.35), polarity=(-1,), irregularity=0.05, texture=0.05),
+    # seen since 2026-12-01: the one bright lesion of homogeneous look (hyperdense on CT, enhancing on
+    # MR), which no kind above has (their bright variants are textured); not in SEEN_KINDS, whose
+    # cases the calibration and the shipped heads' recipes draw round robin
+    LesionKind("meningioma", "brain", (15, 50), (0.15, 0.4), polarity=(1,), irregularity=0.05,
+               mass_effect_mm=(1, 4), texture=0.05),
     # unseen: other kinds in the brain, with settings no seen kind has
     LesionKind("brain metastasis", "brain", (8, 26), (0.1, 0.35), polarity=(1,), irregularity=0.15, rim=0.35,
                oedema=0.8, mass_effect_mm=(0, 2), texture=0.15),
@@ -59,6 +64,7 @@ KINDS: dict[str, LesionKind] = {k.prompt: k for k in (
                texture=0.15),
 )}
 SEEN_KINDS = ("brain tumor", "glioma", "brain cyst")
+LATER_SEEN_KINDS = ("meningioma",)  # trainable (`train heads --anatomy-kinds`), never a default
 UNSEEN_KINDS = ("brain metastasis", "intracranial hemorrhage", "brain abscess")
 BODY_SEEN_KINDS = ("kidney tumor", "liver tumor", "lung nodule")
 BODY_UNSEEN_KINDS = ("pancreas tumor", "spleen lesion", "liver metastasis")

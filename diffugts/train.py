@@ -458,14 +458,15 @@ def loop_outputs(models, cases, prompt_sets, seed: int, cache: Path) -> list[tor
 def head_cases(preset, n_phantoms: int, seed: int, sources: Sources, contrast=(0.35, 1.0),
                synth_labels: str = "parcels") -> list:
     """Seen-category lesions: phantoms, real anatomy with seen lesion kinds, and a user's labelled data."""
-    from .lesions import BODY_SEEN_KINDS, KINDS, SEEN_KINDS
+    from .lesions import BODY_SEEN_KINDS, KINDS, LATER_SEEN_KINDS, SEEN_KINDS
     from .training_data import anatomy_cases, anatomy_on_model_grid, dataset_cases
 
-    refused = [k for k in sources.kinds or () if k not in SEEN_KINDS + BODY_SEEN_KINDS]
+    trainable = SEEN_KINDS + LATER_SEEN_KINDS + BODY_SEEN_KINDS
+    refused = [k for k in sources.kinds or () if k not in trainable]
     if refused:  # the unseen kinds are for evaluation only
         raise ValueError(f"--anatomy-kinds: {', '.join(refused)} "
                          f"{'is an unseen kind (evaluation only)' if all(k in KINDS for k in refused) else 'unknown'}; "
-                         f"seen kinds: {', '.join(SEEN_KINDS + BODY_SEEN_KINDS)}")
+                         f"seen kinds: {', '.join(trainable)}")
 
     # lesion contrast augmented down to 0.35x the category's own: seen lesions are otherwise all
     # conspicuous, and a head trained on them only misses subtler lesions of other categories

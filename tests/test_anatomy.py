@@ -13,8 +13,8 @@ from diffugts import train
 from diffugts.augment import Anatomy, randomize_anatomy, random_crop, scanner_effects
 from diffugts.config import get_preset
 from diffugts.io import Volume
-from diffugts.lesions import (BODY_SEEN_KINDS, BODY_UNSEEN_KINDS, KINDS, SEEN_KINDS, UNSEEN_KINDS, LesionKind,
-                              draw_lesion)
+from diffugts.lesions import (BODY_SEEN_KINDS, BODY_UNSEEN_KINDS, KINDS, LATER_SEEN_KINDS, SEEN_KINDS, UNSEEN_KINDS,
+                              LesionKind, draw_lesion)
 from diffugts.preprocess import labels_to_model_grid, to_model_grid
 
 
@@ -27,7 +27,8 @@ def _head(size=48):
 
 
 def test_seen_and_unseen_kinds_are_disjoint_and_cover_both_polarities_and_sizes():
-    seen_all, unseen_all = set(SEEN_KINDS) | set(BODY_SEEN_KINDS), set(UNSEEN_KINDS) | set(BODY_UNSEEN_KINDS)
+    seen_all = set(SEEN_KINDS) | set(LATER_SEEN_KINDS) | set(BODY_SEEN_KINDS)
+    unseen_all = set(UNSEEN_KINDS) | set(BODY_UNSEEN_KINDS)
     assert not seen_all & unseen_all
     assert seen_all | unseen_all == set(KINDS)
     # two unseen body kinds lie in organs no seen kind uses (as on the phantoms)
@@ -441,6 +442,21 @@ def test_training_refuses_unseen_kinds():
         train.head_cases(get_preset("tiny"), 0, 0, sources)
     with pytest.raises(ValueError, match="spleen tumour unknown"):
         train.head_cases(get_preset("tiny"), 0, 0, train.Sources(kinds=("spleen tumour",)))
+    # a seen kind added later is trainable (past the kind check, no source gives no cases), never a default
+    with pytest.raises(ValueError, match="no training cases"):
+        train.head_cases(get_preset("tiny"), 0, 0, train.Sources(kinds=("glioma", "meningioma")))
+    assert not set(LATER_SEEN_KINDS) & set(SEEN_KINDS)
+
+
+def test_the_homogeneous_bright_seen_kind_shares_no_settings_with_an_unseen_kind():
+    """The meningioma was added for a look (bright, homogeneous) the seen kinds lacked; the unseen
+    kinds must keep settings it does not have: hemorrhage a subtler contrast, the others a rim or halo."""
+    meningioma = KINDS["meningioma"]
+    for prompt in UNSEEN_KINDS:
+        kind = KINDS[prompt]
+        disjoint_contrast = kind.contrast[1] < meningioma.contrast[0] or kind.contrast[0] > meningioma.contrast[1]
+        assert disjoint_contrast or kind.rim > 0 or kind.oedema > 0 or kind.polarity != meningioma.polarity, prompt
+    assert meningioma.rim == meningioma.oedema == meningioma.necrotic_core == 0
 
 
 @pytest.mark.parametrize("prompt, plural", [("liver tumor", "liver tumors"), ("liver metastasis", "liver metastases"),
