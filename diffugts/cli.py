@@ -577,8 +577,8 @@ def build_parser() -> argparse.ArgumentParser:
                         "brains on MR), or a modality first and then one of its volumes")
     p.add_argument("--anatomy-kinds", default=None,
                    help="heads: comma-separated seen lesion kinds to draw into the corpus's anatomy (default: the "
-                        "three brain kinds; 'meningioma' adds a bright homogeneous one; 'kidney tumor,liver tumor,lung nodule' "
-                        "go into real body scans)")
+                        "three brain kinds; 'meningioma' adds a bright homogeneous one; 'kidney tumor,liver tumor,"
+                        "lung nodule' go into real body scans)")
     p.add_argument("--init", default=None, help="backbone: start from these weights when no checkpoint exists")
     p.add_argument("--save-volumes", default=None, metavar="FILE",
                    help="backbone: prepare the training volumes (phantoms, randomized anatomy, dataset), write "
