@@ -53,11 +53,6 @@ def names_air_finding(target: str) -> bool:
     return bool(words & AIR_WORDS) or bool(words & CYST_WORDS) and target_organ(target) == "lung"
 
 
-def top_k_for(target: str, top_k: int) -> int:
-    """The preset's top-k for a target that names one lesion; 0 (keep all) for one that names several."""
-    return 0 if names_several_lesions(target) else top_k
-
-
 @dataclass(frozen=True)
 class ComponentRule:
     top_k: int = 0  # keep the k first by `rank` (0: all)
@@ -93,8 +88,8 @@ def component_rule(target: str, modality: str, preset: Preset, restricted: bool,
     were restricted to the target's organ; `keep_all` (the loop's `all_components`) keeps every
     component past the floors."""
     in_organ = restricted and preset.organ_top_k > 0
-    top_k = 0 if keep_all else top_k_for(target, preset.organ_top_k if in_organ else preset.top_k_components)
+    several = names_several_lesions(target)
+    top_k = 0 if keep_all or several else preset.organ_top_k if in_organ else preset.top_k_components
     light = preset.min_component_hu if modality == "CT" and not names_air_finding(target) else None
-    several = names_several_lesions(target) and not restricted and not keep_all
-    near_best = preset.several_near_best if several else 0.0
+    near_best = preset.several_near_best if several and not restricted and not keep_all else 0.0
     return ComponentRule(top_k, light, target, "size" if in_organ else preset.top_k_rank, near_best)

@@ -159,7 +159,7 @@ PRESETS: dict[str, Preset] = {
         min_component_mm3=200.0,
         # ZePT's top-k per tumour inside the organ: one component (the largest) for a target that
         # names one lesion where the maps were restricted to its organ; a plural or metastases keeps
-        # all (`component_rules.top_k_for`). Everywhere (top_k_components=1) it lost on unseen body kinds
+        # all (`component_rules.component_rule`). Everywhere (top_k_components=1) it lost on unseen body kinds
         # (benchmarks/prereg/one_component_unseen3045.txt); inside the organ: ..._in_organ_unseen3046.txt
         organ_top_k=1,
         # outside a restricted organ (the body), the one component of highest mean probability: the

@@ -182,11 +182,17 @@ def test_one_lesion_keeps_the_largest_component_and_several_keep_all(torch_execu
     ("metastatic disease of the liver", True), ("multiple liver lesions", True), ("multifocal HCC", True),
 ])
 def test_targets_that_name_several_lesions(target, several):
-    from diffugts.component_rules import names_several_lesions, top_k_for
+    from diffugts.component_rules import component_rule, names_several_lesions
+    from diffugts.config import get_preset
     from diffugts.prompts import spelt_out
 
     assert names_several_lesions(spelt_out(target)) is several  # the loop reads abbreviations spelt out
-    assert top_k_for(spelt_out(target), 1) == (0 if several else 1)
+    preset = get_preset("demo")
+    for restricted in (True, False):  # one lesion: the preset's top-k there; several: all, near the best outside
+        rule = component_rule(spelt_out(target), "MR", preset, restricted)
+        one = preset.organ_top_k if restricted else preset.top_k_components
+        assert rule.top_k == (0 if several else one)
+        assert rule.near_best == (preset.several_near_best if several and not restricted else 0.0)
 
 
 def test_component_notices_only_when_something_was_dropped():
