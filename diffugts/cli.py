@@ -291,28 +291,33 @@ def cmd_train(args) -> int:
     return 0
 
 
-def cmd_join_heads(args) -> int:
-    from .models.weights import join_heads
-
+def _print_report(make_report) -> int:
     try:
-        report = join_heads([Path(p) for p in args.weights], Path(args.out), args.preset, args.mirrors)
+        report = make_report()
     except (ValueError, InputError) as exc:
         fail(str(exc))
         return 2
     print(json.dumps(report, indent=2))
     return 0
+
+
+def cmd_join_heads(args) -> int:
+    from .models.weights import join_heads
+
+    return _print_report(lambda: join_heads([Path(p) for p in args.weights], Path(args.out), args.preset, args.mirrors))
+
+
+def cmd_split_heads(args) -> int:
+    from .models.weights import split_heads
+
+    return _print_report(lambda: split_heads(Path(args.weights), Path(args.out), args.preset))
 
 
 def cmd_paraphrases(args) -> int:
     from .paraphrases import fit_paraphrase_projection
 
-    try:
-        report = fit_paraphrase_projection(Path(args.weights), Path(args.out), args.preset, args.l2, args.steps)
-    except (ValueError, InputError) as exc:
-        fail(str(exc))
-        return 2
-    print(json.dumps(report, indent=2))
-    return 0
+    return _print_report(lambda: fit_paraphrase_projection(Path(args.weights), Path(args.out), args.preset, args.l2,
+                                                           args.steps))
 
 
 def cmd_lesions(args) -> int:
@@ -600,6 +605,12 @@ def build_parser() -> argparse.ArgumentParser:
                    help="mirrorings each member averages, 1-8 (default: the first file's; two members on 4 "
                         "cost what one head on 8 does)")
     p.set_defaults(func=cmd_join_heads)
+
+    p = sub.add_parser("split-heads", help="each head member of an ensemble file as a file of its own (to train one)")
+    p.add_argument("weights", help="a weights file whose head has several members (join-heads)")
+    p.add_argument("--out", required=True, help="folder for member1.safetensors, member2.safetensors, ...")
+    p.add_argument("--preset", default="demo")
+    p.set_defaults(func=cmd_split_heads)
 
     p = sub.add_parser("paraphrases", help="fit the prompt projection so that paraphrases of the seen prompts "
                                            "read as the seen prompt (no images; seen prompts unchanged)")

@@ -271,6 +271,43 @@ def test_mirror_average_keeps_its_digits_where_the_head_is_sure(tmp_path):
     np.testing.assert_allclose(served, reference.numpy(), rtol=0, atol=1e-4)
 
 
+def test_split_heads_gives_back_each_member_and_join_heads_rebuilds_the_file(tmp_path, capsys):
+    """`diffugts split-heads`: each member of an ensemble as a one-member file beside the same
+    networks; joining the parts again gives the ensemble's tensors exactly. A one-member file and a
+    missing member are refused."""
+    from safetensors.torch import load_file
+
+    from diffugts.cli import main
+    from diffugts.models import build_models
+    from diffugts.models.weights import first_member_only, join_heads, split_heads
+
+    preset = get_preset("tiny")
+    files = []
+    for seed in (4, 5):
+        models = build_models(preset, seed=3)
+        models.head.net.load_state_dict(build_models(preset, seed=seed).head.net.state_dict())
+        files.append(tmp_path / f"head{seed}.safetensors")
+        save_weights(models, files[-1], half=True)
+    join_heads(files, tmp_path / "pair.safetensors", "tiny", mirrors=4)
+    assert main(["split-heads", str(tmp_path / "pair.safetensors"), "--out", str(tmp_path / "parts"),
+                 "--preset", "tiny"]) == 0
+    assert '"members": 2' in capsys.readouterr().out
+    for member, original in enumerate(files, 1):
+        part, want = load_file(tmp_path / "parts" / f"member{member}.safetensors"), load_file(original)
+        assert part.keys() == want.keys() and all(torch.equal(part[k], want[k]) for k in want), member
+    join_heads([tmp_path / "parts" / "member1.safetensors", tmp_path / "parts" / "member2.safetensors"],
+               tmp_path / "again.safetensors", "tiny", mirrors=4)
+    again, pair = load_file(tmp_path / "again.safetensors"), load_file(tmp_path / "pair.safetensors")
+    assert again.keys() == pair.keys() and all(torch.equal(again[k], pair[k]) for k in pair)
+
+    assert main(["split-heads", str(files[0]), "--out", str(tmp_path / "none"), "--preset", "tiny"]) == 2
+    assert "its head has one member: nothing to split" in capsys.readouterr().err
+    assert not (tmp_path / "none").exists()
+    one = build_models(preset, seed=3)
+    with pytest.raises(ValueError, match="the head has 1 member"):
+        first_member_only(one, 2)
+
+
 def test_joined_heads_average_their_probabilities_and_refuse_another_loop(tmp_path):
     """`diffugts join-heads`: the joined file's head is the mean probability of the files' heads
     (over their mirrorings too), loads under the named preset, exports; files whose heads were fed

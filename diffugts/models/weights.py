@@ -95,15 +95,41 @@ def load_weights(models: DiffuGTSModels, path: str | Path) -> dict:
     return metadata
 
 
-def first_member_only(models: DiffuGTSModels) -> int:
-    """Reduce an ensemble head to its first member (what training fits); returns how many it had."""
+def first_member_only(models: DiffuGTSModels, member: int = 1) -> int:
+    """Reduce an ensemble head to one member (default the first: what training fits); returns how
+    many it had."""
     members = models.head.members
+    if not 1 <= member <= members:
+        raise ValueError(f"the head has {members} member(s): no member {member}")
     if members > 1:
-        first = models.head.net
+        kept = (models.head.net, *models.head.more_nets)[member - 1]
         # the mirrorings go back to the named preset's: a joined file may have traded them for members
         models.rebuild_head(head_members=1, head_mirrors=get_preset(models.preset.name).head_mirrors)
-        models.head.net.load_state_dict(first.state_dict())
+        models.head.net.load_state_dict(kept.state_dict())
     return members
+
+
+def split_heads(path: str | Path, out_dir: str | Path, preset_name: str = "demo") -> dict:
+    """Each member of an ensemble file as a one-member file beside the same networks
+    (`member1.safetensors`, ...): the inverse of `join_heads`, so that one member can be trained on
+    (`train heads --backbone out_dir/member2.safetensors`) and joined again."""
+    from . import build_models
+
+    probe = build_models(get_preset(preset_name), 0)
+    metadata = load_weights(probe, path)
+    if probe.head.members < 2:
+        raise InputError(path, "its head has one member: nothing to split")
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    written = []
+    for member in range(1, probe.head.members + 1):
+        models = build_models(get_preset(preset_name), 0)
+        load_weights(models, path)
+        first_member_only(models, member)
+        models.eval()
+        written.append(str(out_dir / f"member{member}.safetensors"))
+        save_weights(models, written[-1], half=True, metadata={k: v for k, v in metadata.items() if k != "preset"})
+    return {"members": len(written), "from": str(path), "weights": written}
 
 
 def join_heads(paths, out: str | Path, preset_name: str = "demo", mirrors: int | None = None) -> dict:
