@@ -115,3 +115,15 @@ def test_cli_writes_the_comparison_or_one_line_error_and_nothing(tmp_path, capsy
 
     assert main(["compare", base]) == 0  # one run: its mean and interval
     assert "0.5000" in capsys.readouterr().out
+
+
+def test_compare_offers_every_metric_evaluate_records():
+    """The CLI lists the metrics literally (evaluate is not imported to build the parser): the two
+    must not drift apart."""
+    from diffugts.cli import build_parser
+    from diffugts.compare import LOWER_IS_BETTER
+    from diffugts.evaluate import METRICS
+
+    compare = build_parser()._subparsers._group_actions[0].choices["compare"]
+    (metric,) = [a for a in compare._actions if a.dest == "metric"]
+    assert tuple(metric.choices) == METRICS and LOWER_IS_BETTER <= set(METRICS)
