@@ -113,7 +113,9 @@ calibrate: $(STAMP) corpus-sources data-sources
 # fine-tuned 8000 steps on 640 lesion cases drawn a modality first (~320 MR, ~320 CT; model card,
 # "The scan alone where the map floods"). (3) join-heads of (1) and (2b), each on 4 mirrorings.
 # (4) paraphrases: the prompt projection fit so that other wordings of the seen prompts read as
-# the seen prompt (model card, "Paraphrases"; no images, seconds).
+# the seen prompt (model card, "Paraphrases"; no images, seconds). (5) v23, "A homogeneous bright
+# seen kind": member 2 of (4), split off, fine-tuned 6000 steps with its recipe on cases drawn over
+# the three brain kinds and meningioma, joined again with member 1 of (4).
 # TRAIN_FROM is the file (1) starts from: the shipped file's history used the file before it
 # (`git show 701ffb2:diffugts/weights/demo.safetensors`); from the bundled (joined) file a run
 # starts from its first member. Resumable: rerun with more --head-steps (loop outputs are cached).
@@ -139,7 +141,12 @@ train: $(STAMP) corpus-sources data-sources
 	  --head-steps 8000
 	$(VENV)/bin/diffugts join-heads train_work/v14/demo.safetensors train_work/v21/demo.safetensors --mirrors 4 \
 	  --out train_work/joined.safetensors
-	$(VENV)/bin/diffugts paraphrases train_work/joined.safetensors --out train_work/demo.safetensors
+	$(VENV)/bin/diffugts paraphrases train_work/joined.safetensors --out train_work/paraphrased.safetensors
+	$(VENV)/bin/diffugts split-heads train_work/paraphrased.safetensors --out train_work/members
+	$(TRAIN_HEADS_BALANCED) --work train_work/v23 --backbone train_work/members/member2.safetensors $(SMALL_LESIONS) \
+	  --anatomy-kinds "$(SEEN_KINDS),meningioma" --head-steps 6000
+	$(VENV)/bin/diffugts join-heads train_work/members/member1.safetensors train_work/v23/demo.safetensors --mirrors 4 \
+	  --out train_work/demo.safetensors
 
 # Triton's perf_analyzer (tritonclient 2.40.0's wheel, libb64 from Debian, libcudart from PyPI) under
 # .tools/; optional: where it cannot be installed, the bench says so and uses its own load generator.
