@@ -26,7 +26,7 @@ from .executors.torch_executor import TorchExecutor
 from .models import build_models
 from .models.backbone import encode_with_taps
 from .models.residual import VIEW_GROUPS
-from .models.weights import first_member_only, load_weights, save_weights
+from .models.weights import one_member_only, load_weights, save_weights
 from .pipeline import LoopOptions, Timings, inpainting_mask, segment_patch
 from .prompts import build_prompt_set
 from .schedulers import scaled_linear_alphas_cumprod
@@ -507,7 +507,7 @@ def train_heads(preset_name: str = "demo", work: Path = Path("train_work"), seed
     rng = np.random.default_rng(seed)
     models = build_models(preset, seed)
     load_weights(models, backbone or work / "backbone.safetensors")
-    members = first_member_only(models)  # an ensemble's heads are trained apart, then joined
+    members = one_member_only(models)  # an ensemble's heads are trained apart, then joined
     _fresh_head_of_depth(models, head_levels)
     preset = models.preset
     # checked on the head as loaded (a file may hold a deeper one), before anything is written
@@ -608,7 +608,7 @@ def weights_from_checkpoints(preset_name: str, work: Path, backbone: Path | None
     preset = get_preset(preset_name)
     models = build_models(preset, 0)
     load_weights(models, backbone or work / "backbone.safetensors")
-    first_member_only(models)  # what `train heads` trained from such a file
+    one_member_only(models)  # what `train heads` trained from such a file
     _fresh_head_of_depth(models, head_levels)
     steps = {}
     for phase, parts in phases:

@@ -279,7 +279,7 @@ def test_split_heads_gives_back_each_member_and_join_heads_rebuilds_the_file(tmp
 
     from diffugts.cli import main
     from diffugts.models import build_models
-    from diffugts.models.weights import first_member_only, join_heads, split_heads
+    from diffugts.models.weights import one_member_only, join_heads, split_heads
 
     preset = get_preset("tiny")
     files = []
@@ -305,7 +305,7 @@ def test_split_heads_gives_back_each_member_and_join_heads_rebuilds_the_file(tmp
     assert not (tmp_path / "none").exists()
     one = build_models(preset, seed=3)
     with pytest.raises(ValueError, match="the head has 1 member"):
-        first_member_only(one, 2)
+        one_member_only(one, 2)
 
 
 def test_joined_heads_average_their_probabilities_and_refuse_another_loop(tmp_path):

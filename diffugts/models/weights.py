@@ -95,7 +95,7 @@ def load_weights(models: DiffuGTSModels, path: str | Path) -> dict:
     return metadata
 
 
-def first_member_only(models: DiffuGTSModels, member: int = 1) -> int:
+def one_member_only(models: DiffuGTSModels, member: int = 1) -> int:
     """Reduce an ensemble head to one member (default the first: what training fits); returns how
     many it had."""
     members = models.head.members
@@ -113,19 +113,20 @@ def split_heads(path: str | Path, out_dir: str | Path, preset_name: str = "demo"
     """Each member of an ensemble file as a one-member file beside the same networks
     (`member1.safetensors`, ...): the inverse of `join_heads`, so that one member can be trained on
     (`train heads --backbone out_dir/member2.safetensors`) and joined again."""
+    import copy
+
     from . import build_models
 
-    probe = build_models(get_preset(preset_name), 0)
-    metadata = load_weights(probe, path)
-    if probe.head.members < 2:
+    ensemble = build_models(get_preset(preset_name), 0)
+    metadata = load_weights(ensemble, path)
+    if ensemble.head.members < 2:
         raise InputError(path, "its head has one member: nothing to split")
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     written = []
-    for member in range(1, probe.head.members + 1):
-        models = build_models(get_preset(preset_name), 0)
-        load_weights(models, path)
-        first_member_only(models, member)
+    for member in range(1, ensemble.head.members + 1):
+        models = copy.deepcopy(ensemble)  # the file read once; each member cut from a copy
+        one_member_only(models, member)
         models.eval()
         written.append(str(out_dir / f"member{member}.safetensors"))
         save_weights(models, written[-1], half=True, metadata={k: v for k, v in metadata.items() if k != "preset"})
